@@ -1,0 +1,214 @@
+//! Which paths of a tree take part in sync: what the image's build context would hold.
+//!
+//! Dotfiles are in; `.git/` and the reserved `.devloop/` never are; `.gitignore` files (at every
+//! level), the root `.dockerignore` and the configured excludes (gitignore syntax) leave paths out.
+//! The same [`Filter`] drives the full walk, the targeted rescans of the watcher and the CLI's
+//! reading of the agent's manifest, so the three always agree.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use ignore::Match;
+
+use crate::relpath;
+use crate::RESERVED_DIR;
+
+pub const GITIGNORE: &str = ".gitignore";
+pub const DOCKERIGNORE: &str = ".dockerignore";
+
+#[derive(Debug, thiserror::Error)]
+#[error("bad exclude pattern `{pattern}`: {source}")]
+pub struct FilterError {
+    pattern: String,
+    source: ignore::Error,
+}
+
+pub struct Filter {
+    root: PathBuf,
+    excludes: Gitignore,
+    /// Per folder (relative path, "" for the root): its ignore rules, read lazily.
+    folders: RwLock<HashMap<String, Option<Arc<Gitignore>>>>,
+}
+
+impl Filter {
+    pub fn new(root: &Path, excludes: &[String]) -> Result<Filter, FilterError> {
+        let mut builder = GitignoreBuilder::new(root);
+        for pattern in excludes {
+            builder
+                .add_line(None, pattern)
+                .map_err(|source| FilterError {
+                    pattern: pattern.clone(),
+                    source,
+                })?;
+        }
+        let excludes = builder.build().map_err(|source| FilterError {
+            pattern: excludes.join(" "),
+            source,
+        })?;
+        Ok(Filter {
+            root: root.to_path_buf(),
+            excludes,
+            folders: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Whether `rel` is left out, checking every parent folder too (a path under an excluded
+    /// folder is excluded, as git and docker do).
+    pub fn is_excluded(&self, rel: &str, is_dir: bool) -> bool {
+        relpath::ancestors(rel).any(|dir| self.excluded_here(dir, true))
+            || self.excluded_here(rel, is_dir)
+    }
+
+    /// Whether `rel` is left out by its own name, given that its parent folders are not.
+    pub fn excluded_here(&self, rel: &str, is_dir: bool) -> bool {
+        let name = rel.rsplit('/').next().unwrap_or(rel);
+        if name == ".git" || rel == RESERVED_DIR {
+            return true;
+        }
+        if self.excludes.matched(rel, is_dir).is_ignore() {
+            return true;
+        }
+        // The deepest folder with a rule about this path decides.
+        let mut folder = rel;
+        while let Some(cut) = folder.rfind('/') {
+            folder = &folder[..cut];
+            if let Some(decided) = self.decide(folder, &rel[cut + 1..], is_dir) {
+                return decided;
+            }
+        }
+        self.decide("", rel, is_dir).unwrap_or(false)
+    }
+
+    fn decide(&self, folder: &str, below: &str, is_dir: bool) -> Option<bool> {
+        let rules = self.rules(folder)?;
+        match rules.matched(below, is_dir) {
+            Match::None => None,
+            Match::Ignore(_) => Some(true),
+            Match::Whitelist(_) => Some(false),
+        }
+    }
+
+    fn rules(&self, folder: &str) -> Option<Arc<Gitignore>> {
+        if let Some(found) = self
+            .folders
+            .read()
+            .expect("filter cache poisoned")
+            .get(folder)
+        {
+            return found.clone();
+        }
+        let loaded = self.load(folder);
+        self.folders
+            .write()
+            .expect("filter cache poisoned")
+            .insert(folder.to_owned(), loaded.clone());
+        loaded
+    }
+
+    fn load(&self, folder: &str) -> Option<Arc<Gitignore>> {
+        let dir = if folder.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(folder)
+        };
+        let mut builder = GitignoreBuilder::new(&dir);
+        let mut any = false;
+        let mut names = vec![GITIGNORE];
+        if folder.is_empty() {
+            // Docker reads only the build context's own .dockerignore.
+            names.push(DOCKERIGNORE);
+        }
+        for name in names {
+            let file = dir.join(name);
+            if file.is_file() {
+                // A broken line is skipped by the builder's error; the rest still applies.
+                let _ = builder.add(&file);
+                any = true;
+            }
+        }
+        if !any {
+            return None;
+        }
+        builder.build().ok().filter(|g| !g.is_empty()).map(Arc::new)
+    }
+
+    /// Forgets the rules read so far (an ignore file changed).
+    pub fn reload(&self) {
+        self.folders.write().expect("filter cache poisoned").clear();
+    }
+
+    /// Whether a change at `rel` changes the rules themselves.
+    pub fn is_rule_file(rel: &str) -> bool {
+        let name = rel.rsplit('/').next().unwrap_or(rel);
+        name == GITIGNORE || rel == DOCKERIGNORE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn tree(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, body) in files {
+            let p = dir.path().join(path);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, body).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn git_folder_and_reserved_folder_never_sync() {
+        let dir = tree(&[]);
+        let f = Filter::new(dir.path(), &[]).unwrap();
+        assert!(f.is_excluded(".git", true));
+        assert!(f.is_excluded(".git/config", false));
+        assert!(f.is_excluded("sub/.git/HEAD", false));
+        assert!(f.is_excluded(".devloop/staging", true));
+        assert!(!f.is_excluded(".env", false));
+        assert!(!f.is_excluded(".gitignore", false));
+    }
+
+    #[test]
+    fn nested_gitignore_and_whitelist() {
+        let dir = tree(&[
+            (".gitignore", "*.log\nbin/\n"),
+            ("sub/.gitignore", "!keep.log\nlocal.txt\n"),
+            (".dockerignore", "secrets\n"),
+        ]);
+        let f = Filter::new(dir.path(), &["docs/**".into()]).unwrap();
+        assert!(f.is_excluded("a.log", false));
+        assert!(f.is_excluded("x/a.log", false));
+        assert!(!f.is_excluded("sub/keep.log", false));
+        assert!(f.is_excluded("sub/other.log", false));
+        assert!(f.is_excluded("sub/local.txt", false));
+        assert!(!f.is_excluded("local.txt", false));
+        assert!(f.is_excluded("bin", true));
+        assert!(f.is_excluded("bin/app.dll", false));
+        assert!(f.is_excluded("secrets", false));
+        assert!(f.is_excluded("docs/readme.md", false));
+        assert!(!f.is_excluded("src/main.rs", false));
+    }
+
+    #[test]
+    fn dockerignore_only_counts_at_the_root() {
+        let dir = tree(&[("sub/.dockerignore", "*\n")]);
+        let f = Filter::new(dir.path(), &[]).unwrap();
+        assert!(!f.is_excluded("sub/file", false));
+    }
+
+    #[test]
+    fn bad_exclude_pattern_is_an_error() {
+        let dir = tree(&[]);
+        let err = Filter::new(dir.path(), &["src/{a".into()]).err().unwrap();
+        assert!(err.to_string().contains("src/{a"), "{err}");
+    }
+}

@@ -1,0 +1,23 @@
+//! devloop's agent: the process inside the dev container that applies synced batches atomically
+//! and (later) supervises the app, plus the wire protocol the devloop CLI speaks to it.
+//!
+//! The CLI depends on this crate with `default-features = false, features = ["tree"]`: it gets the
+//! protocol, the manifest types and the tree scanner, and none of the agent's runtime.
+
+pub mod manifest;
+pub mod protocol;
+pub mod relpath;
+
+#[cfg(feature = "tree")]
+pub mod filter;
+#[cfg(feature = "tree")]
+pub mod walk;
+
+#[cfg(feature = "runtime")]
+pub mod apply;
+#[cfg(feature = "runtime")]
+pub mod serve;
+
+/// The reserved folder at the root of every synced tree: the agent's staging area and caches.
+/// Never synced, never reported in a manifest.
+pub const RESERVED_DIR: &str = ".devloop";

@@ -1,0 +1,549 @@
+//! Reading a tree into a [`Tree`]: the parallel walk of the `ignore` crate, pruned by the
+//! [`Filter`], with a stat cache so that an unchanged file (same size, mtime and inode) is never
+//! hashed twice. Change detection stays by content: a file whose stat changed is re-hashed, and only
+//! a different digest makes a change.
+//!
+//! Everything here is blocking IO; callers run a whole scan inside one blocking task.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, Metadata};
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use ignore::{WalkBuilder, WalkState};
+
+use crate::filter::Filter;
+use crate::manifest::{Digest, Entry, Manifest};
+use crate::protocol::Problem;
+
+/// What the stat cache compares. A file whose key is unchanged keeps its digest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatKey {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ino: u64,
+}
+
+impl StatKey {
+    pub fn of(meta: &Metadata) -> StatKey {
+        StatKey {
+            size: meta.len(),
+            mtime_ns: meta
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(meta.mtime_nsec()),
+            ino: meta.ino(),
+        }
+    }
+}
+
+/// One scanned path: its entry, and for regular files the stat it was hashed at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scanned {
+    pub entry: Entry,
+    pub stat: Option<StatKey>,
+}
+
+/// A scanned tree, sorted by path. It is also the stat cache of the next scan.
+pub type Tree = BTreeMap<String, Scanned>;
+
+/// Counters of one scan, for tracing and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanStats {
+    pub entries: u64,
+    pub hashed_files: u64,
+    pub hashed_bytes: u64,
+}
+
+pub struct ScanOutcome {
+    pub tree: Tree,
+    pub problems: Vec<Problem>,
+    pub stats: ScanStats,
+}
+
+/// The manifest view of a tree.
+pub fn manifest_of(tree: &Tree) -> Manifest {
+    tree.iter()
+        .map(|(path, s)| (path.clone(), s.entry.clone()))
+        .collect()
+}
+
+/// Walks the whole tree under `filter.root()`; `previous` serves as the stat cache.
+pub fn scan(filter: &Arc<Filter>, previous: &Tree) -> ScanOutcome {
+    let root = filter.root().to_path_buf();
+    let found: Mutex<Vec<(String, Scanned)>> = Mutex::new(Vec::new());
+    let problems: Mutex<Vec<Problem>> = Mutex::new(Vec::new());
+    let stats: Mutex<ScanStats> = Mutex::new(ScanStats::default());
+
+    walker(filter, &root).build_parallel().run(|| {
+        let mut batch = Batch {
+            found: Vec::new(),
+            problems: Vec::new(),
+            stats: ScanStats::default(),
+            sink: (&found, &problems, &stats),
+        };
+        let root = root.clone();
+        Box::new(move |result| {
+            batch.visit(&root, previous, result);
+            WalkState::Continue
+        })
+    });
+
+    let mut found = found.into_inner().expect("scan results poisoned");
+    found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut problems = problems.into_inner().expect("scan problems poisoned");
+    problems.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut stats = stats.into_inner().expect("scan stats poisoned");
+    stats.entries = found.len() as u64;
+    ScanOutcome {
+        tree: found.into_iter().collect(),
+        problems,
+        stats,
+    }
+}
+
+/// Re-reads only the given paths (from watcher hints): a path that is gone leaves the tree with
+/// everything under it; a folder is walked again; a file is re-hashed when its stat changed.
+pub fn rescan(
+    filter: &Arc<Filter>,
+    tree: &mut Tree,
+    paths: &[String],
+) -> (Vec<Problem>, ScanStats) {
+    let root = filter.root().to_path_buf();
+    let mut problems = Vec::new();
+    let mut stats = ScanStats::default();
+    for rel in paths {
+        if rel.is_empty() {
+            continue;
+        }
+        let abs = root.join(rel);
+        let meta = match fs::symlink_metadata(&abs) {
+            Ok(meta) => meta,
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.kind() == io::ErrorKind::NotADirectory =>
+            {
+                remove_subtree(tree, rel);
+                continue;
+            }
+            Err(e) => {
+                problems.push(problem(rel, &e));
+                continue;
+            }
+        };
+        if filter.is_excluded(rel, meta.is_dir()) || !parents_are_folders(&root, rel) {
+            remove_subtree(tree, rel);
+            continue;
+        }
+        for dir in crate::relpath::ancestors(rel) {
+            tree.entry(dir.to_owned()).or_insert(Scanned {
+                entry: Entry::Dir,
+                stat: None,
+            });
+        }
+        if meta.is_dir() {
+            let before: Vec<String> = subtree_keys(tree, rel);
+            let outcome = scan_under(filter, &abs, tree);
+            problems.extend(outcome.problems);
+            stats.hashed_files += outcome.stats.hashed_files;
+            stats.hashed_bytes += outcome.stats.hashed_bytes;
+            for key in before {
+                if !outcome.tree.contains_key(&key) {
+                    tree.remove(&key);
+                }
+            }
+            tree.extend(outcome.tree);
+            tree.insert(
+                rel.clone(),
+                Scanned {
+                    entry: Entry::Dir,
+                    stat: None,
+                },
+            );
+        } else {
+            match read_entry(&abs, &meta, tree.get(rel.as_str()), &mut stats) {
+                Ok(Some(scanned)) => {
+                    remove_subtree_below(tree, rel);
+                    tree.insert(rel.clone(), scanned);
+                }
+                Ok(None) => {
+                    remove_subtree(tree, rel);
+                    problems.push(Problem {
+                        path: rel.clone(),
+                        message: "not a regular file, folder or symlink; skipped".into(),
+                    });
+                }
+                Err(e) => problems.push(problem(rel, &e)),
+            }
+        }
+    }
+    (problems, stats)
+}
+
+/// A path reached through a symlinked folder is not part of the tree (the walk does not follow links).
+fn parents_are_folders(root: &Path, rel: &str) -> bool {
+    crate::relpath::ancestors(rel).all(|dir| {
+        fs::symlink_metadata(root.join(dir))
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+    })
+}
+
+fn scan_under(filter: &Arc<Filter>, abs: &Path, previous: &Tree) -> ScanOutcome {
+    let root = filter.root().to_path_buf();
+    let mut batch_found = Vec::new();
+    let mut batch_problems = Vec::new();
+    let mut stats = ScanStats::default();
+    {
+        let found = Mutex::new(Vec::new());
+        let problems = Mutex::new(Vec::new());
+        let st = Mutex::new(ScanStats::default());
+        let mut batch = Batch {
+            found: Vec::new(),
+            problems: Vec::new(),
+            stats: ScanStats::default(),
+            sink: (&found, &problems, &st),
+        };
+        for result in walker(filter, abs).build() {
+            batch.visit(&root, previous, result);
+        }
+        drop(batch);
+        batch_found.extend(found.into_inner().expect("poisoned"));
+        batch_problems.extend(problems.into_inner().expect("poisoned"));
+        let s = st.into_inner().expect("poisoned");
+        stats.hashed_files = s.hashed_files;
+        stats.hashed_bytes = s.hashed_bytes;
+    }
+    ScanOutcome {
+        tree: batch_found.into_iter().collect(),
+        problems: batch_problems,
+        stats,
+    }
+}
+
+fn walker(filter: &Arc<Filter>, start: &Path) -> WalkBuilder {
+    let mut builder = WalkBuilder::new(start);
+    builder
+        .standard_filters(false)
+        .hidden(false)
+        .parents(false)
+        .follow_links(false)
+        .threads(2);
+    let filter = Arc::clone(filter);
+    builder.filter_entry(move |entry| {
+        let Ok(rel) = entry.path().strip_prefix(filter.root()) else {
+            return true;
+        };
+        let Some(rel) = rel.to_str() else { return true };
+        rel.is_empty() || !filter.excluded_here(rel, entry.file_type().is_some_and(|t| t.is_dir()))
+    });
+    builder
+}
+
+type Sink<'a> = (
+    &'a Mutex<Vec<(String, Scanned)>>,
+    &'a Mutex<Vec<Problem>>,
+    &'a Mutex<ScanStats>,
+);
+
+/// What one walker thread found; handed over to the shared results when the thread is done.
+struct Batch<'a> {
+    found: Vec<(String, Scanned)>,
+    problems: Vec<Problem>,
+    stats: ScanStats,
+    sink: Sink<'a>,
+}
+
+impl Batch<'_> {
+    fn visit(
+        &mut self,
+        root: &Path,
+        previous: &Tree,
+        result: Result<ignore::DirEntry, ignore::Error>,
+    ) {
+        let entry = match result {
+            Ok(entry) => entry,
+            Err(err) => {
+                let path = walk_error_path(&err, root).unwrap_or_default();
+                self.problems.push(Problem {
+                    path,
+                    message: err.to_string(),
+                });
+                return;
+            }
+        };
+        let Ok(rel) = entry.path().strip_prefix(root) else {
+            return;
+        };
+        if rel.as_os_str().is_empty() {
+            return;
+        }
+        let Some(rel) = rel.to_str() else {
+            self.problems.push(Problem {
+                path: rel.to_string_lossy().into_owned(),
+                message: "file name is not UTF-8; skipped".into(),
+            });
+            return;
+        };
+        let meta = match entry.metadata() {
+            Ok(meta) => meta,
+            Err(err) => {
+                self.problems.push(Problem {
+                    path: rel.to_owned(),
+                    message: err.to_string(),
+                });
+                return;
+            }
+        };
+        match read_entry(entry.path(), &meta, previous.get(rel), &mut self.stats) {
+            Ok(Some(scanned)) => self.found.push((rel.to_owned(), scanned)),
+            Ok(None) => self.problems.push(Problem {
+                path: rel.to_owned(),
+                message: "not a regular file, folder or symlink; skipped".into(),
+            }),
+            Err(err) => self.problems.push(problem(rel, &err)),
+        }
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        let (found, problems, stats) = self.sink;
+        found.lock().expect("poisoned").append(&mut self.found);
+        problems
+            .lock()
+            .expect("poisoned")
+            .append(&mut self.problems);
+        let mut s = stats.lock().expect("poisoned");
+        s.hashed_files += self.stats.hashed_files;
+        s.hashed_bytes += self.stats.hashed_bytes;
+    }
+}
+
+fn walk_error_path(err: &ignore::Error, root: &Path) -> Option<String> {
+    match err {
+        ignore::Error::WithPath { path, .. } => path
+            .strip_prefix(root)
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned()),
+        ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => {
+            walk_error_path(err, root)
+        }
+        _ => None,
+    }
+}
+
+fn problem(rel: &str, err: &io::Error) -> Problem {
+    Problem {
+        path: rel.to_owned(),
+        message: err.to_string(),
+    }
+}
+
+/// Reads one path given its (lstat) metadata. `None` for what a tree does not hold (fifos,
+/// sockets, devices).
+pub fn read_entry(
+    abs: &Path,
+    meta: &Metadata,
+    previous: Option<&Scanned>,
+    stats: &mut ScanStats,
+) -> io::Result<Option<Scanned>> {
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        return Ok(Some(Scanned {
+            entry: Entry::Dir,
+            stat: None,
+        }));
+    }
+    if kind.is_symlink() {
+        let target = fs::read_link(abs)?;
+        let target = target.into_os_string().into_string().map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidData, "symlink target is not UTF-8")
+        })?;
+        return Ok(Some(Scanned {
+            entry: Entry::Symlink { target },
+            stat: None,
+        }));
+    }
+    if !kind.is_file() {
+        return Ok(None);
+    }
+    let stat = StatKey::of(meta);
+    let exec = meta.permissions().mode() & 0o111 != 0;
+    if let Some(Scanned {
+        entry: Entry::File { hash, size, .. },
+        stat: Some(old),
+    }) = previous
+    {
+        if *old == stat {
+            return Ok(Some(Scanned {
+                entry: Entry::File {
+                    hash: *hash,
+                    size: *size,
+                    exec,
+                },
+                stat: Some(stat),
+            }));
+        }
+    }
+    let (hash, size) = hash_file(abs)?;
+    stats.hashed_files += 1;
+    stats.hashed_bytes += size;
+    Ok(Some(Scanned {
+        entry: Entry::File { hash, size, exec },
+        stat: Some(stat),
+    }))
+}
+
+/// blake3 of a file's content, and its length as read.
+pub fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
+    let mut file = File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut size = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((Digest(*hasher.finalize().as_bytes()), size))
+}
+
+fn subtree_keys(tree: &Tree, rel: &str) -> Vec<String> {
+    let prefix = format!("{rel}/");
+    tree.range(prefix.clone()..)
+        .take_while(|(k, _)| k.starts_with(&prefix))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// Removes `rel` and everything under it.
+pub fn remove_subtree(tree: &mut Tree, rel: &str) {
+    tree.remove(rel);
+    remove_subtree_below(tree, rel);
+}
+
+fn remove_subtree_below(tree: &mut Tree, rel: &str) {
+    for key in subtree_keys(tree, rel) {
+        tree.remove(&key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn write(root: &Path, rel: &str, body: &str) {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, body).unwrap();
+    }
+
+    fn setup() -> (tempfile::TempDir, Arc<Filter>) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(root, "src/main.rs", "fn main() {}");
+        write(root, ".env", "A=1");
+        write(root, ".gitignore", "target/\n");
+        write(root, "target/debug/bin", "x");
+        write(root, ".git/HEAD", "ref");
+        fs::create_dir_all(root.join("empty")).unwrap();
+        symlink("src/main.rs", root.join("link")).unwrap();
+        let filter = Arc::new(Filter::new(root, &[]).unwrap());
+        (dir, filter)
+    }
+
+    #[test]
+    fn scan_reads_what_the_build_context_holds() {
+        let (_dir, filter) = setup();
+        let out = scan(&filter, &Tree::new());
+        let paths: Vec<_> = out.tree.keys().map(String::as_str).collect();
+        assert_eq!(
+            paths,
+            [".env", ".gitignore", "empty", "link", "src", "src/main.rs"]
+        );
+        assert_eq!(
+            out.tree["link"].entry,
+            Entry::Symlink {
+                target: "src/main.rs".into()
+            }
+        );
+        assert_eq!(
+            out.tree["src/main.rs"].entry,
+            Entry::File {
+                hash: Digest::of(b"fn main() {}"),
+                size: 12,
+                exec: false
+            }
+        );
+        assert_eq!(out.stats.hashed_files, 3);
+        assert!(out.problems.is_empty());
+    }
+
+    #[test]
+    fn stat_cache_skips_unchanged_files_and_rehashes_changed_ones() {
+        let (dir, filter) = setup();
+        let first = scan(&filter, &Tree::new());
+        let again = scan(&filter, &first.tree);
+        assert_eq!(again.stats.hashed_files, 0);
+        assert_eq!(again.tree, first.tree);
+        write(dir.path(), "src/main.rs", "fn main() { changed() }");
+        let third = scan(&filter, &again.tree);
+        assert_eq!(third.stats.hashed_files, 1);
+    }
+
+    #[test]
+    fn rescan_follows_hints() {
+        let (dir, filter) = setup();
+        let root = dir.path();
+        let mut tree = scan(&filter, &Tree::new()).tree;
+        write(root, "src/new/deep.rs", "x");
+        fs::remove_file(root.join(".env")).unwrap();
+        write(root, "target/ignored", "y");
+        let (problems, stats) = rescan(
+            &filter,
+            &mut tree,
+            &["src/new".into(), ".env".into(), "target/ignored".into()],
+        );
+        assert!(problems.is_empty());
+        assert_eq!(stats.hashed_files, 1);
+        assert_eq!(tree, scan(&filter, &Tree::new()).tree);
+        // A folder replaced by a file.
+        fs::remove_dir_all(root.join("src")).unwrap();
+        write(root, "src", "now a file");
+        rescan(&filter, &mut tree, &["src".into()]);
+        assert_eq!(tree, scan(&filter, &Tree::new()).tree);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn unreadable_file_is_a_problem_not_a_failure() {
+        let (dir, filter) = setup();
+        if unsafe { libc_geteuid() } == 0 {
+            // root reads everything; a fifo stands in for the unreadable file.
+            let fifo = dir.path().join("pipe");
+            let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+            assert_eq!(unsafe { mkfifo(c.as_ptr(), 0o644) }, 0);
+        } else {
+            write(dir.path(), "secret", "s");
+            fs::set_permissions(dir.path().join("secret"), fs::Permissions::from_mode(0)).unwrap();
+        }
+        let out = scan(&filter, &Tree::new());
+        assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
+        assert!(out.tree.contains_key("src/main.rs"));
+    }
+
+    extern "C" {
+        #[link_name = "geteuid"]
+        fn libc_geteuid() -> u32;
+        fn mkfifo(path: *const std::ffi::c_char, mode: u32) -> i32;
+    }
+}

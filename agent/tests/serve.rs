@@ -1,0 +1,402 @@
+//! The real agent's session over an in-memory duplex, driven by a hand-written client: the batches
+//! here are crafted byte by byte, hostile ones included.
+
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::Path;
+
+use devloop_agent::manifest::{Digest, Entry, Record};
+use devloop_agent::protocol::{
+    self, Applied, Chmod, FrameReader, FrameWriter, FromAgent, ToAgent, PAX_BLAKE3,
+};
+use devloop_agent::serve::{serve, ServeOptions};
+use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
+
+struct Client {
+    frames: FrameReader<ReadHalf<DuplexStream>>,
+    out: FrameWriter<WriteHalf<DuplexStream>>,
+    agent: tokio::task::JoinHandle<Result<(), devloop_agent::serve::ServeError>>,
+}
+
+async fn connect(root: &Path, max_file_size: u64) -> (Client, Vec<Record>) {
+    let (ours, theirs) = tokio::io::duplex(1 << 16);
+    let (agent_read, agent_write) = tokio::io::split(theirs);
+    let options = ServeOptions {
+        root: root.to_path_buf(),
+        max_file_size,
+    };
+    let agent = tokio::spawn(serve(agent_read, agent_write, options));
+    let (mut read, mut write) = tokio::io::split(ours);
+    protocol::handshake(&mut read, &mut write).await.unwrap();
+    let mut client = Client {
+        frames: FrameReader::new(read),
+        out: FrameWriter::new(write),
+        agent,
+    };
+    client
+        .out
+        .message(&ToAgent::Hello {
+            client: "test".into(),
+            excludes: vec!["ignored/".into()],
+        })
+        .await
+        .unwrap();
+    client.out.flush().await.unwrap();
+    let mut records = Vec::new();
+    loop {
+        match client.frames.message::<FromAgent>().await.unwrap() {
+            FromAgent::Welcome { .. } => {}
+            FromAgent::Manifest { records: chunk } => records.extend(chunk),
+            FromAgent::ManifestEnd { entries, .. } => {
+                assert_eq!(entries as usize, records.len());
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (client, records)
+}
+
+impl Client {
+    async fn batch(
+        &mut self,
+        id: u64,
+        deletes: &[&str],
+        chmods: Vec<Chmod>,
+        tar: Vec<u8>,
+    ) -> Applied {
+        let deletes = deletes.iter().map(|s| s.to_string()).collect();
+        self.out
+            .message(&ToAgent::Batch {
+                id,
+                deletes,
+                chmods,
+                restart: false,
+            })
+            .await
+            .unwrap();
+        for chunk in tar.chunks(1000) {
+            self.out.data(chunk).await.unwrap();
+        }
+        self.out.data_end().await.unwrap();
+        self.out.flush().await.unwrap();
+        match self.frames.message::<FromAgent>().await.unwrap() {
+            FromAgent::Applied(applied) => applied,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    async fn bye(mut self) {
+        self.out.message(&ToAgent::Bye).await.unwrap();
+        self.out.flush().await.unwrap();
+        self.agent.await.unwrap().unwrap();
+    }
+}
+
+/// Builds tar streams entry by entry, writing header names raw so that hostile ones get through.
+struct Tar(tar::Builder<Vec<u8>>);
+
+impl Tar {
+    fn new() -> Tar {
+        Tar(tar::Builder::new(Vec::new()))
+    }
+
+    fn header(name: &[u8], kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
+        let mut header = tar::Header::new_ustar();
+        header.as_old_mut().name[..name.len()].copy_from_slice(name);
+        header.set_entry_type(kind);
+        header.set_size(size);
+        header.set_mode(mode);
+        header.set_cksum();
+        header
+    }
+
+    fn file(mut self, name: &str, body: &[u8]) -> Tar {
+        self.file_with_digest(name, body, Digest::of(body))
+    }
+
+    fn file_with_digest(mut self, name: &str, body: &[u8], digest: Digest) -> Tar {
+        self.0
+            .append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())])
+            .unwrap();
+        let header = Tar::header(
+            name.as_bytes(),
+            tar::EntryType::Regular,
+            body.len() as u64,
+            0o644,
+        );
+        self.0.append(&header, body).unwrap();
+        self
+    }
+
+    fn exec_file(mut self, name: &str, body: &[u8]) -> Tar {
+        self.0
+            .append_pax_extensions([(PAX_BLAKE3, Digest::of(body).to_hex().as_bytes())])
+            .unwrap();
+        let header = Tar::header(
+            name.as_bytes(),
+            tar::EntryType::Regular,
+            body.len() as u64,
+            0o755,
+        );
+        self.0.append(&header, body).unwrap();
+        self
+    }
+
+    fn symlink(mut self, name: &str, target: &str) -> Tar {
+        let mut header = Tar::header(name.as_bytes(), tar::EntryType::Symlink, 0, 0o777);
+        header.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
+        header.set_cksum();
+        self.0.append(&header, &[][..]).unwrap();
+        self
+    }
+
+    fn special(mut self, name: &str, kind: tar::EntryType) -> Tar {
+        let header = Tar::header(name.as_bytes(), kind, 0, 0o644);
+        self.0.append(&header, &[][..]).unwrap();
+        self
+    }
+
+    fn dir(mut self, name: &str) -> Tar {
+        let header = Tar::header(name.as_bytes(), tar::EntryType::Directory, 0, 0o755);
+        self.0.append(&header, &[][..]).unwrap();
+        self
+    }
+
+    fn bytes(self) -> Vec<u8> {
+        self.0.into_inner().unwrap()
+    }
+}
+
+fn paths(records: &[Record]) -> Vec<&str> {
+    records.iter().map(|r| r.path.as_str()).collect()
+}
+
+#[tokio::test]
+async fn manifest_then_batches_then_a_second_session_sees_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir_all(root.join("ignored")).unwrap();
+    fs::write(root.join("ignored/cache.bin"), "x").unwrap();
+    fs::write(root.join("stale.txt"), "old").unwrap();
+
+    let (mut client, records) = connect(&root, 1 << 20).await;
+    assert_eq!(
+        paths(&records),
+        ["stale.txt"],
+        "ignored paths and .devloop stay out of the manifest"
+    );
+
+    let tar = Tar::new()
+        .dir("src")
+        .file("src/app.js", b"console.log(1)")
+        .exec_file("run.sh", b"#!/bin/sh\n")
+        .symlink("latest", "src/app.js")
+        .bytes();
+    let applied = client.batch(1, &["stale.txt"], vec![], tar).await;
+    assert_eq!(
+        (applied.written, applied.deleted, applied.bytes),
+        (4, 1, 24)
+    );
+    assert!(applied.refused.is_empty(), "{:?}", applied.refused);
+    assert_eq!(
+        fs::read_to_string(root.join("src/app.js")).unwrap(),
+        "console.log(1)"
+    );
+    assert_eq!(
+        fs::metadata(root.join("run.sh"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o755
+    );
+    assert_eq!(
+        fs::read_link(root.join("latest")).unwrap(),
+        Path::new("src/app.js")
+    );
+    assert!(!root.join("stale.txt").exists());
+    assert!(
+        root.join("ignored/cache.bin").exists(),
+        "ignored paths are left alone"
+    );
+
+    let applied = client
+        .batch(
+            2,
+            &[],
+            vec![Chmod {
+                path: "run.sh".into(),
+                exec: false,
+            }],
+            Tar::new().bytes(),
+        )
+        .await;
+    assert!(applied.refused.is_empty());
+    assert_eq!(
+        fs::metadata(root.join("run.sh"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o644
+    );
+    client.bye().await;
+
+    let (client, records) = connect(&root, 1 << 20).await;
+    assert_eq!(paths(&records), ["latest", "run.sh", "src", "src/app.js"]);
+    let app = records.iter().find(|r| r.path == "src/app.js").unwrap();
+    assert_eq!(
+        app.entry,
+        Entry::File {
+            hash: Digest::of(b"console.log(1)"),
+            size: 14,
+            exec: false
+        }
+    );
+    let staging = fs::read_dir(root.join(".devloop/staging")).unwrap().count();
+    assert_eq!(staging, 0, "no staging leftovers");
+    client.bye().await;
+}
+
+#[tokio::test]
+async fn hostile_batch_writes_nothing_outside_the_root_and_loses_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let outside = dir.path().join("outside");
+    fs::create_dir_all(&root).unwrap();
+    fs::create_dir_all(&outside).unwrap();
+    // A symlink that the app (not devloop) left in the container, pointing out of the root.
+    symlink(&outside, root.join("escape")).unwrap();
+    let absolute = format!("{}/abs.txt", outside.display());
+
+    let (mut client, _) = connect(&root, 64).await;
+    let tar = Tar::new()
+        .file("before.txt", b"kept")
+        .file(&absolute, b"evil")
+        .file("../up.txt", b"evil")
+        .file("a/../../up2.txt", b"evil")
+        .file("escape/through-link.txt", b"evil")
+        .symlink("link-out", "../outside")
+        .symlink("link-abs", "/etc")
+        .special("dev-null", tar::EntryType::Char)
+        .special("disk", tar::EntryType::Block)
+        .special("pipe", tar::EntryType::Fifo)
+        .file("big.bin", &[0u8; 65])
+        .file_with_digest("tampered.txt", b"real", Digest::of(b"claimed"))
+        .file(".devloop/staging/x", b"evil")
+        .file("after.txt", b"kept too")
+        .bytes();
+    let applied = client
+        .batch(1, &["../outside", "escape/x"], vec![], tar)
+        .await;
+
+    let refused: Vec<&str> = applied.refused.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        refused,
+        [
+            "escape/x",
+            "../outside",
+            absolute.as_str(),
+            "../up.txt",
+            "a/../../up2.txt",
+            "escape/through-link.txt",
+            "link-out",
+            "link-abs",
+            "dev-null",
+            "disk",
+            "pipe",
+            "big.bin",
+            "tampered.txt",
+            ".devloop/staging/x",
+        ]
+    );
+    for problem in &applied.refused {
+        assert!(!problem.message.is_empty());
+    }
+    assert_eq!(applied.written, 2);
+    assert_eq!(fs::read_to_string(root.join("before.txt")).unwrap(), "kept");
+    assert_eq!(
+        fs::read_to_string(root.join("after.txt")).unwrap(),
+        "kept too"
+    );
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing written outside the root"
+    );
+    assert!(!dir.path().join("up.txt").exists() && !dir.path().join("up2.txt").exists());
+    for name in [
+        "link-out",
+        "link-abs",
+        "dev-null",
+        "disk",
+        "pipe",
+        "big.bin",
+        "tampered.txt",
+    ] {
+        assert!(
+            fs::symlink_metadata(root.join(name)).is_err(),
+            "{name} must not exist"
+        );
+    }
+    client.bye().await;
+}
+
+#[tokio::test]
+async fn a_batch_cut_off_midway_leaves_old_or_new_files_and_the_next_session_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir_all(&root).unwrap();
+    fs::write(root.join("a.txt"), "old a").unwrap();
+    fs::write(root.join("b.txt"), "old b").unwrap();
+
+    let (mut client, _) = connect(&root, 1 << 20).await;
+    let big = vec![b'n'; 200_000];
+    let tar = Tar::new()
+        .file("a.txt", b"new a")
+        .file("b.txt", &big)
+        .bytes();
+    // Send the header, the first file and only part of the second, then vanish.
+    client
+        .out
+        .message(&ToAgent::Batch {
+            id: 1,
+            deletes: vec![],
+            chmods: vec![],
+            restart: false,
+        })
+        .await
+        .unwrap();
+    client.out.data(&tar[..100_000]).await.unwrap();
+    client.out.flush().await.unwrap();
+    drop(client.out);
+    drop(client.frames);
+    assert!(
+        client.agent.await.unwrap().is_err(),
+        "a cut stream ends the session with an error"
+    );
+
+    assert_eq!(fs::read_to_string(root.join("a.txt")).unwrap(), "new a");
+    assert_eq!(
+        fs::read_to_string(root.join("b.txt")).unwrap(),
+        "old b",
+        "never half a file"
+    );
+
+    let (client, records) = connect(&root, 1 << 20).await;
+    let b = records.iter().find(|r| r.path == "b.txt").unwrap();
+    assert_eq!(
+        b.entry,
+        Entry::File {
+            hash: Digest::of(b"old b"),
+            size: 5,
+            exec: false
+        }
+    );
+    assert_eq!(
+        fs::read_dir(root.join(".devloop/staging")).unwrap().count(),
+        0
+    );
+    client.bye().await;
+}
