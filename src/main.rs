@@ -1,1 +1,63 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use devloop::cli::{Cli, Command};
+use devloop::report::{Event, Reporter};
+use devloop::session::{Outcome, Session};
+use devloop::settings::{self, Target};
+use devloop::transport::{find_agent, CommandTransport};
+
+/// Exit code when a rebuild trigger changed (the loop cannot go on with a stale image).
+const EXIT_REBUILD: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.global.verbose);
+    let reporter = Reporter::new(cli.global.json, cli.global.verbose > 0);
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(run(cli, reporter.clone()));
+    match result {
+        Ok(code) => code,
+        Err((message, hint)) => {
+            reporter.emit(Event::Error { message, hint });
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, reporter: Reporter) -> Result<ExitCode, (String, Option<String>)> {
+    match cli.command {
+        Command::Watch(args) => {
+            let settings =
+                settings::watch(&cli.global.file, &args.target, args.once).map_err(|e| (e.to_string(), e.hint()))?;
+            let transport = match &settings.target {
+                Target::Local(dir) => CommandTransport::local(&find_agent(), dir),
+                Target::Command(argv) => CommandTransport::new(argv.clone()),
+            };
+            let session = Session::new(settings.session, transport, reporter).map_err(|e| (e.to_string(), e.hint()))?;
+            let (stop, shutdown) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    let _ = stop.send(true);
+                }
+            });
+            match session.run(settings.once, shutdown).await {
+                Ok(Outcome::Synced | Outcome::Stopped) => Ok(ExitCode::SUCCESS),
+                Ok(Outcome::RebuildNeeded { .. }) => Ok(ExitCode::from(EXIT_REBUILD)),
+                Err(e) => Err((e.to_string(), e.hint())),
+            }
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 | 1 => "warn",
+        2 => "devloop=debug,devloop_agent=debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}

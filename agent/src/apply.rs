@@ -77,12 +77,7 @@ impl Applier {
             Err(e) => return Err(e),
         }
         fs::create_dir_all(&staging)?;
-        Ok(Applier {
-            root: root.to_path_buf(),
-            staging,
-            max_file_size,
-            seq: 0,
-        })
+        Ok(Applier { root: root.to_path_buf(), staging, max_file_size, seq: 0 })
     }
 
     pub fn root(&self) -> &Path {
@@ -99,10 +94,7 @@ impl Applier {
         tar: impl Read,
     ) -> (Applied, Option<String>, Vec<TreeUpdate>) {
         let started = Instant::now();
-        let mut report = Applied {
-            id,
-            ..Applied::default()
-        };
+        let mut report = Applied { id, ..Applied::default() };
         let mut updates = Vec::new();
 
         let mut deletes: Vec<&String> = deletes.iter().collect();
@@ -151,8 +143,7 @@ impl Applier {
                             updates.push(TreeUpdate::Put(path, scanned));
                         }
                         Err(Refusal::Io(e)) if is_stream_error(&e) => {
-                            broke =
-                                Some(format!("the batch's tar stream broke off at `{path}`: {e}"));
+                            broke = Some(format!("the batch's tar stream broke off at `{path}`: {e}"));
                             break;
                         }
                         Err(refusal) => report.refused.push(refused(&path, refusal)),
@@ -197,77 +188,49 @@ impl Applier {
         Ok(None)
     }
 
-    fn entry<R: Read>(
-        &mut self,
-        path: &str,
-        entry: &mut tar::Entry<'_, R>,
-    ) -> Result<Scanned, Refusal> {
+    fn entry<R: Read>(&mut self, path: &str, entry: &mut tar::Entry<'_, R>) -> Result<Scanned, Refusal> {
         let header = entry.header();
         match header.entry_type() {
             EntryType::Directory => {
                 self.make_folders(path)?;
-                Ok(Scanned {
-                    entry: Entry::Dir,
-                    stat: None,
-                })
+                Ok(Scanned { entry: Entry::Dir, stat: None })
             }
             EntryType::Regular | EntryType::Continuous => {
                 let size = header.size()?;
                 if size > self.max_file_size {
-                    return Err(Refusal::TooLarge {
-                        size,
-                        max: self.max_file_size,
-                    });
+                    return Err(Refusal::TooLarge { size, max: self.max_file_size });
                 }
                 let exec = header.mode()? & 0o111 != 0;
                 let expected = pax_digest(entry)?;
                 self.prepare_parent(path)?;
                 let staged = self.staged_path();
-                let result = self
-                    .write_file(&staged, entry, expected, exec)
-                    .and_then(|digest| {
-                        self.clear_folder_at(path)?;
-                        let dest = self.root.join(path);
-                        fs::rename(&staged, &dest)?;
-                        let meta = fs::symlink_metadata(&dest)?;
-                        Ok(Scanned {
-                            entry: Entry::File {
-                                hash: digest,
-                                size,
-                                exec,
-                            },
-                            stat: Some(StatKey::of(&meta)),
-                        })
-                    });
+                let result = self.write_file(&staged, entry, expected, exec).and_then(|digest| {
+                    self.clear_folder_at(path)?;
+                    let dest = self.root.join(path);
+                    fs::rename(&staged, &dest)?;
+                    let meta = fs::symlink_metadata(&dest)?;
+                    Ok(Scanned { entry: Entry::File { hash: digest, size, exec }, stat: Some(StatKey::of(&meta)) })
+                });
                 if result.is_err() {
                     let _ = fs::remove_file(&staged);
                 }
                 result
             }
             EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or(Refusal::Kind("symlink without target"))?;
-                let target = std::str::from_utf8(&target)
-                    .map_err(|_| Refusal::NotUtf8)?
-                    .to_owned();
+                let target = entry.link_name_bytes().ok_or(Refusal::Kind("symlink without target"))?;
+                let target = std::str::from_utf8(&target).map_err(|_| Refusal::NotUtf8)?.to_owned();
                 if !relpath::link_stays_inside(path, &target) {
                     return Err(Refusal::LinkOutside(target));
                 }
                 self.prepare_parent(path)?;
                 let staged = self.staged_path();
                 symlink(&target, &staged)?;
-                let placed = self
-                    .clear_folder_at(path)
-                    .and_then(|()| Ok(fs::rename(&staged, self.root.join(path))?));
+                let placed = self.clear_folder_at(path).and_then(|()| Ok(fs::rename(&staged, self.root.join(path))?));
                 if placed.is_err() {
                     let _ = fs::remove_file(&staged);
                 }
                 placed?;
-                Ok(Scanned {
-                    entry: Entry::Symlink { target },
-                    stat: None,
-                })
+                Ok(Scanned { entry: Entry::Symlink { target }, stat: None })
             }
             EntryType::Char => Err(Refusal::Kind("character device")),
             EntryType::Block => Err(Refusal::Kind("block device")),
@@ -299,10 +262,7 @@ impl Applier {
         }
         let got = Digest(*hasher.finalize().as_bytes());
         if got != expected {
-            return Err(Refusal::DigestMismatch {
-                expected: expected.to_hex(),
-                got: got.to_hex(),
-            });
+            return Err(Refusal::DigestMismatch { expected: expected.to_hex(), got: got.to_hex() });
         }
         out.set_permissions(fs::Permissions::from_mode(file_mode(exec)))?;
         Ok(got)
@@ -310,8 +270,7 @@ impl Applier {
 
     fn staged_path(&mut self) -> PathBuf {
         self.seq += 1;
-        self.staging
-            .join(format!("{}-{}", std::process::id(), self.seq))
+        self.staging.join(format!("{}-{}", std::process::id(), self.seq))
     }
 
     /// Every parent of `path` must be a real folder (never a symlink): the write cannot leave the root.
@@ -377,11 +336,7 @@ fn pax_digest<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Digest, Refusal>
     for ext in extensions {
         let ext = ext?;
         if ext.key() == Ok(PAX_BLAKE3) {
-            return ext
-                .value()
-                .ok()
-                .and_then(Digest::from_hex)
-                .ok_or(Refusal::NoDigest);
+            return ext.value().ok().and_then(Digest::from_hex).ok_or(Refusal::NoDigest);
         }
     }
     Err(Refusal::NoDigest)
@@ -396,10 +351,7 @@ fn file_mode(exec: bool) -> u32 {
 }
 
 fn refused(path: &str, refusal: Refusal) -> Problem {
-    Problem {
-        path: path.to_owned(),
-        message: refusal.to_string(),
-    }
+    Problem { path: path.to_owned(), message: refusal.to_string() }
 }
 
 /// Errors reading the tar stream itself are marked so the batch stops instead of refusing one path.

@@ -36,22 +36,10 @@ impl Filter {
     pub fn new(root: &Path, excludes: &[String]) -> Result<Filter, FilterError> {
         let mut builder = GitignoreBuilder::new(root);
         for pattern in excludes {
-            builder
-                .add_line(None, pattern)
-                .map_err(|source| FilterError {
-                    pattern: pattern.clone(),
-                    source,
-                })?;
+            builder.add_line(None, pattern).map_err(|source| FilterError { pattern: pattern.clone(), source })?;
         }
-        let excludes = builder.build().map_err(|source| FilterError {
-            pattern: excludes.join(" "),
-            source,
-        })?;
-        Ok(Filter {
-            root: root.to_path_buf(),
-            excludes,
-            folders: RwLock::new(HashMap::new()),
-        })
+        let excludes = builder.build().map_err(|source| FilterError { pattern: excludes.join(" "), source })?;
+        Ok(Filter { root: root.to_path_buf(), excludes, folders: RwLock::new(HashMap::new()) })
     }
 
     pub fn root(&self) -> &Path {
@@ -61,8 +49,7 @@ impl Filter {
     /// Whether `rel` is left out, checking every parent folder too (a path under an excluded
     /// folder is excluded, as git and docker do).
     pub fn is_excluded(&self, rel: &str, is_dir: bool) -> bool {
-        relpath::ancestors(rel).any(|dir| self.excluded_here(dir, true))
-            || self.excluded_here(rel, is_dir)
+        relpath::ancestors(rel).any(|dir| self.excluded_here(dir, true)) || self.excluded_here(rel, is_dir)
     }
 
     /// Whether `rel` is left out by its own name, given that its parent folders are not.
@@ -95,28 +82,16 @@ impl Filter {
     }
 
     fn rules(&self, folder: &str) -> Option<Arc<Gitignore>> {
-        if let Some(found) = self
-            .folders
-            .read()
-            .expect("filter cache poisoned")
-            .get(folder)
-        {
+        if let Some(found) = self.folders.read().expect("filter cache poisoned").get(folder) {
             return found.clone();
         }
         let loaded = self.load(folder);
-        self.folders
-            .write()
-            .expect("filter cache poisoned")
-            .insert(folder.to_owned(), loaded.clone());
+        self.folders.write().expect("filter cache poisoned").insert(folder.to_owned(), loaded.clone());
         loaded
     }
 
     fn load(&self, folder: &str) -> Option<Arc<Gitignore>> {
-        let dir = if folder.is_empty() {
-            self.root.clone()
-        } else {
-            self.root.join(folder)
-        };
+        let dir = if folder.is_empty() { self.root.clone() } else { self.root.join(folder) };
         let mut builder = GitignoreBuilder::new(&dir);
         let mut any = false;
         let mut names = vec![GITIGNORE];

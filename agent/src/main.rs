@@ -42,10 +42,7 @@ fn parse() -> Result<Command, lexopt::Error> {
     match sub.as_deref() {
         Some("serve") => {
             let root = root.ok_or("serve needs --root DIR")?;
-            Ok(Command::Serve(ServeOptions {
-                root,
-                max_file_size,
-            }))
+            Ok(Command::Serve(ServeOptions { root, max_file_size }))
         }
         Some(other) => Err(format!("unknown command `{other}`").into()),
         None => Err("a command is needed".into()),
@@ -62,18 +59,12 @@ fn main() -> ExitCode {
     };
     match command {
         Command::Version => {
-            println!(
-                "devloop-agent {} (protocol {PROTOCOL_VERSION})",
-                env!("CARGO_PKG_VERSION")
-            );
+            println!("devloop-agent {} (protocol {PROTOCOL_VERSION})", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         Command::Serve(options) => {
             init_tracing();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             let result = runtime.block_on(serve(tokio::io::stdin(), tokio::io::stdout(), options));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
@@ -94,11 +85,6 @@ fn main() -> ExitCode {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("DEVLOOP_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let filter = EnvFilter::try_from_env("DEVLOOP_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }

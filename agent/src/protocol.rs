@@ -132,10 +132,7 @@ pub enum ProtocolError {
 impl ProtocolError {
     /// A broken or closed stream (worth a reconnect) rather than a peer we cannot talk to.
     pub fn is_disconnect(&self) -> bool {
-        matches!(
-            self,
-            ProtocolError::Io(_) | ProtocolError::Truncated | ProtocolError::NoPeer { .. }
-        )
+        matches!(self, ProtocolError::Io(_) | ProtocolError::Truncated | ProtocolError::NoPeer { .. })
     }
 }
 
@@ -144,10 +141,7 @@ fn shown_output(output: &str) -> String {
     if trimmed.is_empty() {
         String::new()
     } else {
-        format!(
-            "; it printed: {}",
-            trimmed.chars().take(400).collect::<String>()
-        )
+        format!("; it printed: {}", trimmed.chars().take(400).collect::<String>())
     }
 }
 
@@ -169,31 +163,21 @@ where
     loop {
         let mut byte = [0u8; 1];
         if reader.read(&mut byte).await? == 0 {
-            return Err(ProtocolError::NoPeer {
-                output: String::from_utf8_lossy(&seen).into_owned(),
-            });
+            return Err(ProtocolError::NoPeer { output: String::from_utf8_lossy(&seen).into_owned() });
         }
         seen.push(byte[0]);
         if seen.ends_with(&MAGIC) {
             break;
         }
         if seen.len() > MAX_PREAMBLE {
-            return Err(ProtocolError::NoHandshake {
-                output: String::from_utf8_lossy(&seen[..1024]).into_owned(),
-            });
+            return Err(ProtocolError::NoHandshake { output: String::from_utf8_lossy(&seen[..1024]).into_owned() });
         }
     }
     let mut version = [0u8; 4];
-    reader
-        .read_exact(&mut version)
-        .await
-        .map_err(|_| ProtocolError::Truncated)?;
+    reader.read_exact(&mut version).await.map_err(|_| ProtocolError::Truncated)?;
     let theirs = u32::from_be_bytes(version);
     if theirs != PROTOCOL_VERSION {
-        return Err(ProtocolError::VersionMismatch {
-            ours: PROTOCOL_VERSION,
-            theirs,
-        });
+        return Err(ProtocolError::VersionMismatch { ours: PROTOCOL_VERSION, theirs });
     }
     Ok(theirs)
 }
@@ -210,14 +194,10 @@ impl Frame {
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, ProtocolError> {
         match self {
             Frame::Message(bytes) => Ok(serde_json::from_slice(bytes)?),
-            Frame::Data(_) => Err(ProtocolError::Unexpected {
-                expected: "a message",
-                got: "a data frame".into(),
-            }),
-            Frame::DataEnd => Err(ProtocolError::Unexpected {
-                expected: "a message",
-                got: "an end-of-data frame".into(),
-            }),
+            Frame::Data(_) => Err(ProtocolError::Unexpected { expected: "a message", got: "a data frame".into() }),
+            Frame::DataEnd => {
+                Err(ProtocolError::Unexpected { expected: "a message", got: "an end-of-data frame".into() })
+            }
         }
     }
 }
@@ -238,11 +218,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         while filled < head.len() {
             let n = self.inner.read(&mut head[filled..]).await?;
             if n == 0 {
-                return if filled == 0 {
-                    Ok(None)
-                } else {
-                    Err(ProtocolError::Truncated)
-                };
+                return if filled == 0 { Ok(None) } else { Err(ProtocolError::Truncated) };
             }
             filled += n;
         }
@@ -251,13 +227,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return Err(ProtocolError::FrameTooLarge(len));
         }
         let mut payload = vec![0u8; len];
-        self.inner
-            .read_exact(&mut payload)
-            .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
-                _ => ProtocolError::Io(e),
-            })?;
+        self.inner.read_exact(&mut payload).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
+            _ => ProtocolError::Io(e),
+        })?;
         match head[4] {
             TAG_MESSAGE => Ok(Some(Frame::Message(payload))),
             TAG_DATA => Ok(Some(Frame::Data(payload))),

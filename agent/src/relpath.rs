@@ -101,15 +101,7 @@ mod tests {
 
     #[test]
     fn accepts_plain_relative_paths() {
-        for ok in [
-            "a",
-            "a/b/c",
-            ".env",
-            "dir/.gitignore",
-            "a..b",
-            "...",
-            "x/..y",
-        ] {
+        for ok in ["a", "a/b/c", ".env", "dir/.gitignore", "a..b", "...", "x/..y"] {
             assert_eq!(check(ok), Ok(()), "{ok}");
         }
     }

@@ -61,11 +61,7 @@ where
     let result = session(&mut frames, &mut out, &options, &excludes).await;
     if let Err(err) = &result {
         if !matches!(err, ServeError::Protocol(e) if e.is_disconnect()) {
-            let _ = out
-                .message(&FromAgent::Fatal {
-                    message: err.to_string(),
-                })
-                .await;
+            let _ = out.message(&FromAgent::Fatal { message: err.to_string() }).await;
             let _ = out.flush().await;
         }
     }
@@ -83,19 +79,13 @@ where
     W: AsyncWrite + Unpin,
 {
     let root = options.root.clone();
-    let root_err = |source| ServeError::Root {
-        root: root.clone(),
-        source,
-    };
+    let root_err = |source| ServeError::Root { root: root.clone(), source };
     fs::create_dir_all(&root).map_err(root_err)?;
     let mut applier = Applier::new(&root, options.max_file_size).map_err(root_err)?;
     let filter = Arc::new(Filter::new(&root, excludes)?);
 
-    out.message(&FromAgent::Welcome {
-        agent: env!("CARGO_PKG_VERSION").into(),
-        root: root.display().to_string(),
-    })
-    .await?;
+    out.message(&FromAgent::Welcome { agent: env!("CARGO_PKG_VERSION").into(), root: root.display().to_string() })
+        .await?;
     let cache_path = root.join(RESERVED_DIR).join("manifest.cache");
     let scanned = {
         let filter = Arc::clone(&filter);
@@ -110,31 +100,15 @@ where
         .await
         .expect("scan task panicked")
     };
-    debug!(
-        entries = scanned.tree.len(),
-        hashed = scanned.stats.hashed_files,
-        "manifest"
-    );
+    debug!(entries = scanned.tree.len(), hashed = scanned.stats.hashed_files, "manifest");
     let mut tree = scanned.tree;
-    let records: Vec<Record> = tree
-        .iter()
-        .map(|(path, s)| Record {
-            path: path.clone(),
-            entry: s.entry.clone(),
-        })
-        .collect();
+    let records: Vec<Record> =
+        tree.iter().map(|(path, s)| Record { path: path.clone(), entry: s.entry.clone() }).collect();
     for chunk in records.chunks(MANIFEST_CHUNK) {
-        out.message(&FromAgent::Manifest {
-            records: chunk.to_vec(),
-        })
-        .await?;
+        out.message(&FromAgent::Manifest { records: chunk.to_vec() }).await?;
     }
     drop(records);
-    out.message(&FromAgent::ManifestEnd {
-        entries: tree.len() as u64,
-        problems: scanned.problems,
-    })
-    .await?;
+    out.message(&FromAgent::ManifestEnd { entries: tree.len() as u64, problems: scanned.problems }).await?;
     out.flush().await?;
 
     loop {
@@ -143,16 +117,9 @@ where
             break;
         };
         match frame.decode::<ToAgent>()? {
-            ToAgent::Batch {
-                id,
-                deletes,
-                chmods,
-                restart: _,
-            } => {
+            ToAgent::Batch { id, deletes, chmods, restart: _ } => {
                 let (applied, incomplete, applier_back) =
-                    receive_batch(frames, applier, id, deletes, chmods)
-                        .instrument(info_span!("apply", id))
-                        .await?;
+                    receive_batch(frames, applier, id, deletes, chmods).instrument(info_span!("apply", id)).await?;
                 applier = applier_back;
                 for update in applied.1 {
                     match update {
@@ -160,7 +127,9 @@ where
                             walk::remove_subtree(&mut tree, &path);
                             tree.insert(path, scanned);
                         }
-                        TreeUpdate::Remove(path) => walk::remove_subtree(&mut tree, &path),
+                        TreeUpdate::Remove(path) => {
+                            walk::remove_subtree(&mut tree, &path);
+                        }
                     }
                 }
                 let report = applied.0;
@@ -182,9 +151,7 @@ where
                 }
             }
             ToAgent::Bye => break,
-            other @ ToAgent::Hello { .. } => {
-                return Err(unexpected("a batch or bye", &other).into())
-            }
+            other @ ToAgent::Hello { .. } => return Err(unexpected("a batch or bye", &other).into()),
         }
     }
     let cache_path = cache_path.clone();
@@ -192,11 +159,7 @@ where
     Ok(())
 }
 
-type BatchResult = (
-    (crate::protocol::Applied, Vec<TreeUpdate>),
-    Option<String>,
-    Applier,
-);
+type BatchResult = ((crate::protocol::Applied, Vec<TreeUpdate>), Option<String>, Applier);
 
 /// Streams the batch's data frames into a blocking apply task, bounded to a few chunks in flight.
 async fn receive_batch<R: AsyncRead + Unpin>(
@@ -208,11 +171,7 @@ async fn receive_batch<R: AsyncRead + Unpin>(
 ) -> Result<BatchResult, ServeError> {
     let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
     let task = tokio::task::spawn_blocking(move || {
-        let reader = ChannelReader {
-            rx,
-            current: Vec::new(),
-            pos: 0,
-        };
+        let reader = ChannelReader { rx, current: Vec::new(), pos: 0 };
         let (applied, incomplete, updates) = applier.apply(id, &deletes, &chmods, reader);
         ((applied, updates), incomplete, applier)
     });
@@ -224,11 +183,7 @@ async fn receive_batch<R: AsyncRead + Unpin>(
             }
             Ok(Some(Frame::DataEnd)) => break Ok(()),
             Ok(Some(Frame::Message(_))) => {
-                break Err(ProtocolError::Unexpected {
-                    expected: "batch data",
-                    got: "a message".into(),
-                }
-                .into())
+                break Err(ProtocolError::Unexpected { expected: "batch data", got: "a message".into() }.into())
             }
             Ok(None) => break Err(ProtocolError::Truncated.into()),
             Err(e) => break Err(e.into()),
@@ -266,10 +221,7 @@ impl Read for ChannelReader {
 
 fn unexpected(expected: &'static str, got: &ToAgent) -> ProtocolError {
     let got = serde_json::to_string(got).unwrap_or_default();
-    ProtocolError::Unexpected {
-        expected,
-        got: got.chars().take(200).collect(),
-    }
+    ProtocolError::Unexpected { expected, got: got.chars().take(200).collect() }
 }
 
 /// The stat cache on disk: files only, compact.
@@ -293,23 +245,9 @@ fn load_cache(path: &Path) -> Tree {
     files
         .into_iter()
         .map(|f| {
-            let entry = Entry::File {
-                hash: Digest(f.hash),
-                size: f.size,
-                exec: f.exec,
-            };
-            let stat = StatKey {
-                size: f.size,
-                mtime_ns: f.mtime_ns,
-                ino: f.ino,
-            };
-            (
-                f.path,
-                Scanned {
-                    entry,
-                    stat: Some(stat),
-                },
-            )
+            let entry = Entry::File { hash: Digest(f.hash), size: f.size, exec: f.exec };
+            let stat = StatKey { size: f.size, mtime_ns: f.mtime_ns, ino: f.ino };
+            (f.path, Scanned { entry, stat: Some(stat) })
         })
         .collect()
 }

@@ -30,10 +30,7 @@ impl StatKey {
     pub fn of(meta: &Metadata) -> StatKey {
         StatKey {
             size: meta.len(),
-            mtime_ns: meta
-                .mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(meta.mtime_nsec()),
+            mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
             ino: meta.ino(),
         }
     }
@@ -65,9 +62,7 @@ pub struct ScanOutcome {
 
 /// The manifest view of a tree.
 pub fn manifest_of(tree: &Tree) -> Manifest {
-    tree.iter()
-        .map(|(path, s)| (path.clone(), s.entry.clone()))
-        .collect()
+    tree.iter().map(|(path, s)| (path.clone(), s.entry.clone())).collect()
 }
 
 /// Walks the whole tree under `filter.root()`; `previous` serves as the stat cache.
@@ -97,23 +92,24 @@ pub fn scan(filter: &Arc<Filter>, previous: &Tree) -> ScanOutcome {
     problems.sort_by(|a, b| a.path.cmp(&b.path));
     let mut stats = stats.into_inner().expect("scan stats poisoned");
     stats.entries = found.len() as u64;
-    ScanOutcome {
-        tree: found.into_iter().collect(),
-        problems,
-        stats,
-    }
+    ScanOutcome { tree: found.into_iter().collect(), problems, stats }
+}
+
+/// What a targeted rescan found.
+#[derive(Debug, Default)]
+pub struct RescanOutcome {
+    /// Paths whose entry appeared, vanished or changed; sorted, distinct.
+    pub changed: Vec<String>,
+    pub problems: Vec<Problem>,
+    pub stats: ScanStats,
 }
 
 /// Re-reads only the given paths (from watcher hints): a path that is gone leaves the tree with
 /// everything under it; a folder is walked again; a file is re-hashed when its stat changed.
-pub fn rescan(
-    filter: &Arc<Filter>,
-    tree: &mut Tree,
-    paths: &[String],
-) -> (Vec<Problem>, ScanStats) {
+pub fn rescan(filter: &Arc<Filter>, tree: &mut Tree, paths: &[String]) -> RescanOutcome {
     let root = filter.root().to_path_buf();
-    let mut problems = Vec::new();
-    let mut stats = ScanStats::default();
+    let mut out = RescanOutcome::default();
+    let mut changed = std::collections::BTreeSet::new();
     for rel in paths {
         if rel.is_empty() {
             continue;
@@ -121,74 +117,78 @@ pub fn rescan(
         let abs = root.join(rel);
         let meta = match fs::symlink_metadata(&abs) {
             Ok(meta) => meta,
-            Err(e)
-                if e.kind() == io::ErrorKind::NotFound
-                    || e.kind() == io::ErrorKind::NotADirectory =>
-            {
-                remove_subtree(tree, rel);
+            Err(e) if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory => {
+                changed.extend(remove_subtree(tree, rel));
                 continue;
             }
             Err(e) => {
-                problems.push(problem(rel, &e));
+                out.problems.push(problem(rel, &e));
                 continue;
             }
         };
         if filter.is_excluded(rel, meta.is_dir()) || !parents_are_folders(&root, rel) {
-            remove_subtree(tree, rel);
+            changed.extend(remove_subtree(tree, rel));
             continue;
         }
         for dir in crate::relpath::ancestors(rel) {
-            tree.entry(dir.to_owned()).or_insert(Scanned {
-                entry: Entry::Dir,
-                stat: None,
-            });
+            put(tree, &mut changed, dir, Scanned { entry: Entry::Dir, stat: None });
         }
         if meta.is_dir() {
-            let before: Vec<String> = subtree_keys(tree, rel);
-            let outcome = scan_under(filter, &abs, tree);
-            problems.extend(outcome.problems);
-            stats.hashed_files += outcome.stats.hashed_files;
-            stats.hashed_bytes += outcome.stats.hashed_bytes;
-            for key in before {
-                if !outcome.tree.contains_key(&key) {
+            let scanned = scan_under(filter, &abs, tree);
+            out.problems.extend(scanned.problems);
+            out.stats.hashed_files += scanned.stats.hashed_files;
+            out.stats.hashed_bytes += scanned.stats.hashed_bytes;
+            for key in subtree_keys(tree, rel) {
+                if !scanned.tree.contains_key(&key) {
                     tree.remove(&key);
+                    changed.insert(key);
                 }
             }
-            tree.extend(outcome.tree);
-            tree.insert(
-                rel.clone(),
-                Scanned {
-                    entry: Entry::Dir,
-                    stat: None,
-                },
-            );
+            if matches!(tree.get(rel.as_str()), Some(s) if !s.entry.is_dir()) {
+                changed.extend(remove_subtree(tree, rel));
+            }
+            put(tree, &mut changed, rel, Scanned { entry: Entry::Dir, stat: None });
+            for (key, value) in scanned.tree {
+                put(tree, &mut changed, &key, value);
+            }
         } else {
-            match read_entry(&abs, &meta, tree.get(rel.as_str()), &mut stats) {
+            match read_entry(&abs, &meta, tree.get(rel.as_str()), &mut out.stats) {
                 Ok(Some(scanned)) => {
-                    remove_subtree_below(tree, rel);
-                    tree.insert(rel.clone(), scanned);
+                    changed.extend(remove_subtree_below(tree, rel));
+                    put(tree, &mut changed, rel, scanned);
                 }
                 Ok(None) => {
-                    remove_subtree(tree, rel);
-                    problems.push(Problem {
+                    changed.extend(remove_subtree(tree, rel));
+                    out.problems.push(Problem {
                         path: rel.clone(),
                         message: "not a regular file, folder or symlink; skipped".into(),
                     });
                 }
-                Err(e) => problems.push(problem(rel, &e)),
+                Err(e) => out.problems.push(problem(rel, &e)),
             }
         }
     }
-    (problems, stats)
+    out.changed = changed.into_iter().collect();
+    out
+}
+
+fn put(tree: &mut Tree, changed: &mut std::collections::BTreeSet<String>, rel: &str, scanned: Scanned) {
+    match tree.get_mut(rel) {
+        Some(old) if old.entry == scanned.entry => *old = scanned,
+        Some(old) => {
+            *old = scanned;
+            changed.insert(rel.to_owned());
+        }
+        None => {
+            tree.insert(rel.to_owned(), scanned);
+            changed.insert(rel.to_owned());
+        }
+    }
 }
 
 /// A path reached through a symlinked folder is not part of the tree (the walk does not follow links).
 fn parents_are_folders(root: &Path, rel: &str) -> bool {
-    crate::relpath::ancestors(rel).all(|dir| {
-        fs::symlink_metadata(root.join(dir))
-            .map(|m| m.is_dir())
-            .unwrap_or(false)
-    })
+    crate::relpath::ancestors(rel).all(|dir| fs::symlink_metadata(root.join(dir)).map(|m| m.is_dir()).unwrap_or(false))
 }
 
 fn scan_under(filter: &Arc<Filter>, abs: &Path, previous: &Tree) -> ScanOutcome {
@@ -216,21 +216,12 @@ fn scan_under(filter: &Arc<Filter>, abs: &Path, previous: &Tree) -> ScanOutcome 
         stats.hashed_files = s.hashed_files;
         stats.hashed_bytes = s.hashed_bytes;
     }
-    ScanOutcome {
-        tree: batch_found.into_iter().collect(),
-        problems: batch_problems,
-        stats,
-    }
+    ScanOutcome { tree: batch_found.into_iter().collect(), problems: batch_problems, stats }
 }
 
 fn walker(filter: &Arc<Filter>, start: &Path) -> WalkBuilder {
     let mut builder = WalkBuilder::new(start);
-    builder
-        .standard_filters(false)
-        .hidden(false)
-        .parents(false)
-        .follow_links(false)
-        .threads(2);
+    builder.standard_filters(false).hidden(false).parents(false).follow_links(false).threads(2);
     let filter = Arc::clone(filter);
     builder.filter_entry(move |entry| {
         let Ok(rel) = entry.path().strip_prefix(filter.root()) else {
@@ -242,11 +233,7 @@ fn walker(filter: &Arc<Filter>, start: &Path) -> WalkBuilder {
     builder
 }
 
-type Sink<'a> = (
-    &'a Mutex<Vec<(String, Scanned)>>,
-    &'a Mutex<Vec<Problem>>,
-    &'a Mutex<ScanStats>,
-);
+type Sink<'a> = (&'a Mutex<Vec<(String, Scanned)>>, &'a Mutex<Vec<Problem>>, &'a Mutex<ScanStats>);
 
 /// What one walker thread found; handed over to the shared results when the thread is done.
 struct Batch<'a> {
@@ -257,20 +244,12 @@ struct Batch<'a> {
 }
 
 impl Batch<'_> {
-    fn visit(
-        &mut self,
-        root: &Path,
-        previous: &Tree,
-        result: Result<ignore::DirEntry, ignore::Error>,
-    ) {
+    fn visit(&mut self, root: &Path, previous: &Tree, result: Result<ignore::DirEntry, ignore::Error>) {
         let entry = match result {
             Ok(entry) => entry,
             Err(err) => {
                 let path = walk_error_path(&err, root).unwrap_or_default();
-                self.problems.push(Problem {
-                    path,
-                    message: err.to_string(),
-                });
+                self.problems.push(Problem { path, message: err.to_string() });
                 return;
             }
         };
@@ -290,10 +269,7 @@ impl Batch<'_> {
         let meta = match entry.metadata() {
             Ok(meta) => meta,
             Err(err) => {
-                self.problems.push(Problem {
-                    path: rel.to_owned(),
-                    message: err.to_string(),
-                });
+                self.problems.push(Problem { path: rel.to_owned(), message: err.to_string() });
                 return;
             }
         };
@@ -312,10 +288,7 @@ impl Drop for Batch<'_> {
     fn drop(&mut self) {
         let (found, problems, stats) = self.sink;
         found.lock().expect("poisoned").append(&mut self.found);
-        problems
-            .lock()
-            .expect("poisoned")
-            .append(&mut self.problems);
+        problems.lock().expect("poisoned").append(&mut self.problems);
         let mut s = stats.lock().expect("poisoned");
         s.hashed_files += self.stats.hashed_files;
         s.hashed_bytes += self.stats.hashed_bytes;
@@ -324,22 +297,14 @@ impl Drop for Batch<'_> {
 
 fn walk_error_path(err: &ignore::Error, root: &Path) -> Option<String> {
     match err {
-        ignore::Error::WithPath { path, .. } => path
-            .strip_prefix(root)
-            .ok()
-            .map(|p| p.to_string_lossy().into_owned()),
-        ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => {
-            walk_error_path(err, root)
-        }
+        ignore::Error::WithPath { path, .. } => path.strip_prefix(root).ok().map(|p| p.to_string_lossy().into_owned()),
+        ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => walk_error_path(err, root),
         _ => None,
     }
 }
 
 fn problem(rel: &str, err: &io::Error) -> Problem {
-    Problem {
-        path: rel.to_owned(),
-        message: err.to_string(),
-    }
+    Problem { path: rel.to_owned(), message: err.to_string() }
 }
 
 /// Reads one path given its (lstat) metadata. `None` for what a tree does not hold (fifos,
@@ -352,49 +317,30 @@ pub fn read_entry(
 ) -> io::Result<Option<Scanned>> {
     let kind = meta.file_type();
     if kind.is_dir() {
-        return Ok(Some(Scanned {
-            entry: Entry::Dir,
-            stat: None,
-        }));
+        return Ok(Some(Scanned { entry: Entry::Dir, stat: None }));
     }
     if kind.is_symlink() {
         let target = fs::read_link(abs)?;
-        let target = target.into_os_string().into_string().map_err(|_| {
-            io::Error::new(io::ErrorKind::InvalidData, "symlink target is not UTF-8")
-        })?;
-        return Ok(Some(Scanned {
-            entry: Entry::Symlink { target },
-            stat: None,
-        }));
+        let target = target
+            .into_os_string()
+            .into_string()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "symlink target is not UTF-8"))?;
+        return Ok(Some(Scanned { entry: Entry::Symlink { target }, stat: None }));
     }
     if !kind.is_file() {
         return Ok(None);
     }
     let stat = StatKey::of(meta);
     let exec = meta.permissions().mode() & 0o111 != 0;
-    if let Some(Scanned {
-        entry: Entry::File { hash, size, .. },
-        stat: Some(old),
-    }) = previous
-    {
+    if let Some(Scanned { entry: Entry::File { hash, size, .. }, stat: Some(old) }) = previous {
         if *old == stat {
-            return Ok(Some(Scanned {
-                entry: Entry::File {
-                    hash: *hash,
-                    size: *size,
-                    exec,
-                },
-                stat: Some(stat),
-            }));
+            return Ok(Some(Scanned { entry: Entry::File { hash: *hash, size: *size, exec }, stat: Some(stat) }));
         }
     }
     let (hash, size) = hash_file(abs)?;
     stats.hashed_files += 1;
     stats.hashed_bytes += size;
-    Ok(Some(Scanned {
-        entry: Entry::File { hash, size, exec },
-        stat: Some(stat),
-    }))
+    Ok(Some(Scanned { entry: Entry::File { hash, size, exec }, stat: Some(stat) }))
 }
 
 /// blake3 of a file's content, and its length as read.
@@ -418,22 +364,24 @@ pub fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
 
 fn subtree_keys(tree: &Tree, rel: &str) -> Vec<String> {
     let prefix = format!("{rel}/");
-    tree.range(prefix.clone()..)
-        .take_while(|(k, _)| k.starts_with(&prefix))
-        .map(|(k, _)| k.clone())
-        .collect()
+    tree.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)).map(|(k, _)| k.clone()).collect()
 }
 
-/// Removes `rel` and everything under it.
-pub fn remove_subtree(tree: &mut Tree, rel: &str) {
-    tree.remove(rel);
-    remove_subtree_below(tree, rel);
-}
-
-fn remove_subtree_below(tree: &mut Tree, rel: &str) {
-    for key in subtree_keys(tree, rel) {
-        tree.remove(&key);
+/// Removes `rel` and everything under it; returns the paths removed.
+pub fn remove_subtree(tree: &mut Tree, rel: &str) -> Vec<String> {
+    let mut removed = remove_subtree_below(tree, rel);
+    if tree.remove(rel).is_some() {
+        removed.push(rel.to_owned());
     }
+    removed
+}
+
+fn remove_subtree_below(tree: &mut Tree, rel: &str) -> Vec<String> {
+    let keys = subtree_keys(tree, rel);
+    for key in &keys {
+        tree.remove(key);
+    }
+    keys
 }
 
 #[cfg(test)]
@@ -466,23 +414,11 @@ mod tests {
         let (_dir, filter) = setup();
         let out = scan(&filter, &Tree::new());
         let paths: Vec<_> = out.tree.keys().map(String::as_str).collect();
-        assert_eq!(
-            paths,
-            [".env", ".gitignore", "empty", "link", "src", "src/main.rs"]
-        );
-        assert_eq!(
-            out.tree["link"].entry,
-            Entry::Symlink {
-                target: "src/main.rs".into()
-            }
-        );
+        assert_eq!(paths, [".env", ".gitignore", "empty", "link", "src", "src/main.rs"]);
+        assert_eq!(out.tree["link"].entry, Entry::Symlink { target: "src/main.rs".into() });
         assert_eq!(
             out.tree["src/main.rs"].entry,
-            Entry::File {
-                hash: Digest::of(b"fn main() {}"),
-                size: 12,
-                exec: false
-            }
+            Entry::File { hash: Digest::of(b"fn main() {}"), size: 12, exec: false }
         );
         assert_eq!(out.stats.hashed_files, 3);
         assert!(out.problems.is_empty());
@@ -508,18 +444,16 @@ mod tests {
         write(root, "src/new/deep.rs", "x");
         fs::remove_file(root.join(".env")).unwrap();
         write(root, "target/ignored", "y");
-        let (problems, stats) = rescan(
-            &filter,
-            &mut tree,
-            &["src/new".into(), ".env".into(), "target/ignored".into()],
-        );
-        assert!(problems.is_empty());
-        assert_eq!(stats.hashed_files, 1);
+        let out = rescan(&filter, &mut tree, &["src/new".into(), ".env".into(), "target/ignored".into()]);
+        assert!(out.problems.is_empty());
+        assert_eq!(out.stats.hashed_files, 1);
+        assert_eq!(out.changed, [".env", "src/new", "src/new/deep.rs"]);
         assert_eq!(tree, scan(&filter, &Tree::new()).tree);
         // A folder replaced by a file.
         fs::remove_dir_all(root.join("src")).unwrap();
         write(root, "src", "now a file");
-        rescan(&filter, &mut tree, &["src".into()]);
+        let out = rescan(&filter, &mut tree, &["src".into()]);
+        assert_eq!(out.changed, ["src", "src/main.rs", "src/new", "src/new/deep.rs"]);
         assert_eq!(tree, scan(&filter, &Tree::new()).tree);
     }
 

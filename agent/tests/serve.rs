@@ -6,9 +6,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 
 use devloop_agent::manifest::{Digest, Entry, Record};
-use devloop_agent::protocol::{
-    self, Applied, Chmod, FrameReader, FrameWriter, FromAgent, ToAgent, PAX_BLAKE3,
-};
+use devloop_agent::protocol::{self, Applied, Chmod, FrameReader, FrameWriter, FromAgent, ToAgent, PAX_BLAKE3};
 use devloop_agent::serve::{serve, ServeOptions};
 use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
 
@@ -21,26 +19,12 @@ struct Client {
 async fn connect(root: &Path, max_file_size: u64) -> (Client, Vec<Record>) {
     let (ours, theirs) = tokio::io::duplex(1 << 16);
     let (agent_read, agent_write) = tokio::io::split(theirs);
-    let options = ServeOptions {
-        root: root.to_path_buf(),
-        max_file_size,
-    };
+    let options = ServeOptions { root: root.to_path_buf(), max_file_size };
     let agent = tokio::spawn(serve(agent_read, agent_write, options));
     let (mut read, mut write) = tokio::io::split(ours);
     protocol::handshake(&mut read, &mut write).await.unwrap();
-    let mut client = Client {
-        frames: FrameReader::new(read),
-        out: FrameWriter::new(write),
-        agent,
-    };
-    client
-        .out
-        .message(&ToAgent::Hello {
-            client: "test".into(),
-            excludes: vec!["ignored/".into()],
-        })
-        .await
-        .unwrap();
+    let mut client = Client { frames: FrameReader::new(read), out: FrameWriter::new(write), agent };
+    client.out.message(&ToAgent::Hello { client: "test".into(), excludes: vec!["ignored/".into()] }).await.unwrap();
     client.out.flush().await.unwrap();
     let mut records = Vec::new();
     loop {
@@ -58,23 +42,9 @@ async fn connect(root: &Path, max_file_size: u64) -> (Client, Vec<Record>) {
 }
 
 impl Client {
-    async fn batch(
-        &mut self,
-        id: u64,
-        deletes: &[&str],
-        chmods: Vec<Chmod>,
-        tar: Vec<u8>,
-    ) -> Applied {
+    async fn batch(&mut self, id: u64, deletes: &[&str], chmods: Vec<Chmod>, tar: Vec<u8>) -> Applied {
         let deletes = deletes.iter().map(|s| s.to_string()).collect();
-        self.out
-            .message(&ToAgent::Batch {
-                id,
-                deletes,
-                chmods,
-                restart: false,
-            })
-            .await
-            .unwrap();
+        self.out.message(&ToAgent::Batch { id, deletes, chmods, restart: false }).await.unwrap();
         for chunk in tar.chunks(1000) {
             self.out.data(chunk).await.unwrap();
         }
@@ -111,34 +81,20 @@ impl Tar {
         header
     }
 
-    fn file(mut self, name: &str, body: &[u8]) -> Tar {
+    fn file(self, name: &str, body: &[u8]) -> Tar {
         self.file_with_digest(name, body, Digest::of(body))
     }
 
     fn file_with_digest(mut self, name: &str, body: &[u8], digest: Digest) -> Tar {
-        self.0
-            .append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())])
-            .unwrap();
-        let header = Tar::header(
-            name.as_bytes(),
-            tar::EntryType::Regular,
-            body.len() as u64,
-            0o644,
-        );
+        self.0.append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())]).unwrap();
+        let header = Tar::header(name.as_bytes(), tar::EntryType::Regular, body.len() as u64, 0o644);
         self.0.append(&header, body).unwrap();
         self
     }
 
     fn exec_file(mut self, name: &str, body: &[u8]) -> Tar {
-        self.0
-            .append_pax_extensions([(PAX_BLAKE3, Digest::of(body).to_hex().as_bytes())])
-            .unwrap();
-        let header = Tar::header(
-            name.as_bytes(),
-            tar::EntryType::Regular,
-            body.len() as u64,
-            0o755,
-        );
+        self.0.append_pax_extensions([(PAX_BLAKE3, Digest::of(body).to_hex().as_bytes())]).unwrap();
+        let header = Tar::header(name.as_bytes(), tar::EntryType::Regular, body.len() as u64, 0o755);
         self.0.append(&header, body).unwrap();
         self
     }
@@ -181,11 +137,7 @@ async fn manifest_then_batches_then_a_second_session_sees_the_result() {
     fs::write(root.join("stale.txt"), "old").unwrap();
 
     let (mut client, records) = connect(&root, 1 << 20).await;
-    assert_eq!(
-        paths(&records),
-        ["stale.txt"],
-        "ignored paths and .devloop stay out of the manifest"
-    );
+    assert_eq!(paths(&records), ["stale.txt"], "ignored paths and .devloop stay out of the manifest");
 
     let tar = Tar::new()
         .dir("src")
@@ -194,66 +146,23 @@ async fn manifest_then_batches_then_a_second_session_sees_the_result() {
         .symlink("latest", "src/app.js")
         .bytes();
     let applied = client.batch(1, &["stale.txt"], vec![], tar).await;
-    assert_eq!(
-        (applied.written, applied.deleted, applied.bytes),
-        (4, 1, 24)
-    );
+    assert_eq!((applied.written, applied.deleted, applied.bytes), (4, 1, 24));
     assert!(applied.refused.is_empty(), "{:?}", applied.refused);
-    assert_eq!(
-        fs::read_to_string(root.join("src/app.js")).unwrap(),
-        "console.log(1)"
-    );
-    assert_eq!(
-        fs::metadata(root.join("run.sh"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o755
-    );
-    assert_eq!(
-        fs::read_link(root.join("latest")).unwrap(),
-        Path::new("src/app.js")
-    );
+    assert_eq!(fs::read_to_string(root.join("src/app.js")).unwrap(), "console.log(1)");
+    assert_eq!(fs::metadata(root.join("run.sh")).unwrap().permissions().mode() & 0o777, 0o755);
+    assert_eq!(fs::read_link(root.join("latest")).unwrap(), Path::new("src/app.js"));
     assert!(!root.join("stale.txt").exists());
-    assert!(
-        root.join("ignored/cache.bin").exists(),
-        "ignored paths are left alone"
-    );
+    assert!(root.join("ignored/cache.bin").exists(), "ignored paths are left alone");
 
-    let applied = client
-        .batch(
-            2,
-            &[],
-            vec![Chmod {
-                path: "run.sh".into(),
-                exec: false,
-            }],
-            Tar::new().bytes(),
-        )
-        .await;
+    let applied = client.batch(2, &[], vec![Chmod { path: "run.sh".into(), exec: false }], Tar::new().bytes()).await;
     assert!(applied.refused.is_empty());
-    assert_eq!(
-        fs::metadata(root.join("run.sh"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o644
-    );
+    assert_eq!(fs::metadata(root.join("run.sh")).unwrap().permissions().mode() & 0o777, 0o644);
     client.bye().await;
 
     let (client, records) = connect(&root, 1 << 20).await;
     assert_eq!(paths(&records), ["latest", "run.sh", "src", "src/app.js"]);
     let app = records.iter().find(|r| r.path == "src/app.js").unwrap();
-    assert_eq!(
-        app.entry,
-        Entry::File {
-            hash: Digest::of(b"console.log(1)"),
-            size: 14,
-            exec: false
-        }
-    );
+    assert_eq!(app.entry, Entry::File { hash: Digest::of(b"console.log(1)"), size: 14, exec: false });
     let staging = fs::read_dir(root.join(".devloop/staging")).unwrap().count();
     assert_eq!(staging, 0, "no staging leftovers");
     client.bye().await;
@@ -287,9 +196,7 @@ async fn hostile_batch_writes_nothing_outside_the_root_and_loses_nothing_else() 
         .file(".devloop/staging/x", b"evil")
         .file("after.txt", b"kept too")
         .bytes();
-    let applied = client
-        .batch(1, &["../outside", "escape/x"], vec![], tar)
-        .await;
+    let applied = client.batch(1, &["../outside", "escape/x"], vec![], tar).await;
 
     let refused: Vec<&str> = applied.refused.iter().map(|p| p.path.as_str()).collect();
     assert_eq!(
@@ -316,29 +223,11 @@ async fn hostile_batch_writes_nothing_outside_the_root_and_loses_nothing_else() 
     }
     assert_eq!(applied.written, 2);
     assert_eq!(fs::read_to_string(root.join("before.txt")).unwrap(), "kept");
-    assert_eq!(
-        fs::read_to_string(root.join("after.txt")).unwrap(),
-        "kept too"
-    );
-    assert_eq!(
-        fs::read_dir(&outside).unwrap().count(),
-        0,
-        "nothing written outside the root"
-    );
+    assert_eq!(fs::read_to_string(root.join("after.txt")).unwrap(), "kept too");
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside the root");
     assert!(!dir.path().join("up.txt").exists() && !dir.path().join("up2.txt").exists());
-    for name in [
-        "link-out",
-        "link-abs",
-        "dev-null",
-        "disk",
-        "pipe",
-        "big.bin",
-        "tampered.txt",
-    ] {
-        assert!(
-            fs::symlink_metadata(root.join(name)).is_err(),
-            "{name} must not exist"
-        );
+    for name in ["link-out", "link-abs", "dev-null", "disk", "pipe", "big.bin", "tampered.txt"] {
+        assert!(fs::symlink_metadata(root.join(name)).is_err(), "{name} must not exist");
     }
     client.bye().await;
 }
@@ -353,50 +242,21 @@ async fn a_batch_cut_off_midway_leaves_old_or_new_files_and_the_next_session_con
 
     let (mut client, _) = connect(&root, 1 << 20).await;
     let big = vec![b'n'; 200_000];
-    let tar = Tar::new()
-        .file("a.txt", b"new a")
-        .file("b.txt", &big)
-        .bytes();
+    let tar = Tar::new().file("a.txt", b"new a").file("b.txt", &big).bytes();
     // Send the header, the first file and only part of the second, then vanish.
-    client
-        .out
-        .message(&ToAgent::Batch {
-            id: 1,
-            deletes: vec![],
-            chmods: vec![],
-            restart: false,
-        })
-        .await
-        .unwrap();
+    client.out.message(&ToAgent::Batch { id: 1, deletes: vec![], chmods: vec![], restart: false }).await.unwrap();
     client.out.data(&tar[..100_000]).await.unwrap();
     client.out.flush().await.unwrap();
     drop(client.out);
     drop(client.frames);
-    assert!(
-        client.agent.await.unwrap().is_err(),
-        "a cut stream ends the session with an error"
-    );
+    assert!(client.agent.await.unwrap().is_err(), "a cut stream ends the session with an error");
 
     assert_eq!(fs::read_to_string(root.join("a.txt")).unwrap(), "new a");
-    assert_eq!(
-        fs::read_to_string(root.join("b.txt")).unwrap(),
-        "old b",
-        "never half a file"
-    );
+    assert_eq!(fs::read_to_string(root.join("b.txt")).unwrap(), "old b", "never half a file");
 
     let (client, records) = connect(&root, 1 << 20).await;
     let b = records.iter().find(|r| r.path == "b.txt").unwrap();
-    assert_eq!(
-        b.entry,
-        Entry::File {
-            hash: Digest::of(b"old b"),
-            size: 5,
-            exec: false
-        }
-    );
-    assert_eq!(
-        fs::read_dir(root.join(".devloop/staging")).unwrap().count(),
-        0
-    );
+    assert_eq!(b.entry, Entry::File { hash: Digest::of(b"old b"), size: 5, exec: false });
+    assert_eq!(fs::read_dir(root.join(".devloop/staging")).unwrap().count(), 0);
     client.bye().await;
 }

@@ -17,45 +17,28 @@ fn handshake_bytes() {
 
 #[test]
 fn frame_layout() {
-    assert_eq!(
-        encode_frame(&Frame::Message(b"{}".to_vec())),
-        b"\0\0\0\x02\x01{}"
-    );
-    assert_eq!(
-        encode_frame(&Frame::Data(vec![7, 8, 9])),
-        b"\0\0\0\x03\x02\x07\x08\x09"
-    );
+    assert_eq!(encode_frame(&Frame::Message(b"{}".to_vec())), b"\0\0\0\x02\x01{}");
+    assert_eq!(encode_frame(&Frame::Data(vec![7, 8, 9])), b"\0\0\0\x03\x02\x07\x08\x09");
     assert_eq!(encode_frame(&Frame::DataEnd), b"\0\0\0\0\x03");
 }
 
 #[test]
 fn client_messages() {
     assert_eq!(
-        json(&ToAgent::Hello {
-            client: "devloop 0.1.0".into(),
-            excludes: vec!["bin/".into()]
-        }),
+        json(&ToAgent::Hello { client: "devloop 0.1.0".into(), excludes: vec!["bin/".into()] }),
         r#"{"type":"hello","client":"devloop 0.1.0","excludes":["bin/"]}"#
     );
     assert_eq!(
         json(&ToAgent::Batch {
             id: 3,
             deletes: vec!["old.txt".into()],
-            chmods: vec![Chmod {
-                path: "run.sh".into(),
-                exec: true
-            }],
+            chmods: vec![Chmod { path: "run.sh".into(), exec: true }],
             restart: true
         }),
         r#"{"type":"batch","id":3,"deletes":["old.txt"],"chmods":[{"path":"run.sh","exec":true}],"restart":true}"#
     );
     assert_eq!(
-        json(&ToAgent::Batch {
-            id: 4,
-            deletes: vec![],
-            chmods: vec![],
-            restart: false
-        }),
+        json(&ToAgent::Batch { id: 4, deletes: vec![], chmods: vec![], restart: false }),
         r#"{"type":"batch","id":4,"restart":false}"#
     );
     assert_eq!(json(&ToAgent::Bye), r#"{"type":"bye"}"#);
@@ -67,32 +50,10 @@ fn agent_messages() {
     assert_eq!(
         json(&FromAgent::Manifest {
             records: vec![
-                Record {
-                    path: "a.txt".into(),
-                    entry: Entry::File {
-                        hash,
-                        size: 5,
-                        exec: false
-                    }
-                },
-                Record {
-                    path: "run.sh".into(),
-                    entry: Entry::File {
-                        hash,
-                        size: 5,
-                        exec: true
-                    }
-                },
-                Record {
-                    path: "link".into(),
-                    entry: Entry::Symlink {
-                        target: "a.txt".into()
-                    }
-                },
-                Record {
-                    path: "src".into(),
-                    entry: Entry::Dir
-                },
+                Record { path: "a.txt".into(), entry: Entry::File { hash, size: 5, exec: false } },
+                Record { path: "run.sh".into(), entry: Entry::File { hash, size: 5, exec: true } },
+                Record { path: "link".into(), entry: Entry::Symlink { target: "a.txt".into() } },
+                Record { path: "src".into(), entry: Entry::Dir },
             ]
         }),
         concat!(
@@ -109,36 +70,20 @@ fn agent_messages() {
             written: 2,
             bytes: 10,
             deleted: 1,
-            refused: vec![Problem {
-                path: "../x".into(),
-                message: "path climbs out with `..`".into()
-            }],
+            refused: vec![Problem { path: "../x".into(), message: "path climbs out with `..`".into() }],
             micros: 120
         })),
         r#"{"type":"applied","id":3,"written":2,"bytes":10,"deleted":1,"refused":[{"path":"../x","message":"path climbs out with `..`"}],"micros":120}"#
     );
     assert_eq!(
-        json(&FromAgent::ManifestEnd {
-            entries: 4,
-            problems: vec![]
-        }),
+        json(&FromAgent::ManifestEnd { entries: 4, problems: vec![] }),
         r#"{"type":"manifest_end","entries":4}"#
     );
-    assert_eq!(
-        json(&FromAgent::Fatal {
-            message: "boom".into()
-        }),
-        r#"{"type":"fatal","message":"boom"}"#
-    );
+    assert_eq!(json(&FromAgent::Fatal { message: "boom".into() }), r#"{"type":"fatal","message":"boom"}"#);
 }
 
 #[test]
 fn messages_round_trip() {
-    let msg = ToAgent::Batch {
-        id: 9,
-        deletes: vec!["x".into()],
-        chmods: vec![],
-        restart: true,
-    };
+    let msg = ToAgent::Batch { id: 9, deletes: vec!["x".into()], chmods: vec![], restart: true };
     assert_eq!(serde_json::from_str::<ToAgent>(&json(&msg)).unwrap(), msg);
 }

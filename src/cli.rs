@@ -1,0 +1,49 @@
+//! Command-line definitions only; [`crate::settings`] turns them into validated settings.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "devloop",
+    version,
+    about = "The inner loop for services on Kubernetes: edit, sync by content, restart."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
+pub struct Global {
+    /// Machine-readable output: one JSON event a line on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More output (-v: debug events, -vv: tracing debug, -vvv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// The config file; its folder is the root that syncs.
+    #[arg(short = 'f', long = "file", global = true, default_value = "devloop.yaml", value_name = "PATH")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Sync the folder into a running agent and keep it in sync until Ctrl+C.
+    Watch(WatchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Where the agent is: `local:DIR` (the agent as a child process serving DIR) or
+    /// `cmd:COMMAND LINE` (any command whose stdin/stdout reach `devloop-agent serve`).
+    #[arg(long, value_name = "TARGET")]
+    pub target: String,
+    /// Sync once and exit: 0 when the target equals the source, non-zero otherwise.
+    #[arg(long)]
+    pub once: bool,
+}

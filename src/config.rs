@@ -1,0 +1,285 @@
+//! `devloop.yaml`: the one config file. Parsed strictly: an unknown key or a bad value is an error
+//! that names the file, the line and the key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::Deserialize;
+
+pub const FILE_NAME: &str = "devloop.yaml";
+
+/// What forces a rebuild when nothing else is said.
+pub const DEFAULT_REBUILD: &[&str] = &["Dockerfile*", "charts/**", "devloop.yaml"];
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The service's name (a DNS label: it names Kubernetes objects later).
+    pub name: String,
+    #[serde(default)]
+    pub sync: SyncConfig,
+    /// Changes to these paths need a new image, not a sync.
+    #[serde(default = "default_rebuild")]
+    pub rebuild: Vec<String>,
+    /// Changes only to these paths sync without restarting the app.
+    #[serde(default)]
+    pub no_restart: Vec<String>,
+    /// The app's command line, as argv.
+    #[serde(default)]
+    pub run: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// gitignore-style patterns left out of sync, on top of `.gitignore` and `.dockerignore`.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+fn default_rebuild() -> Vec<String> {
+    DEFAULT_REBUILD.iter().map(|s| s.to_string()).collect()
+}
+
+/// A config error, located in its file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        write!(f, ": ")?;
+        if let Some(key) = &self.key {
+            write!(f, "`{key}`: ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: None,
+            message: format!("cannot read it: {e}"),
+            hint: Some(if e.kind() == std::io::ErrorKind::NotFound {
+                format!("run devloop in the folder that holds {FILE_NAME}, or pass -f PATH")
+            } else {
+                "check the file's permissions".into()
+            }),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line());
+            let message = e.to_string();
+            // serde_yaml_ng prefixes the key path ("sync.exclude: ..."); keep the rest as the message.
+            let (key, message) = split_key(&message);
+            let message = message.split(" at line ").next().unwrap_or(&message).to_string();
+            ConfigError { file: path.to_path_buf(), line, key, hint: hint_for(&message), message }
+        })?;
+        config.validate(path, text)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, value: &str, message: String, hint: &str| ConfigError {
+            file: path.to_path_buf(),
+            line: line_of(text, key, value),
+            key: Some(key.to_string()),
+            message,
+            hint: Some(hint.to_string()),
+        };
+        if !is_dns_label(&self.name) {
+            return Err(err(
+                "name",
+                &self.name,
+                format!("`{}` is not a valid service name", self.name),
+                "use lowercase letters, digits and `-`, at most 63 characters, starting and ending with a letter or digit",
+            ));
+        }
+        for (key, globs) in [("rebuild", &self.rebuild), ("no_restart", &self.no_restart)] {
+            for pattern in globs {
+                if let Err(e) = glob(pattern) {
+                    return Err(err(
+                        key,
+                        pattern,
+                        format!("bad glob `{pattern}`: {}", e.kind()),
+                        "globs look like `src/**/*.cs` or `Dockerfile*`",
+                    ));
+                }
+            }
+        }
+        for pattern in &self.sync.exclude {
+            let mut builder = ignore::gitignore::GitignoreBuilder::new("/");
+            if let Err(e) = builder.add_line(None, pattern) {
+                return Err(err(
+                    "sync.exclude",
+                    pattern,
+                    format!("bad pattern `{pattern}`: {e}"),
+                    "patterns follow .gitignore syntax, e.g. `bin/` or `*.log`",
+                ));
+            }
+        }
+        if self.run.iter().any(|a| a.is_empty()) {
+            return Err(err(
+                "run",
+                "",
+                "an argument of the command is empty".into(),
+                "write the command as a list: run: [dotnet, run]",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn split_key(message: &str) -> (Option<String>, String) {
+    match message.split_once(": ") {
+        Some((key, rest)) if !key.contains(' ') && !key.is_empty() => (Some(key.to_string()), rest.to_string()),
+        _ => (None, message.to_string()),
+    }
+}
+
+fn hint_for(message: &str) -> Option<String> {
+    if message.starts_with("unknown field") {
+        Some("check the spelling; the keys are listed after `expected`".into())
+    } else if message.starts_with("missing field") {
+        Some("add the key; see README.md for an example devloop.yaml".into())
+    } else if message.starts_with("invalid type") {
+        Some("lists are written `[a, b]` or as `- a` lines".into())
+    } else {
+        None
+    }
+}
+
+/// The first line mentioning both the key's last segment and the value (best effort for errors
+/// found after parsing).
+fn line_of(text: &str, key: &str, value: &str) -> Option<usize> {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    let mut in_key = false;
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with(&format!("{last}:")) {
+            in_key = true;
+            if value.is_empty() || line.contains(value) {
+                return Some(i + 1);
+            }
+        } else if in_key && (value.is_empty() || line.contains(value)) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+fn is_dns_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+fn glob(pattern: &str) -> Result<Glob, globset::Error> {
+    globset::GlobBuilder::new(pattern).literal_separator(true).build()
+}
+
+/// A compiled list of globs, matched against relative paths.
+#[derive(Clone, Debug)]
+pub struct Globs {
+    patterns: Vec<String>,
+    set: GlobSet,
+}
+
+impl Globs {
+    /// Patterns come from a validated [`Config`].
+    pub fn new(patterns: &[String]) -> Globs {
+        let mut builder = GlobSetBuilder::new();
+        for pattern in patterns {
+            builder.add(glob(pattern).expect("globs are validated when the config loads"));
+        }
+        Globs { patterns: patterns.to_vec(), set: builder.build().expect("validated globs build") }
+    }
+
+    /// The first pattern matching `path`.
+    pub fn first_match(&self, path: &str) -> Option<&str> {
+        self.set.matches(path).first().map(|&i| self.patterns[i].as_str())
+    }
+
+    pub fn is_match(&self, path: &str) -> bool {
+        self.set.is_match(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("devloop.yaml"), text)
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let config = parse("name: producer\n").unwrap();
+        assert_eq!(config.rebuild, ["Dockerfile*", "charts/**", "devloop.yaml"]);
+        assert!(config.sync.exclude.is_empty());
+    }
+
+    #[test]
+    fn full_config() {
+        let config = parse(
+            "name: web\nsync:\n  exclude: [bin/, obj/]\nrebuild: [Dockerfile.develop]\nno_restart:\n  - wwwroot/**\nrun: [dotnet, run]\n",
+        )
+        .unwrap();
+        assert_eq!(config.sync.exclude, ["bin/", "obj/"]);
+        assert_eq!(config.no_restart, ["wwwroot/**"]);
+        assert_eq!(config.run, ["dotnet", "run"]);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = parse("name: web\nsync:\n  exclud: [bin/]\n").unwrap_err();
+        assert_eq!(err.line, Some(3));
+        let text = err.to_string();
+        assert!(text.starts_with("devloop.yaml:3: "), "{text}");
+        assert!(text.contains("unknown field `exclud`"), "{text}");
+        assert!(text.contains("sync"), "{text}");
+        assert!(err.hint.is_some());
+    }
+
+    #[test]
+    fn bad_values_are_located() {
+        let err = parse("name: Web_App\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (Some(1), Some("name")));
+        let err = parse("name: web\nrebuild:\n  - ok\n  - 'src/{a'\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (Some(4), Some("rebuild")));
+        let err = parse("name: web\nrun: dotnet run\n").unwrap_err();
+        assert_eq!(err.line, Some(2));
+        assert!(err.to_string().contains("run"), "{err}");
+        let err = parse("").unwrap_err();
+        assert!(err.to_string().contains("name"), "{err}");
+    }
+
+    #[test]
+    fn globs_match_relative_paths() {
+        let globs = Globs::new(&default_rebuild());
+        assert_eq!(globs.first_match("Dockerfile.develop"), Some("Dockerfile*"));
+        assert_eq!(globs.first_match("charts/web/values.yaml"), Some("charts/**"));
+        assert_eq!(globs.first_match("src/Dockerfile"), None);
+        assert_eq!(globs.first_match("devloop.yaml"), Some("devloop.yaml"));
+    }
+}

@@ -1,0 +1,248 @@
+//! Packing a batch: the upserts of a sync as one tar stream, written into any sink chunk by chunk
+//! (the session turns chunks into data frames). Never the whole batch in memory.
+//!
+//! Each regular file's blake3 goes into its PAX header, computed from the very bytes packed, so
+//! the agent can verify what arrived and the session knows exactly what the target now holds.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::Path;
+
+use devloop_agent::manifest::{Digest, Entry};
+use devloop_agent::protocol::{Problem, PAX_BLAKE3};
+use tar::{EntryType, Header};
+
+/// Files up to this size are read once into memory; larger ones are read twice (hash, then send).
+const READ_ONCE_LIMIT: u64 = 4 << 20;
+
+/// What went into the stream.
+#[derive(Debug, Default)]
+pub struct Packed {
+    /// Paths packed with the entry as packed (the digest of the bytes sent).
+    pub sent: Vec<(String, Entry)>,
+    /// Paths that vanished or could not be read; left for the next round.
+    pub skipped: Vec<Problem>,
+    pub bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("the transport stopped taking the batch: {0}")]
+    Sink(#[source] io::Error),
+}
+
+/// Packs `upserts` (paths relative to `root`) into `sink`. `progress` is told of every byte packed.
+pub fn pack<W: Write>(
+    root: &Path,
+    upserts: &[(String, Entry)],
+    sink: W,
+    progress: &dyn Fn(u64),
+) -> Result<Packed, PackError> {
+    let mut builder = tar::Builder::new(sink);
+    builder.mode(tar::HeaderMode::Deterministic);
+    let mut packed = Packed::default();
+    for (path, entry) in upserts {
+        let result = match entry {
+            Entry::Dir => append_dir(&mut builder, path).map(|()| Some(Entry::Dir)),
+            Entry::Symlink { target } => {
+                append_symlink(&mut builder, path, target).map(|()| Some(Entry::Symlink { target: target.clone() }))
+            }
+            Entry::File { exec, .. } => append_file(&mut builder, root, path, *exec),
+        };
+        match result {
+            Ok(Some(entry)) => {
+                packed.bytes += entry.size();
+                progress(entry.size().max(1));
+                packed.sent.push((path.clone(), entry));
+            }
+            Ok(None) => {
+                packed.skipped.push(Problem { path: path.clone(), message: "vanished before it was sent".into() })
+            }
+            Err(Failure::Read(e)) => packed.skipped.push(Problem { path: path.clone(), message: e.to_string() }),
+            Err(Failure::Sink(e)) => return Err(PackError::Sink(e)),
+        }
+    }
+    builder.into_inner().map_err(PackError::Sink)?;
+    Ok(packed)
+}
+
+enum Failure {
+    /// Reading the local file failed: skip it.
+    Read(io::Error),
+    /// Writing to the sink failed: the batch is over.
+    Sink(io::Error),
+}
+
+fn header(kind: EntryType, mode: u32, size: u64) -> Header {
+    let mut header = Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(mode);
+    header.set_size(size);
+    header.set_mtime(0);
+    header
+}
+
+fn append_dir<W: Write>(builder: &mut tar::Builder<W>, path: &str) -> Result<(), Failure> {
+    let mut h = header(EntryType::Directory, 0o755, 0);
+    builder.append_data(&mut h, path, io::empty()).map_err(Failure::Sink)
+}
+
+fn append_symlink<W: Write>(builder: &mut tar::Builder<W>, path: &str, target: &str) -> Result<(), Failure> {
+    let mut h = header(EntryType::Symlink, 0o777, 0);
+    builder.append_link(&mut h, path, target).map_err(Failure::Sink)
+}
+
+fn append_file<W: Write>(
+    builder: &mut tar::Builder<W>,
+    root: &Path,
+    path: &str,
+    exec: bool,
+) -> Result<Option<Entry>, Failure> {
+    let abs = root.join(path);
+    let mut file = match File::open(&abs) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Failure::Read(e)),
+    };
+    let size = file.metadata().map_err(Failure::Read)?.len();
+    let mode = if exec { 0o755 } else { 0o644 };
+    if size <= READ_ONCE_LIMIT {
+        let mut content = Vec::with_capacity(size as usize);
+        file.read_to_end(&mut content).map_err(Failure::Read)?;
+        let digest = Digest::of(&content);
+        builder.append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())]).map_err(Failure::Sink)?;
+        let mut h = header(EntryType::Regular, mode, content.len() as u64);
+        builder.append_data(&mut h, path, content.as_slice()).map_err(Failure::Sink)?;
+        return Ok(Some(Entry::File { hash: digest, size: content.len() as u64, exec }));
+    }
+    let (digest, hashed_size) = devloop_agent::walk::hash_file(&abs).map_err(Failure::Read)?;
+    builder.append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())]).map_err(Failure::Sink)?;
+    let mut h = header(EntryType::Regular, mode, hashed_size);
+    // If the file changes between the two reads the agent's digest check refuses it, and the
+    // watcher's next hint sends it again. The stream itself stays well-formed either way.
+    let exact = ExactSize { inner: file.take(hashed_size), remaining: hashed_size };
+    builder.append_data(&mut h, path, exact).map_err(Failure::Sink)?;
+    Ok(Some(Entry::File { hash: digest, size: hashed_size, exec }))
+}
+
+/// Yields exactly `remaining` bytes: the file's, then zeros if it shrank.
+struct ExactSize<R> {
+    inner: R,
+    remaining: u64,
+}
+
+impl<R: Read> Read for ExactSize<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 {
+            return Ok(0);
+        }
+        let want = buf.len().min(self.remaining as usize);
+        let n = match self.inner.read(&mut buf[..want])? {
+            0 => {
+                buf[..want].fill(0);
+                want
+            }
+            n => n,
+        };
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}
+
+/// A `Write` that hands out fixed-size chunks to a callback (which may block).
+pub struct ChunkWriter<F: FnMut(Vec<u8>) -> io::Result<()>> {
+    buf: Vec<u8>,
+    chunk: usize,
+    emit: F,
+}
+
+impl<F: FnMut(Vec<u8>) -> io::Result<()>> ChunkWriter<F> {
+    pub fn new(chunk: usize, emit: F) -> Self {
+        ChunkWriter { buf: Vec::with_capacity(chunk), chunk, emit }
+    }
+}
+
+impl<F: FnMut(Vec<u8>) -> io::Result<()>> Write for ChunkWriter<F> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = self.chunk - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == self.chunk {
+            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk));
+            (self.emit)(full)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let rest = std::mem::take(&mut self.buf);
+            (self.emit)(rest)?;
+        }
+        Ok(())
+    }
+}
+
+impl<F: FnMut(Vec<u8>) -> io::Result<()>> Drop for ChunkWriter<F> {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn packs_files_links_and_folders_with_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("d")).unwrap();
+        fs::write(dir.path().join("d/a.txt"), "alpha").unwrap();
+        let long = format!("{}/b.txt", "x".repeat(150));
+        fs::create_dir(dir.path().join("x".repeat(150))).unwrap();
+        fs::write(dir.path().join(&long), "beta").unwrap();
+        let upserts = vec![
+            ("d".to_string(), Entry::Dir),
+            ("d/a.txt".to_string(), Entry::File { hash: Digest::of(b"stale"), size: 5, exec: true }),
+            ("gone.txt".to_string(), Entry::File { hash: Digest::of(b""), size: 0, exec: false }),
+            ("link".to_string(), Entry::Symlink { target: "d/a.txt".into() }),
+            (long.clone(), Entry::File { hash: Digest::of(b"beta"), size: 4, exec: false }),
+        ];
+        let mut out = Vec::new();
+        let packed = pack(dir.path(), &upserts, &mut out, &|_| {}).unwrap();
+        assert_eq!(packed.bytes, 9);
+        assert_eq!(packed.skipped.len(), 1);
+        // The digest sent is the digest of the bytes packed, not the stale one from the scan.
+        assert_eq!(packed.sent[1], ("d/a.txt".into(), Entry::File { hash: Digest::of(b"alpha"), size: 5, exec: true }));
+
+        let mut archive = tar::Archive::new(out.as_slice());
+        let mut seen = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let path = String::from_utf8(entry.path_bytes().to_vec()).unwrap();
+            let digest = entry
+                .pax_extensions()
+                .unwrap()
+                .map(|exts| exts.flatten().find(|e| e.key() == Ok(PAX_BLAKE3)).unwrap().value().unwrap().to_string());
+            seen.push((path, entry.header().entry_type(), digest));
+        }
+        assert_eq!(seen[0], ("d".into(), EntryType::Directory, None));
+        assert_eq!(seen[1], ("d/a.txt".into(), EntryType::Regular, Some(Digest::of(b"alpha").to_hex())));
+        assert_eq!(seen[2].1, EntryType::Symlink);
+        assert_eq!(seen[3].0, long);
+    }
+
+    #[test]
+    fn chunk_writer_emits_fixed_chunks_then_the_rest() {
+        let mut chunks = Vec::new();
+        {
+            let mut w = ChunkWriter::new(4, |c| {
+                chunks.push(c);
+                Ok(())
+            });
+            w.write_all(b"0123456789").unwrap();
+        }
+        assert_eq!(chunks, [b"0123".to_vec(), b"4567".to_vec(), b"89".to_vec()]);
+    }
+}

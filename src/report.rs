@@ -1,0 +1,212 @@
+//! What the user sees. With `--json`, one JSON object a line on stdout (pipeable); otherwise
+//! styled lines on stderr. Both come from the same [`Event`]s.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use console::style;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Scanned {
+        entries: u64,
+        hashed_files: u64,
+        millis: u64,
+    },
+    Connected {
+        target: String,
+        agent: String,
+        entries: u64,
+    },
+    SyncStarted {
+        round: u64,
+        files: u64,
+        deletes: u64,
+        bytes: u64,
+        restart: bool,
+    },
+    Applied {
+        round: u64,
+        files: u64,
+        deleted: u64,
+        bytes: u64,
+        refused: u64,
+        millis: f64,
+    },
+    UpToDate {
+        round: u64,
+    },
+    Problem {
+        path: String,
+        message: String,
+    },
+    Watching {
+        root: String,
+        mode: String,
+    },
+    RebuildNeeded {
+        path: String,
+        pattern: String,
+    },
+    Disconnected {
+        reason: String,
+    },
+    Reconnecting {
+        attempt: u32,
+        delay_ms: u64,
+    },
+    Warning {
+        message: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hint: Option<String>,
+    },
+    Error {
+        message: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hint: Option<String>,
+    },
+}
+
+#[derive(Clone)]
+pub struct Reporter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    json: bool,
+    verbose: bool,
+    stdout: Mutex<std::io::Stdout>,
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+/// Initial syncs at least this big get a progress bar.
+const BAR_MIN_BYTES: u64 = 8 << 20;
+const BAR_MIN_FILES: u64 = 2000;
+
+impl Reporter {
+    pub fn new(json: bool, verbose: bool) -> Reporter {
+        if std::env::var_os("NO_COLOR").is_some() {
+            console::set_colors_enabled(false);
+            console::set_colors_enabled_stderr(false);
+        }
+        Reporter {
+            inner: Arc::new(Inner { json, verbose, stdout: Mutex::new(std::io::stdout()), bar: Mutex::new(None) }),
+        }
+    }
+
+    pub fn emit(&self, event: Event) {
+        if self.inner.json {
+            let mut line = serde_json::to_vec(&event).expect("events serialize");
+            line.push(b'\n');
+            let mut out = self.inner.stdout.lock().expect("stdout lock");
+            let _ = out.write_all(&line);
+            let _ = out.flush();
+            return;
+        }
+        if let Some(text) = self.human(&event) {
+            match self.inner.bar.lock().expect("bar lock").as_ref() {
+                Some(bar) => bar.println(text),
+                None => eprintln!("{text}"),
+            }
+        }
+    }
+
+    fn human(&self, event: &Event) -> Option<String> {
+        let tag = style("devloop").bold();
+        Some(match event {
+            Event::Scanned { entries, hashed_files, millis } => {
+                if !self.inner.verbose {
+                    return None;
+                }
+                format!("{tag} scanned {entries} paths ({hashed_files} hashed) in {millis} ms")
+            }
+            Event::Connected { target, agent, entries } => {
+                format!("{tag} connected to {} (agent {agent}, {entries} paths there)", style(target).cyan())
+            }
+            Event::SyncStarted { files, deletes, bytes, .. } => {
+                if !self.inner.verbose && files + deletes < 20 {
+                    return None;
+                }
+                format!("{tag} syncing {files} files, {deletes} deletions, {}", human_bytes(*bytes))
+            }
+            Event::Applied { files, deleted, bytes, refused, millis, .. } => {
+                let mut s = format!(
+                    "{tag} {} {files} files, {deleted} deleted, {} in {millis:.1} ms",
+                    style("synced").green(),
+                    human_bytes(*bytes)
+                );
+                if *refused > 0 {
+                    s.push_str(&format!(", {} refused", style(refused).red()));
+                }
+                s
+            }
+            Event::UpToDate { .. } => format!("{tag} {}", style("up to date").green()),
+            Event::Problem { path, message } => format!("{tag} {} {path}: {message}", style("problem").yellow()),
+            Event::Watching { root, mode } => format!("{tag} watching {root} ({mode}); Ctrl+C to stop"),
+            Event::RebuildNeeded { path, pattern } => format!(
+                "{tag} {} `{path}` changed (matches rebuild rule `{pattern}`): the dev image must be rebuilt\nhint: rebuild and redeploy the image, then run devloop again; or remove the rule from `rebuild:` in devloop.yaml",
+                style("rebuild needed:").red().bold()
+            ),
+            Event::Disconnected { reason } => format!("{tag} {} {reason}", style("disconnected:").yellow()),
+            Event::Reconnecting { attempt, delay_ms } => {
+                format!("{tag} reconnecting in {delay_ms} ms (attempt {attempt})")
+            }
+            Event::Warning { message, hint } => with_hint(format!("{tag} {} {message}", style("warning:").yellow()), hint),
+            Event::Error { message, hint } => with_hint(format!("{} {message}", style("error:").red().bold()), hint),
+        })
+    }
+
+    /// A progress bar for a large initial sync, or a no-op. Call [`Reporter::finish_progress`] after.
+    pub fn progress(&self, files: u64, bytes: u64) -> Progress {
+        if self.inner.json || (bytes < BAR_MIN_BYTES && files < BAR_MIN_FILES) || !console::Term::stderr().is_term() {
+            return Progress(None);
+        }
+        let bar = ProgressBar::new(bytes.max(1));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} syncing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        *self.inner.bar.lock().expect("bar lock") = Some(bar.clone());
+        Progress(Some(bar))
+    }
+
+    pub fn finish_progress(&self) {
+        if let Some(bar) = self.inner.bar.lock().expect("bar lock").take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// A handle to bump the progress bar from the packing thread.
+#[derive(Clone)]
+pub struct Progress(Option<ProgressBar>);
+
+impl Progress {
+    pub fn inc(&self, bytes: u64) {
+        if let Some(bar) = &self.0 {
+            bar.inc(bytes);
+        }
+    }
+}
+
+fn with_hint(mut text: String, hint: &Option<String>) -> String {
+    if let Some(hint) = hint {
+        text.push_str(&format!("\n{} {hint}", style("hint:").cyan()));
+    }
+    text
+}
+
+fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}

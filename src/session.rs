@@ -1,0 +1,534 @@
+//! The session: the one place that holds mutable sync state.
+//!
+//! ```text
+//! connect ─► handshake ─► agent manifest = baseline ─► diff(baseline, local) ─► batch ─► Applied
+//!    ▲                                                                                  │
+//!    └── reconnect with backoff ◄── stream broke        watch hints ─► rescan ─► classify ─► diff ─► batch
+//! ```
+//!
+//! Architecture invariant: the baseline (what the target holds) advances only from an `Applied`
+//! acknowledgement, by what the batch carried minus what the agent refused.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devloop_agent::filter::{Filter, FilterError};
+use devloop_agent::manifest::{Entry, Manifest};
+use devloop_agent::protocol::{
+    self, Applied, Chmod, FrameReader, FrameWriter, FromAgent, ProtocolError, ToAgent, DATA_CHUNK,
+};
+use devloop_agent::walk::Tree;
+use tokio::io::BufWriter;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info_span, Instrument};
+
+use crate::classify::{classify, classify_resync, Plan, Rules};
+use crate::diff::{diff, diff_paths, Change};
+use crate::pack::{self, ChunkWriter, PackError};
+use crate::report::{Event, Reporter};
+use crate::scan;
+use crate::transport::{Transport, TransportError, Writer};
+use crate::watch::{WatchError, Watcher, Window};
+
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub root: PathBuf,
+    pub excludes: Vec<String>,
+    pub rules: Rules,
+    pub window: Window,
+    /// Longest wait for the agent's handshake and manifest.
+    pub connect_timeout: Duration,
+}
+
+/// How a session ended without error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `--once`: the target equals the source.
+    Synced,
+    /// Shut down on request.
+    Stopped,
+    /// A rebuild trigger changed; this loop cannot go on with a stale image.
+    RebuildNeeded { path: String, pattern: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("talking to the agent: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the agent stopped: {0}")]
+    Agent(String),
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error(transparent)]
+    Pack(#[from] PackError),
+}
+
+impl SessionError {
+    /// Worth a reconnect: the stream broke, the agent went away or stalled.
+    pub fn is_recoverable(&self) -> bool {
+        match self {
+            SessionError::Protocol(e) => e.is_disconnect(),
+            SessionError::Pack(_) | SessionError::Timeout(_) => true,
+            SessionError::Agent(_) | SessionError::Transport(_) | SessionError::Watch(_) | SessionError::Filter(_) => {
+                false
+            }
+        }
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            SessionError::Protocol(ProtocolError::VersionMismatch { .. }) => Some(
+                "the agent and this devloop come from different versions: rebuild the dev image (or put the matching devloop-agent on the target)".into(),
+            ),
+            SessionError::Protocol(ProtocolError::NoPeer { .. } | ProtocolError::NoHandshake { .. }) => Some(
+                "the target did not start `devloop-agent serve`: check that the agent is installed there and the command is right".into(),
+            ),
+            SessionError::Transport(e) => e.hint(),
+            _ => None,
+        }
+    }
+}
+
+/// An open session with the agent.
+struct Live {
+    out: FrameWriter<BufWriter<Writer>>,
+    rx: mpsc::UnboundedReceiver<Result<FromAgent, ProtocolError>>,
+    reader: JoinHandle<()>,
+    child: Option<tokio::process::Child>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+pub struct Session<T: Transport> {
+    config: SessionConfig,
+    transport: T,
+    reporter: Reporter,
+    filter: Arc<Filter>,
+    /// The local tree as last scanned.
+    local: Tree,
+    /// What the target holds, as acknowledged.
+    baseline: Manifest,
+    /// Paths to diff again next round (vanished or unreadable while packing).
+    pending: BTreeSet<String>,
+    /// Paths the agent refused, with the local entry it refused: not resent until it changes.
+    refused: HashMap<String, Entry>,
+    live: Option<Live>,
+    round: u64,
+}
+
+impl<T: Transport> Session<T> {
+    pub fn new(config: SessionConfig, transport: T, reporter: Reporter) -> Result<Session<T>, SessionError> {
+        let filter = Arc::new(Filter::new(&config.root, &config.excludes)?);
+        Ok(Session {
+            config,
+            transport,
+            reporter,
+            filter,
+            local: Tree::new(),
+            baseline: Manifest::new(),
+            pending: BTreeSet::new(),
+            refused: HashMap::new(),
+            live: None,
+            round: 0,
+        })
+    }
+
+    /// Scans, connects and brings the target up to date; then (unless `once`) follows the local
+    /// tree until `shutdown` turns true.
+    pub async fn run(mut self, once: bool, mut shutdown: watch::Receiver<bool>) -> Result<Outcome, SessionError> {
+        self.scan_all().await;
+        let mut watcher = if once {
+            None
+        } else {
+            let watcher = Watcher::start(&self.config.root, &self.local, self.reporter.clone())?;
+            // Catch what changed between the first scan and the watches (stat-cached, cheap).
+            self.scan_all().await;
+            Some(watcher)
+        };
+        let connected = tokio::select! {
+            result = self.connect_and_resync() => result,
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
+        };
+        connected?;
+        let Some(watcher) = watcher.as_mut() else {
+            self.close().await;
+            return Ok(Outcome::Synced);
+        };
+        self.reporter
+            .emit(Event::Watching { root: self.config.root.display().to_string(), mode: watcher.mode().into() });
+        let outcome = self.follow(watcher, &mut shutdown).await;
+        self.close().await;
+        outcome
+    }
+
+    async fn follow(
+        &mut self,
+        watcher: &mut Watcher,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Outcome, SessionError> {
+        loop {
+            let live = self.live.as_mut().expect("connected");
+            let step = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
+                hints = watcher.next(self.config.window) => match hints {
+                    Some(hints) => self.round(watcher, hints).await,
+                    None => return Ok(Outcome::Stopped),
+                },
+                message = live.rx.recv() => self.unsolicited(message),
+            };
+            match step {
+                Ok(None) => {}
+                Ok(Some(outcome)) => return Ok(outcome),
+                Err(err) if err.is_recoverable() => {
+                    self.reporter.emit(Event::Disconnected { reason: err.to_string() });
+                    tokio::select! {
+                        result = self.reconnect() => result?,
+                        _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    fn unsolicited(
+        &mut self,
+        message: Option<Result<FromAgent, ProtocolError>>,
+    ) -> Result<Option<Outcome>, SessionError> {
+        match message {
+            None => Err(ProtocolError::Truncated.into()),
+            Some(Err(e)) => Err(e.into()),
+            Some(Ok(FromAgent::Fatal { message })) => Err(SessionError::Agent(message)),
+            Some(Ok(other)) => {
+                debug!(?other, "unexpected message between batches");
+                Ok(None)
+            }
+        }
+    }
+
+    /// One watch round: rescan what the hints point at, classify, sync.
+    async fn round(
+        &mut self,
+        watcher: &mut Watcher,
+        hints: crate::watch::Hints,
+    ) -> Result<Option<Outcome>, SessionError> {
+        let rules_changed = hints.paths.iter().any(|p| Filter::is_rule_file(p));
+        let changed: Vec<String> = if hints.rescan || rules_changed {
+            if rules_changed {
+                self.filter.reload();
+                let filter = Arc::clone(&self.filter);
+                // Newly ignored paths are left alone in the target, not deleted.
+                self.baseline.retain(|path, entry| !filter.is_excluded(path, entry.is_dir()));
+            }
+            let before = std::mem::take(&mut self.local);
+            self.scan_all_from(before.clone()).await;
+            watcher.reset(&self.local)?;
+            diff(&before, &self.local)
+                .iter()
+                .map(|c| c.path().to_owned())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        } else {
+            let tree = std::mem::take(&mut self.local);
+            let (tree, outcome) =
+                scan::targeted(Arc::clone(&self.filter), tree, hints.paths.into_iter().collect()).await;
+            self.local = tree;
+            self.report_problems(&outcome.problems);
+            watcher.update(&self.local, &outcome.changed)?;
+            outcome.changed
+        };
+        let plan = classify(changed.iter().map(String::as_str), &self.config.rules);
+        let restart = match plan {
+            Plan::Rebuild { path, pattern } => {
+                self.reporter.emit(Event::RebuildNeeded { path: path.clone(), pattern: pattern.clone() });
+                return Ok(Some(Outcome::RebuildNeeded { path, pattern }));
+            }
+            Plan::Nothing if self.pending.is_empty() => return Ok(None),
+            Plan::Nothing => false,
+            Plan::Sync { restart } => restart,
+        };
+        let mut paths: BTreeSet<String> = std::mem::take(&mut self.pending);
+        paths.extend(changed);
+        let changes = diff_paths(&self.baseline, &self.local, paths.iter().map(String::as_str));
+        self.sync(changes, restart).await?;
+        Ok(None)
+    }
+
+    async fn scan_all(&mut self) {
+        let previous = std::mem::take(&mut self.local);
+        self.scan_all_from(previous).await;
+    }
+
+    async fn scan_all_from(&mut self, previous: Tree) {
+        let full = scan::full(Arc::clone(&self.filter), previous).await;
+        self.reporter.emit(Event::Scanned {
+            entries: full.stats.entries,
+            hashed_files: full.stats.hashed_files,
+            millis: full.took.as_millis() as u64,
+        });
+        self.report_problems(&full.problems);
+        self.local = full.tree;
+    }
+
+    fn report_problems(&self, problems: &[protocol::Problem]) {
+        for p in problems {
+            self.reporter.emit(Event::Problem { path: p.path.clone(), message: p.message.clone() });
+        }
+    }
+
+    async fn reconnect(&mut self) -> Result<(), SessionError> {
+        self.live = None;
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1u32.. {
+            self.reporter.emit(Event::Reconnecting { attempt, delay_ms: delay.as_millis() as u64 });
+            tokio::time::sleep(delay).await;
+            match self.connect_and_resync().await {
+                Ok(()) => return Ok(()),
+                Err(err) if err.is_recoverable() || matches!(err, SessionError::Transport(_)) => {
+                    self.reporter.emit(Event::Disconnected { reason: err.to_string() });
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        unreachable!("the reconnect loop only ends by returning")
+    }
+
+    /// Connects, takes the agent's manifest as the baseline, and sends what differs.
+    async fn connect_and_resync(&mut self) -> Result<(), SessionError> {
+        self.live = None;
+        let timeout = self.config.connect_timeout;
+        let (live, manifest, agent) =
+            tokio::time::timeout(timeout, self.connect()).await.map_err(|_| SessionError::Timeout(timeout))??;
+        self.live = Some(live);
+        let filter = Arc::clone(&self.filter);
+        self.baseline =
+            manifest.into_iter().filter(|(path, entry)| !filter.is_excluded(path, entry.is_dir())).collect();
+        self.reporter.emit(Event::Connected {
+            target: self.transport.describe(),
+            agent,
+            entries: self.baseline.len() as u64,
+        });
+        self.pending.clear();
+        self.refused.clear();
+        let changes = diff(&self.baseline, &self.local);
+        let restart = match classify_resync(changes.iter().map(Change::path), &self.config.rules) {
+            Plan::Sync { restart } => restart,
+            _ => false,
+        };
+        if changes.is_empty() {
+            self.round += 1;
+            self.reporter.emit(Event::UpToDate { round: self.round });
+            return Ok(());
+        }
+        self.sync(changes, restart).await
+    }
+
+    async fn connect(&self) -> Result<(Live, Manifest, String), SessionError> {
+        let connection = self.transport.connect().await?;
+        let mut reader = connection.reader;
+        let mut writer = BufWriter::with_capacity(DATA_CHUNK + 1024, connection.writer);
+        protocol::handshake(&mut reader, &mut writer).await?;
+        let mut frames = FrameReader::new(reader);
+        let mut out = FrameWriter::new(writer);
+        let hello = ToAgent::Hello {
+            client: format!("devloop {}", env!("CARGO_PKG_VERSION")),
+            excludes: self.config.excludes.clone(),
+        };
+        out.message(&hello).await?;
+        out.flush().await?;
+        let mut manifest = Manifest::new();
+        let mut agent = String::new();
+        loop {
+            match frames.message::<FromAgent>().await? {
+                FromAgent::Welcome { agent: version, .. } => agent = version,
+                FromAgent::Manifest { records } => manifest.extend(records.into_iter().map(|r| (r.path, r.entry))),
+                FromAgent::ManifestEnd { problems, .. } => {
+                    for p in problems {
+                        self.reporter.emit(Event::Problem { path: format!("(target) {}", p.path), message: p.message });
+                    }
+                    break;
+                }
+                FromAgent::Fatal { message } => return Err(SessionError::Agent(message)),
+                FromAgent::Applied(_) => {
+                    return Err(ProtocolError::Unexpected { expected: "the manifest", got: "applied".into() }.into())
+                }
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            loop {
+                let message = match frames.next().await {
+                    Ok(Some(frame)) => frame.decode::<FromAgent>(),
+                    Ok(None) => Err(ProtocolError::Truncated),
+                    Err(e) => Err(e),
+                };
+                let stop = message.is_err();
+                if tx.send(message).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok((Live { out, rx, reader, child: connection.child }, manifest, agent))
+    }
+
+    /// Sends one batch for `changes` and folds the acknowledged part into the baseline.
+    async fn sync(&mut self, changes: Vec<Change>, restart: bool) -> Result<(), SessionError> {
+        let mut deletes = Vec::new();
+        let mut chmods = Vec::new();
+        let mut upserts = Vec::new();
+        for change in changes {
+            match change {
+                Change::Delete { path } => deletes.push(path),
+                Change::Chmod { path, exec } => chmods.push(Chmod { path, exec }),
+                Change::Upsert { path, entry } => {
+                    if self.refused.get(&path) != Some(&entry) {
+                        upserts.push((path, entry));
+                    }
+                }
+            }
+        }
+        if deletes.is_empty() && chmods.is_empty() && upserts.is_empty() {
+            return Ok(());
+        }
+        self.round += 1;
+        let round = self.round;
+        let started = Instant::now();
+        let bytes: u64 = upserts.iter().map(|(_, e)| e.size()).sum();
+        self.reporter.emit(Event::SyncStarted {
+            round,
+            files: upserts.len() as u64,
+            deletes: deletes.len() as u64,
+            bytes,
+            restart,
+        });
+        let progress = self.reporter.progress(upserts.len() as u64, bytes);
+        let result = self
+            .send_batch(round, deletes.clone(), chmods.clone(), upserts, restart, progress)
+            .instrument(info_span!("sync", round))
+            .await;
+        self.reporter.finish_progress();
+        let (applied, packed) = result?;
+
+        let refused: HashMap<&str, &protocol::Problem> = applied.refused.iter().map(|p| (p.path.as_str(), p)).collect();
+        for path in &deletes {
+            if !refused.contains_key(path.as_str()) {
+                self.baseline.remove(path);
+            }
+        }
+        for chmod in &chmods {
+            if refused.contains_key(chmod.path.as_str()) {
+                continue;
+            }
+            if let Some(Entry::File { exec, .. }) = self.baseline.get_mut(&chmod.path) {
+                *exec = chmod.exec;
+            }
+        }
+        for (path, entry) in packed.sent {
+            if refused.contains_key(path.as_str()) {
+                self.refused.insert(path, entry);
+            } else {
+                self.refused.remove(&path);
+                self.baseline.insert(path, entry);
+            }
+        }
+        for problem in packed.skipped {
+            self.pending.insert(problem.path.clone());
+            self.reporter.emit(Event::Problem { path: problem.path, message: problem.message });
+        }
+        for problem in &applied.refused {
+            self.reporter.emit(Event::Problem {
+                path: problem.path.clone(),
+                message: format!("refused by the agent: {}", problem.message),
+            });
+        }
+        self.reporter.emit(Event::Applied {
+            round,
+            files: applied.written,
+            deleted: applied.deleted,
+            bytes: applied.bytes,
+            refused: applied.refused.len() as u64,
+            millis: (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+        });
+        Ok(())
+    }
+
+    async fn send_batch(
+        &mut self,
+        id: u64,
+        deletes: Vec<String>,
+        chmods: Vec<Chmod>,
+        upserts: Vec<(String, Entry)>,
+        restart: bool,
+        progress: crate::report::Progress,
+    ) -> Result<(Applied, pack::Packed), SessionError> {
+        let live = self.live.as_mut().expect("connected");
+        live.out.message(&ToAgent::Batch { id, deletes, chmods, restart }).await?;
+
+        // Pack on a blocking thread; chunks flow through a small channel into data frames.
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+        let root = self.config.root.clone();
+        let packer = tokio::task::spawn_blocking(move || {
+            let sink = ChunkWriter::new(DATA_CHUNK, |chunk| {
+                tx.blocking_send(chunk).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "session gone"))
+            });
+            pack::pack(&root, &upserts, sink, &|n| progress.inc(n))
+        });
+        let mut send_error = None;
+        while let Some(chunk) = rx.recv().await {
+            if let Err(e) = live.out.data(&chunk).await {
+                send_error = Some(e);
+                break;
+            }
+        }
+        drop(rx);
+        let packed = packer.await.expect("pack task panicked");
+        if let Some(e) = send_error {
+            return Err(e.into());
+        }
+        let packed = packed?;
+        live.out.data_end().await?;
+        live.out.flush().await?;
+
+        loop {
+            match live.rx.recv().await {
+                Some(Ok(FromAgent::Applied(applied))) if applied.id == id => return Ok((applied, packed)),
+                Some(Ok(FromAgent::Fatal { message })) => return Err(SessionError::Agent(message)),
+                Some(Ok(other)) => debug!(?other, "message while waiting for the batch's acknowledgement"),
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(ProtocolError::Truncated.into()),
+            }
+        }
+    }
+
+    /// Says goodbye and lets the transport wind down.
+    async fn close(&mut self) {
+        let Some(mut live) = self.live.take() else { return };
+        let _ = live.out.message(&ToAgent::Bye).await;
+        let _ = live.out.flush().await;
+        if let Some(mut child) = live.child.take() {
+            if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
+        }
+    }
+
+    /// The baseline (for tests and benchmarks).
+    pub fn baseline(&self) -> &Manifest {
+        &self.baseline
+    }
+}

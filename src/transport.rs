@@ -1,0 +1,105 @@
+//! A byte stream to an agent. The session sees only `AsyncRead + AsyncWrite`; what is at the other
+//! end (a child process, a command such as `podman exec -i`, later a Kubernetes exec) is this
+//! module's business alone.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::process::{Child, Command};
+
+pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
+pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// One open stream to an agent. Dropping it ends the session (and kills a child process).
+pub struct Connection {
+    pub reader: Reader,
+    pub writer: Writer,
+    pub child: Option<Child>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot start `{program}`: {source}")]
+    Spawn { program: String, source: std::io::Error },
+}
+
+impl TransportError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            TransportError::Spawn { program, source } if source.kind() == std::io::ErrorKind::NotFound => {
+                Some(format!(
+                "`{program}` is not on PATH; install it, or set DEVLOOP_AGENT to the agent binary for local targets"
+            ))
+            }
+            _ => None,
+        }
+    }
+}
+
+pub type ConnectFuture<'a> = Pin<Box<dyn Future<Output = Result<Connection, TransportError>> + Send + 'a>>;
+
+pub trait Transport: Send + Sync {
+    /// Opens a new stream to an agent that is about to speak the protocol.
+    fn connect(&self) -> ConnectFuture<'_>;
+    /// For messages: where the stream goes.
+    fn describe(&self) -> String;
+}
+
+/// Any command whose stdin/stdout reach `devloop-agent serve`.
+#[derive(Clone, Debug)]
+pub struct CommandTransport {
+    argv: Vec<String>,
+    label: String,
+}
+
+impl CommandTransport {
+    pub fn new(argv: Vec<String>) -> CommandTransport {
+        let label = shell_words::join(&argv);
+        CommandTransport { argv, label }
+    }
+
+    /// The agent as a child process serving a local folder.
+    pub fn local(agent: &Path, root: &Path) -> CommandTransport {
+        let argv = vec![agent.display().to_string(), "serve".into(), "--root".into(), root.display().to_string()];
+        CommandTransport { argv, label: format!("local:{}", root.display()) }
+    }
+}
+
+impl Transport for CommandTransport {
+    fn connect(&self) -> ConnectFuture<'_> {
+        Box::pin(async move {
+            let mut child = Command::new(&self.argv[0])
+                .args(&self.argv[1..])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|source| TransportError::Spawn { program: self.argv[0].clone(), source })?;
+            let writer = child.stdin.take().expect("piped stdin");
+            let reader = child.stdout.take().expect("piped stdout");
+            Ok(Connection { reader: Box::new(reader), writer: Box::new(writer), child: Some(child) })
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.label.clone()
+    }
+}
+
+/// Where the agent binary for local targets is: `$DEVLOOP_AGENT`, next to this executable, or PATH.
+pub fn find_agent() -> PathBuf {
+    if let Some(path) = std::env::var_os("DEVLOOP_AGENT") {
+        return PathBuf::from(path);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let sibling = exe.with_file_name("devloop-agent");
+        if sibling.is_file() {
+            return sibling;
+        }
+    }
+    PathBuf::from("devloop-agent")
+}

@@ -1,0 +1,276 @@
+//! File-system events as hints. A hint only says "look here"; the rescan and the diff decide what
+//! changed. Events are coalesced adaptively: the first one opens a window that closes after
+//! [`Window::quiet`] without events, or at [`Window::cap`] while events keep coming.
+//!
+//! inotify watches are set per synced folder (ignored folders such as `node_modules/` cost none).
+//! When the kernel's watch limit is reached the watcher says which sysctl to raise and falls back
+//! to polling. A queue overflow turns into a full rescan.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use devloop_agent::walk::Tree;
+use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::{ErrorKind, RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+
+use crate::report::{Event, Reporter};
+
+/// The coalescing window.
+#[derive(Clone, Copy, Debug)]
+pub struct Window {
+    pub quiet: Duration,
+    pub cap: Duration,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window { quiet: Duration::from_millis(5), cap: Duration::from_millis(100) }
+    }
+}
+
+/// What one window of events points at.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// Relative paths, sorted.
+    pub paths: BTreeSet<String>,
+    /// The event stream lost track (overflow, poll error): rescan everything.
+    pub rescan: bool,
+}
+
+enum Raw {
+    Paths(Vec<PathBuf>),
+    Rescan,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot watch {path}: {source}")]
+    Start { path: PathBuf, source: notify::Error },
+}
+
+pub struct Watcher {
+    root: PathBuf,
+    backend: Backend,
+    rx: mpsc::UnboundedReceiver<Raw>,
+    tx: mpsc::UnboundedSender<Raw>,
+    reporter: Reporter,
+}
+
+enum Backend {
+    /// One non-recursive inotify watch per synced folder.
+    Native {
+        watcher: notify::RecommendedWatcher,
+        folders: HashSet<String>,
+    },
+    Poll {
+        _watcher: notify::PollWatcher,
+    },
+}
+
+impl Watcher {
+    /// Starts watching every folder of `tree` (and the root).
+    pub fn start(root: &Path, tree: &Tree, reporter: Reporter) -> Result<Watcher, WatchError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handler = handler(tx.clone());
+        let watcher =
+            notify::recommended_watcher(handler).map_err(|source| WatchError::Start { path: root.into(), source })?;
+        let mut me = Watcher {
+            root: root.to_path_buf(),
+            backend: Backend::Native { watcher, folders: HashSet::new() },
+            rx,
+            tx,
+            reporter,
+        };
+        me.add_folder("")?;
+        let folders: Vec<&String> = tree.iter().filter(|(_, s)| s.entry.is_dir()).map(|(p, _)| p).collect();
+        for folder in folders {
+            me.add_folder(folder)?;
+        }
+        Ok(me)
+    }
+
+    pub fn mode(&self) -> &'static str {
+        match self.backend {
+            Backend::Native { .. } => "inotify",
+            Backend::Poll { .. } => "polling",
+        }
+    }
+
+    /// Keeps the watch set equal to the tree's folders after a rescan that changed `changed`.
+    pub fn update(&mut self, tree: &Tree, changed: &[String]) -> Result<(), WatchError> {
+        for path in changed {
+            let is_dir = tree.get(path).is_some_and(|s| s.entry.is_dir());
+            let Backend::Native { watcher, folders } = &mut self.backend else { return Ok(()) };
+            if is_dir {
+                if !folders.contains(path) {
+                    self.add_folder(path)?;
+                }
+            } else if folders.remove(path) {
+                let _ = watcher.unwatch(&self.root.join(path));
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads the watch set from a whole tree (after a full rescan).
+    pub fn reset(&mut self, tree: &Tree) -> Result<(), WatchError> {
+        let Backend::Native { folders, .. } = &self.backend else { return Ok(()) };
+        let wanted: HashSet<&str> = tree.iter().filter(|(_, s)| s.entry.is_dir()).map(|(p, _)| p.as_str()).collect();
+        let stale: Vec<String> =
+            folders.iter().filter(|f| !f.is_empty() && !wanted.contains(f.as_str())).cloned().collect();
+        let missing: Vec<String> = wanted.iter().filter(|f| !folders.contains(**f)).map(|f| f.to_string()).collect();
+        if let Backend::Native { watcher, folders } = &mut self.backend {
+            for folder in stale {
+                folders.remove(&folder);
+                let _ = watcher.unwatch(&self.root.join(&folder));
+            }
+        }
+        for folder in missing {
+            self.add_folder(&folder)?;
+        }
+        Ok(())
+    }
+
+    fn add_folder(&mut self, rel: &str) -> Result<(), WatchError> {
+        let Backend::Native { watcher, folders } = &mut self.backend else { return Ok(()) };
+        let path = if rel.is_empty() { self.root.clone() } else { self.root.join(rel) };
+        match watcher.watch(&path, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                folders.insert(rel.to_owned());
+                Ok(())
+            }
+            Err(e) if matches!(e.kind, ErrorKind::MaxFilesWatch) => self.fall_back_to_polling(),
+            // Gone already: the rescan its own event triggers will see that.
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(source) => Err(WatchError::Start { path, source }),
+        }
+    }
+
+    fn fall_back_to_polling(&mut self) -> Result<(), WatchError> {
+        self.reporter.emit(Event::Warning {
+            message: "the inotify watch limit is reached; falling back to polling every 500 ms (slower, more CPU)"
+                .into(),
+            hint: Some(
+                "raise it: sudo sysctl fs.inotify.max_user_watches=524288 (persist it in /etc/sysctl.d/)".into(),
+            ),
+        });
+        let config = notify::Config::default().with_poll_interval(Duration::from_millis(500));
+        let mut poll = notify::PollWatcher::new(handler(self.tx.clone()), config)
+            .map_err(|source| WatchError::Start { path: self.root.clone(), source })?;
+        poll.watch(&self.root, RecursiveMode::Recursive)
+            .map_err(|source| WatchError::Start { path: self.root.clone(), source })?;
+        self.backend = Backend::Poll { _watcher: poll };
+        // Events may have been missed while switching.
+        let _ = self.tx.send(Raw::Rescan);
+        Ok(())
+    }
+
+    /// Waits for the next window of hints. `None` when the watcher is gone.
+    pub async fn next(&mut self, window: Window) -> Option<Hints> {
+        let mut hints = Hints::default();
+        let first = self.rx.recv().await?;
+        self.absorb(first, &mut hints);
+        let opened = Instant::now();
+        loop {
+            let left = window.cap.saturating_sub(opened.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(window.quiet.min(left), self.rx.recv()).await {
+                Ok(Some(raw)) => self.absorb(raw, &mut hints),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Some(hints)
+    }
+
+    /// Hints that are already queued, without waiting (used right after a sync round).
+    pub fn pending(&mut self) -> bool {
+        !self.rx.is_empty()
+    }
+
+    fn absorb(&self, raw: Raw, hints: &mut Hints) {
+        match raw {
+            Raw::Rescan => hints.rescan = true,
+            Raw::Paths(paths) => {
+                for path in paths {
+                    if let Some(rel) = relative(&self.root, &path) {
+                        hints.paths.insert(rel);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn handler(tx: mpsc::UnboundedSender<Raw>) -> impl Fn(notify::Result<notify::Event>) + Send + 'static {
+    move |result| {
+        let raw = match result {
+            Ok(event) if event.need_rescan() => Raw::Rescan,
+            Ok(event) => match event.kind {
+                // Reads and opens change nothing.
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => Raw::Paths(event.paths),
+                EventKind::Access(_) => return,
+                _ => Raw::Paths(event.paths),
+            },
+            // An error inside the watcher: trust nothing, rescan.
+            Err(_) => Raw::Rescan,
+        };
+        let _ = tx.send(raw);
+    }
+}
+
+/// The path relative to the root, or `None` for paths devloop never syncs (`.git/`, `.devloop/`).
+fn relative(root: &Path, path: &Path) -> Option<String> {
+    let rel = path.strip_prefix(root).ok()?.to_str()?;
+    let first = rel.split('/').next().unwrap_or("");
+    if first == ".git" || first == devloop_agent::RESERVED_DIR || rel.contains("/.git/") || rel.ends_with("/.git") {
+        return None;
+    }
+    Some(rel.to_owned())
+}
+
+fn is_not_found(e: &notify::Error) -> bool {
+    match &e.kind {
+        ErrorKind::PathNotFound => true,
+        ErrorKind::Io(io) => io.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_skip_git_and_reserved() {
+        let root = Path::new("/src");
+        assert_eq!(relative(root, Path::new("/src/a/b.rs")).as_deref(), Some("a/b.rs"));
+        assert_eq!(relative(root, Path::new("/src")).as_deref(), Some(""));
+        assert_eq!(relative(root, Path::new("/src/.git/index.lock")), None);
+        assert_eq!(relative(root, Path::new("/src/sub/.git/HEAD")), None);
+        assert_eq!(relative(root, Path::new("/src/.devloop/x")), None);
+        assert_eq!(relative(root, Path::new("/elsewhere/x")), None);
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_writes_is_one_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        let mut tree = Tree::new();
+        tree.insert(
+            "sub".into(),
+            devloop_agent::walk::Scanned { entry: devloop_agent::manifest::Entry::Dir, stat: None },
+        );
+        let mut watcher = Watcher::start(&root, &tree, Reporter::new(true, false)).unwrap();
+        for i in 0..30 {
+            std::fs::write(root.join(format!("sub/f{i}")), "x").unwrap();
+        }
+        let hints = watcher.next(Window::default()).await.unwrap();
+        assert_eq!(hints.paths.len(), 30, "{hints:?}");
+        assert!(hints.paths.contains("sub/f29"));
+    }
+}
