@@ -54,7 +54,8 @@ async fn run(cli: Cli, reporter: Reporter) -> Result<ExitCode, (String, Option<S
 fn init_tracing(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
-        0 | 1 => "warn",
+        // notify logs a warning for every watched folder that is deleted; that is routine here.
+        0 | 1 => "warn,notify=error",
         2 => "devloop=debug,devloop_agent=debug",
         _ => "trace",
     };

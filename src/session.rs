@@ -248,8 +248,21 @@ impl<T: Transport> Session<T> {
                 scan::targeted(Arc::clone(&self.filter), tree, hints.paths.into_iter().collect()).await;
             self.local = tree;
             self.report_problems(&outcome.problems);
-            watcher.update(&self.local, &outcome.changed)?;
-            outcome.changed
+            let mut changed = outcome.changed;
+            let mut fresh = watcher.update(&self.local, &changed)?;
+            // New folders were walked before their watch existed: walk them again until no new
+            // folder appears (a `git checkout` creates folders and files in a burst).
+            while !fresh.is_empty() {
+                let tree = std::mem::take(&mut self.local);
+                let (tree, again) = scan::targeted(Arc::clone(&self.filter), tree, fresh).await;
+                self.local = tree;
+                self.report_problems(&again.problems);
+                fresh = watcher.update(&self.local, &again.changed)?;
+                changed.extend(again.changed);
+            }
+            changed.sort_unstable();
+            changed.dedup();
+            changed
         };
         let plan = classify(changed.iter().map(String::as_str), &self.config.rules);
         let restart = match plan {

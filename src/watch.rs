@@ -99,19 +99,23 @@ impl Watcher {
     }
 
     /// Keeps the watch set equal to the tree's folders after a rescan that changed `changed`.
-    pub fn update(&mut self, tree: &Tree, changed: &[String]) -> Result<(), WatchError> {
+    /// Returns the folders newly watched: what was created in them before their watch existed
+    /// raised no event, so the caller rescans them once more.
+    pub fn update(&mut self, tree: &Tree, changed: &[String]) -> Result<Vec<String>, WatchError> {
+        let mut added = Vec::new();
         for path in changed {
             let is_dir = tree.get(path).is_some_and(|s| s.entry.is_dir());
-            let Backend::Native { watcher, folders } = &mut self.backend else { return Ok(()) };
+            let Backend::Native { watcher, folders } = &mut self.backend else { return Ok(added) };
             if is_dir {
                 if !folders.contains(path) {
                     self.add_folder(path)?;
+                    added.push(path.clone());
                 }
             } else if folders.remove(path) {
                 let _ = watcher.unwatch(&self.root.join(path));
             }
         }
-        Ok(())
+        Ok(added)
     }
 
     /// Re-reads the watch set from a whole tree (after a full rescan).

@@ -1,0 +1,208 @@
+//! The real binaries end to end, `--target local:DIR`.
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+use crate::support::{self, git, Fixture};
+
+const CONFIG: &str = "name: demo\nsync:\n  exclude: [secret/]\n";
+
+#[test]
+fn once_syncs_everything_the_build_context_holds() {
+    let fx = Fixture::new(CONFIG);
+    fx.write("src/app.js", "console.log(1)");
+    fx.write(".env", "A=1");
+    fx.write(".gitignore", "node_modules/\n*.log\n");
+    fx.write(".dockerignore", "docs/\n");
+    fx.write("node_modules/x/index.js", "ignored");
+    fx.write("debug.log", "ignored");
+    fx.write("docs/readme.md", "ignored");
+    fx.write("secret/key", "ignored by the config");
+    fx.write(".git/HEAD", "never synced");
+    fx.write("run.sh", "#!/bin/sh\n");
+    fs::set_permissions(fx.src.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::create_dir_all(fx.src.join("empty")).unwrap();
+    symlink("src/app.js", fx.src.join("latest")).unwrap();
+
+    let run = fx.once(&[]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let applied = run.of("applied");
+    assert_eq!(applied.len(), 1);
+    assert_eq!(applied[0]["refused"], 0);
+
+    assert_eq!(fs::read_to_string(fx.dst.join(".env")).unwrap(), "A=1");
+    assert!(fx.dst.join("empty").is_dir());
+    assert_eq!(fs::read_link(fx.dst.join("latest")).unwrap().to_str(), Some("src/app.js"));
+    assert_eq!(fs::metadata(fx.dst.join("run.sh")).unwrap().permissions().mode() & 0o111, 0o111);
+    for ignored in ["node_modules", "debug.log", "docs", "secret", ".git"] {
+        assert!(!fx.dst.join(ignored).exists(), "{ignored} must not sync");
+    }
+    support::converge(&fx.src, &fx.dst, &["secret/".into()]);
+}
+
+#[test]
+fn second_once_sends_nothing_and_touches_nothing() {
+    let fx = Fixture::new(CONFIG);
+    for i in 0..50 {
+        fx.write(&format!("src/f{i}.txt"), &format!("file {i}"));
+    }
+    assert_eq!(fx.once(&[]).code, Some(0));
+    let mtimes = |root: &std::path::Path| -> Vec<(String, i64, i64)> {
+        let mut v: Vec<_> = fs::read_dir(root.join("src"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let m = e.metadata().unwrap();
+                (e.file_name().into_string().unwrap(), m.mtime(), m.mtime_nsec())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = mtimes(&fx.dst);
+    // Rewrite every source file with the same bytes: new mtimes, same content.
+    std::thread::sleep(Duration::from_millis(20));
+    for i in 0..50 {
+        fx.write(&format!("src/f{i}.txt"), &format!("file {i}"));
+    }
+    let run = fx.once(&[]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.of("sync_started").is_empty(), "nothing to send: {:?}", run.events);
+    assert_eq!(run.of("up_to_date").len(), 1);
+    assert_eq!(mtimes(&fx.dst), before, "untouched target files keep their mtimes");
+}
+
+#[test]
+fn initial_sync_deletes_what_no_longer_exists_and_leaves_ignored_paths_alone() {
+    let fx = Fixture::new(CONFIG);
+    fx.write(".gitignore", "bin/\n");
+    fx.write("keep.txt", "k");
+    support::write(&fx.dst, "stale/old.txt", "gone locally");
+    support::write(&fx.dst, "bin/app.dll", "built in the container");
+    support::write(&fx.dst, "secret/token", "the container's own");
+    let run = fx.once(&[]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(!fx.dst.join("stale").exists());
+    assert_eq!(fs::read_to_string(fx.dst.join("bin/app.dll")).unwrap(), "built in the container");
+    assert_eq!(fs::read_to_string(fx.dst.join("secret/token")).unwrap(), "the container's own");
+    assert_eq!(fs::read_to_string(fx.dst.join("keep.txt")).unwrap(), "k");
+}
+
+#[test]
+fn watch_follows_edits_adds_deletes_renames_and_type_changes() {
+    let fx = Fixture::new(CONFIG);
+    fx.write("src/a.txt", "a");
+    fx.write("src/dir/b.txt", "b");
+    fx.write("other/c.txt", "c");
+    let watch = fx.watch();
+    fx.converge();
+
+    fx.write("src/a.txt", "a edited");
+    fx.write("src/new/deep/d.txt", "d");
+    fx.converge();
+
+    fs::rename(fx.src.join("src/dir"), fx.src.join("src/moved")).unwrap();
+    fs::remove_file(fx.src.join("other/c.txt")).unwrap();
+    fx.converge();
+
+    // A folder replaced by a file, and a file replaced by a folder.
+    fs::remove_dir_all(fx.src.join("src/moved")).unwrap();
+    fx.write("src/moved", "now a file");
+    fs::remove_file(fx.src.join("src/a.txt")).unwrap();
+    fx.write("src/a.txt/inside.txt", "now a folder");
+    fx.converge();
+
+    // The editor safe-save dance: write a temp file, rename it over the original.
+    fx.write("src/.a.swp", "swap");
+    fx.write("src/moved.tmp", "saved safely");
+    fs::rename(fx.src.join("src/moved.tmp"), fx.src.join("src/moved")).unwrap();
+    fs::remove_file(fx.src.join("src/.a.swp")).unwrap();
+    fx.converge();
+    assert_eq!(fs::read_to_string(fx.dst.join("src/moved")).unwrap(), "saved safely");
+
+    assert_eq!(watch.stop(), Some(0));
+}
+
+#[test]
+fn identical_save_while_watching_sends_nothing() {
+    let fx = Fixture::new(CONFIG);
+    fx.write("a.txt", "same");
+    let mut watch = fx.watch();
+    fx.write("b.txt", "marker");
+    watch.wait_for("applied", Duration::from_secs(10));
+    fx.write("a.txt", "same");
+    fx.write("a.txt", "same");
+    // A later real change proves the loop went on and shows what was sent in between.
+    std::thread::sleep(Duration::from_millis(300));
+    fx.write("c.txt", "real change");
+    let applied = watch.wait_for("applied", Duration::from_secs(10));
+    assert_eq!(applied["files"], 1, "only c.txt: {:?}", watch.seen);
+    let watching = watch.seen.iter().position(|e| e["event"] == "watching").unwrap();
+    let syncs = watch.seen[watching..].iter().filter(|e| e["event"] == "sync_started").count();
+    assert_eq!(syncs, 2, "b.txt and c.txt only: {:?}", watch.seen);
+}
+
+#[test]
+fn git_checkout_of_another_branch_converges() {
+    let fx = Fixture::new(CONFIG);
+    git(&fx.src, &["init", "-q"]);
+    for i in 0..1000 {
+        fx.write(&format!("pkg{}/file{i}.txt", i % 20), &format!("main {i}"));
+    }
+    git(&fx.src, &["add", "-A"]);
+    git(&fx.src, &["commit", "-qm", "main"]);
+    git(&fx.src, &["checkout", "-qb", "feature"]);
+    for i in 0..1000 {
+        if i % 3 == 0 {
+            fs::remove_file(fx.src.join(format!("pkg{}/file{i}.txt", i % 20))).unwrap();
+        } else {
+            fx.write(&format!("pkg{}/file{i}.txt", i % 20), &format!("feature {i}"));
+        }
+        fx.write(&format!("feature/new{i}.txt"), "new");
+    }
+    git(&fx.src, &["add", "-A"]);
+    git(&fx.src, &["commit", "-qm", "feature"]);
+    git(&fx.src, &["checkout", "-q", "main"]);
+
+    let watch = fx.watch();
+    fx.converge();
+    git(&fx.src, &["checkout", "-q", "feature"]);
+    fx.converge();
+    git(&fx.src, &["checkout", "-q", "main"]);
+    fx.converge();
+    assert!(!fx.dst.join(".git").exists());
+    assert_eq!(watch.stop(), Some(0));
+}
+
+#[test]
+fn rebuild_trigger_stops_the_loop_naming_the_file() {
+    let fx = Fixture::new(CONFIG);
+    fx.write("Dockerfile.develop", "FROM base");
+    let mut watch = fx.watch();
+    fx.write("Dockerfile.develop", "FROM base2");
+    let event = watch.wait_for("rebuild_needed", Duration::from_secs(10));
+    assert_eq!(event["path"], "Dockerfile.develop");
+    assert_eq!(event["pattern"], "Dockerfile*");
+    assert_eq!(watch.wait_exit(Duration::from_secs(10)), Some(3));
+}
+
+#[test]
+fn agent_killed_mid_session_reconnects_and_resyncs() {
+    let fx = Fixture::new(CONFIG);
+    fx.write("a.txt", "a");
+    let mut watch = fx.watch();
+    fx.converge();
+    // Kill the agent child process (what a restarted container or a dropped exec looks like).
+    let agents = std::process::Command::new("pgrep")
+        .args(["-f", &format!("serve --root {}", fx.dst.display())])
+        .output()
+        .unwrap();
+    let pid: i32 = String::from_utf8_lossy(&agents.stdout).lines().next().expect("agent running").parse().unwrap();
+    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    fx.write("b.txt", "written while the agent was gone");
+    watch.wait_for("reconnecting", Duration::from_secs(10));
+    watch.wait_for("connected", Duration::from_secs(10));
+    fx.converge();
+    assert_eq!(watch.stop(), Some(0));
+}
