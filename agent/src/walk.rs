@@ -468,7 +468,7 @@ mod tests {
             assert_eq!(unsafe { mkfifo(c.as_ptr(), 0o644) }, 0);
         } else {
             write(dir.path(), "secret", "s");
-            fs::set_permissions(dir.path().join("secret"), fs::Permissions::from_mode(0)).unwrap();
+            fs::set_permissions(dir.path().join("secret"), fs::Permissions::from_mode(0o000)).unwrap();
         }
         let out = scan(&filter, &Tree::new());
         assert_eq!(out.problems.len(), 1, "{:?}", out.problems);

@@ -6,9 +6,12 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 
 use devloop_agent::manifest::{Digest, Entry, Record};
-use devloop_agent::protocol::{self, Applied, Chmod, FrameReader, FrameWriter, FromAgent, ToAgent, PAX_BLAKE3};
+use devloop_agent::protocol::{self, Applied, Chmod, FrameReader, FrameWriter, FromAgent, ToAgent};
 use devloop_agent::serve::{serve, ServeOptions};
 use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
+
+mod common;
+use common::Tar;
 
 struct Client {
     frames: FrameReader<ReadHalf<DuplexStream>>,
@@ -60,67 +63,6 @@ impl Client {
         self.out.message(&ToAgent::Bye).await.unwrap();
         self.out.flush().await.unwrap();
         self.agent.await.unwrap().unwrap();
-    }
-}
-
-/// Builds tar streams entry by entry, writing header names raw so that hostile ones get through.
-struct Tar(tar::Builder<Vec<u8>>);
-
-impl Tar {
-    fn new() -> Tar {
-        Tar(tar::Builder::new(Vec::new()))
-    }
-
-    fn header(name: &[u8], kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
-        let mut header = tar::Header::new_ustar();
-        header.as_old_mut().name[..name.len()].copy_from_slice(name);
-        header.set_entry_type(kind);
-        header.set_size(size);
-        header.set_mode(mode);
-        header.set_cksum();
-        header
-    }
-
-    fn file(self, name: &str, body: &[u8]) -> Tar {
-        self.file_with_digest(name, body, Digest::of(body))
-    }
-
-    fn file_with_digest(mut self, name: &str, body: &[u8], digest: Digest) -> Tar {
-        self.0.append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())]).unwrap();
-        let header = Tar::header(name.as_bytes(), tar::EntryType::Regular, body.len() as u64, 0o644);
-        self.0.append(&header, body).unwrap();
-        self
-    }
-
-    fn exec_file(mut self, name: &str, body: &[u8]) -> Tar {
-        self.0.append_pax_extensions([(PAX_BLAKE3, Digest::of(body).to_hex().as_bytes())]).unwrap();
-        let header = Tar::header(name.as_bytes(), tar::EntryType::Regular, body.len() as u64, 0o755);
-        self.0.append(&header, body).unwrap();
-        self
-    }
-
-    fn symlink(mut self, name: &str, target: &str) -> Tar {
-        let mut header = Tar::header(name.as_bytes(), tar::EntryType::Symlink, 0, 0o777);
-        header.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
-        header.set_cksum();
-        self.0.append(&header, &[][..]).unwrap();
-        self
-    }
-
-    fn special(mut self, name: &str, kind: tar::EntryType) -> Tar {
-        let header = Tar::header(name.as_bytes(), kind, 0, 0o644);
-        self.0.append(&header, &[][..]).unwrap();
-        self
-    }
-
-    fn dir(mut self, name: &str) -> Tar {
-        let header = Tar::header(name.as_bytes(), tar::EntryType::Directory, 0, 0o755);
-        self.0.append(&header, &[][..]).unwrap();
-        self
-    }
-
-    fn bytes(self) -> Vec<u8> {
-        self.0.into_inner().unwrap()
     }
 }
 
