@@ -56,6 +56,9 @@ pub struct Watcher {
     rx: mpsc::UnboundedReceiver<Raw>,
     tx: mpsc::UnboundedSender<Raw>,
     reporter: Reporter,
+    /// The window being gathered, kept across cancelled calls of [`Watcher::next`].
+    gathered: Hints,
+    opened: Option<Instant>,
 }
 
 enum Backend {
@@ -82,6 +85,8 @@ impl Watcher {
             rx,
             tx,
             reporter,
+            gathered: Hints::default(),
+            opened: None,
         };
         me.add_folder("")?;
         let folders: Vec<&String> = tree.iter().filter(|(_, s)| s.entry.is_dir()).map(|(p, _)| p).collect();
@@ -172,36 +177,37 @@ impl Watcher {
     }
 
     /// Waits for the next window of hints. `None` when the watcher is gone.
+    ///
+    /// Cancellation-safe: hints gathered by a call that is dropped (a `select!` took another
+    /// branch) are kept and returned by the next call.
     pub async fn next(&mut self, window: Window) -> Option<Hints> {
-        let mut hints = Hints::default();
-        let first = self.rx.recv().await?;
-        self.absorb(first, &mut hints);
-        let opened = Instant::now();
+        if self.opened.is_none() {
+            let first = self.rx.recv().await?;
+            self.absorb(first);
+            self.opened = Some(Instant::now());
+        }
+        let opened = self.opened.expect("window is open");
         loop {
             let left = window.cap.saturating_sub(opened.elapsed());
             if left.is_zero() {
                 break;
             }
             match tokio::time::timeout(window.quiet.min(left), self.rx.recv()).await {
-                Ok(Some(raw)) => self.absorb(raw, &mut hints),
+                Ok(Some(raw)) => self.absorb(raw),
                 Ok(None) | Err(_) => break,
             }
         }
-        Some(hints)
+        self.opened = None;
+        Some(std::mem::take(&mut self.gathered))
     }
 
-    /// Hints that are already queued, without waiting (used right after a sync round).
-    pub fn pending(&mut self) -> bool {
-        !self.rx.is_empty()
-    }
-
-    fn absorb(&self, raw: Raw, hints: &mut Hints) {
+    fn absorb(&mut self, raw: Raw) {
         match raw {
-            Raw::Rescan => hints.rescan = true,
+            Raw::Rescan => self.gathered.rescan = true,
             Raw::Paths(paths) => {
                 for path in paths {
                     if let Some(rel) = relative(&self.root, &path) {
-                        hints.paths.insert(rel);
+                        self.gathered.paths.insert(rel);
                     }
                 }
             }

@@ -203,6 +203,9 @@ fn agent_killed_mid_session_reconnects_and_resyncs() {
     fx.write("b.txt", "written while the agent was gone");
     watch.wait_for("reconnecting", Duration::from_secs(10));
     watch.wait_for("connected", Duration::from_secs(10));
-    fx.converge();
+    if let Err(report) = support::try_converge(&fx.src, &fx.dst, &[], Duration::from_secs(20)) {
+        watch.drain();
+        panic!("{report}\nevents: {:?}", watch.seen);
+    }
     assert_eq!(watch.stop(), Some(0));
 }

@@ -110,19 +110,26 @@ pub fn manifest(root: &Path, excludes: &[String]) -> Manifest {
 }
 
 pub fn converge(src: &Path, dst: &Path, excludes: &[String]) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    if let Err(report) = try_converge(src, dst, excludes, Duration::from_secs(20)) {
+        panic!("{report}");
+    }
+}
+
+/// Waits until the trees are equal, or says how they differ.
+pub fn try_converge(src: &Path, dst: &Path, excludes: &[String], timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
     loop {
         let a = manifest(src, excludes);
         let b = manifest(dst, excludes);
         if a == b {
-            return;
+            return Ok(());
         }
         if Instant::now() > deadline {
             let only_src: Vec<_> = a.iter().filter(|(k, v)| b.get(*k) != Some(v)).map(|(k, _)| k).take(10).collect();
             let only_dst: Vec<_> = b.iter().filter(|(k, v)| a.get(*k) != Some(v)).map(|(k, _)| k).take(10).collect();
-            panic!(
+            return Err(format!(
                 "target never converged\n source-only/different: {only_src:?}\n target-only/different: {only_dst:?}"
-            );
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
