@@ -155,8 +155,13 @@ where
     let mut hello = [0u8; 12];
     hello[..8].copy_from_slice(&MAGIC);
     hello[8..].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    writer.write_all(&hello).await?;
-    writer.flush().await?;
+    // A peer that is not an agent may have exited already: what it printed explains more than
+    // the broken pipe, so a failed write is reported only once its output has been read.
+    let sent = async {
+        writer.write_all(&hello).await?;
+        writer.flush().await
+    }
+    .await;
 
     // Scan byte by byte for the magic: the preamble is short and this happens once per session.
     let mut seen: Vec<u8> = Vec::new();
@@ -173,6 +178,7 @@ where
             return Err(ProtocolError::NoHandshake { output: String::from_utf8_lossy(&seen[..1024]).into_owned() });
         }
     }
+    sent?;
     let mut version = [0u8; 4];
     reader.read_exact(&mut version).await.map_err(|_| ProtocolError::Truncated)?;
     let theirs = u32::from_be_bytes(version);
