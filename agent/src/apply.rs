@@ -12,9 +12,10 @@
 //! resolve inside the root; devices, fifos and hard links are refused; entries above the size limit
 //! are refused. A refused entry is reported by path and the rest of the batch goes on.
 
-use std::fs::{self, File};
+use std::collections::HashSet;
+use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -41,6 +42,9 @@ pub struct Applier {
     staging: PathBuf,
     max_file_size: u64,
     seq: u64,
+    /// Folders this batch already checked or created (cleared per batch: the app may change the
+    /// tree between batches).
+    known_folders: HashSet<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +81,7 @@ impl Applier {
             Err(e) => return Err(e),
         }
         fs::create_dir_all(&staging)?;
-        Ok(Applier { root: root.to_path_buf(), staging, max_file_size, seq: 0 })
+        Ok(Applier { root: root.to_path_buf(), staging, max_file_size, seq: 0, known_folders: HashSet::new() })
     }
 
     pub fn root(&self) -> &Path {
@@ -94,6 +98,7 @@ impl Applier {
         tar: impl Read,
     ) -> (Applied, Option<String>, Vec<TreeUpdate>) {
         let started = Instant::now();
+        self.known_folders.clear();
         let mut report = Applied { id, ..Applied::default() };
         let mut updates = Vec::new();
 
@@ -158,7 +163,7 @@ impl Applier {
     }
 
     /// Removes one path; `Ok(false)` when it was already gone.
-    fn delete(&self, path: &str) -> Result<bool, Refusal> {
+    fn delete(&mut self, path: &str) -> Result<bool, Refusal> {
         relpath::check(path)?;
         self.parents_are_folders(path)?;
         let abs = self.root.join(path);
@@ -169,6 +174,7 @@ impl Applier {
         };
         if meta.is_dir() {
             fs::remove_dir(&abs)?;
+            self.known_folders.remove(path);
         } else {
             fs::remove_file(&abs)?;
         }
@@ -204,12 +210,9 @@ impl Applier {
                 let expected = pax_digest(entry)?;
                 self.prepare_parent(path)?;
                 let staged = self.staged_path();
-                let result = self.write_file(&staged, entry, expected, exec).and_then(|digest| {
-                    self.clear_folder_at(path)?;
-                    let dest = self.root.join(path);
-                    fs::rename(&staged, &dest)?;
-                    let meta = fs::symlink_metadata(&dest)?;
-                    Ok(Scanned { entry: Entry::File { hash: digest, size, exec }, stat: Some(StatKey::of(&meta)) })
+                let result = self.write_file(&staged, entry, expected, exec).and_then(|(digest, stat)| {
+                    self.place(&staged, path)?;
+                    Ok(Scanned { entry: Entry::File { hash: digest, size, exec }, stat: Some(stat) })
                 });
                 if result.is_err() {
                     let _ = fs::remove_file(&staged);
@@ -225,7 +228,7 @@ impl Applier {
                 self.prepare_parent(path)?;
                 let staged = self.staged_path();
                 symlink(&target, &staged)?;
-                let placed = self.clear_folder_at(path).and_then(|()| Ok(fs::rename(&staged, self.root.join(path))?));
+                let placed = self.place(&staged, path);
                 if placed.is_err() {
                     let _ = fs::remove_file(&staged);
                 }
@@ -240,14 +243,17 @@ impl Applier {
         }
     }
 
+    /// Writes the entry's content to `staged` and checks its digest; returns the digest and the
+    /// stat of the written file (what the stat cache keeps; a rename does not change it).
     fn write_file<R: Read>(
         &self,
         staged: &Path,
         entry: &mut tar::Entry<'_, R>,
         expected: Digest,
         exec: bool,
-    ) -> Result<Digest, Refusal> {
-        let mut out = File::create(staged)?;
+    ) -> Result<(Digest, StatKey), Refusal> {
+        let mode = file_mode(exec);
+        let mut out = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(staged)?;
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 64 << 10];
         loop {
@@ -264,8 +270,27 @@ impl Applier {
         if got != expected {
             return Err(Refusal::DigestMismatch { expected: expected.to_hex(), got: got.to_hex() });
         }
-        out.set_permissions(fs::Permissions::from_mode(file_mode(exec)))?;
-        Ok(got)
+        let meta = out.metadata()?;
+        if meta.permissions().mode() & 0o777 != mode {
+            // The umask took bits away.
+            out.set_permissions(fs::Permissions::from_mode(mode))?;
+        }
+        Ok((got, StatKey::of(&meta)))
+    }
+
+    /// Renames a staged entry over `path`. An empty folder in the way is replaced; a folder with
+    /// content never is.
+    fn place(&mut self, staged: &Path, path: &str) -> Result<(), Refusal> {
+        let dest = self.root.join(path);
+        match fs::rename(staged, &dest) {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(fs::symlink_metadata(&dest), Ok(m) if m.is_dir()) => {
+                fs::remove_dir(&dest).map_err(|_| Refusal::FolderInTheWay)?;
+                self.known_folders.remove(path);
+                fs::rename(staged, &dest).map_err(|_| Refusal::Io(e))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn staged_path(&mut self) -> PathBuf {
@@ -286,7 +311,7 @@ impl Applier {
         Ok(())
     }
 
-    fn prepare_parent(&self, path: &str) -> Result<(), Refusal> {
+    fn prepare_parent(&mut self, path: &str) -> Result<(), Refusal> {
         match path.rfind('/') {
             Some(cut) => self.make_folders(&path[..cut]),
             None => Ok(()),
@@ -294,8 +319,14 @@ impl Applier {
     }
 
     /// Creates `path` and its parents as folders, refusing to pass through symlinks or files.
-    fn make_folders(&self, path: &str) -> Result<(), Refusal> {
+    fn make_folders(&mut self, path: &str) -> Result<(), Refusal> {
+        if self.known_folders.contains(path) {
+            return Ok(());
+        }
         for dir in relpath::ancestors(path).chain(std::iter::once(path)) {
+            if self.known_folders.contains(dir) {
+                continue;
+            }
             let abs = self.root.join(dir);
             match fs::symlink_metadata(&abs) {
                 Ok(meta) if meta.is_dir() => {}
@@ -307,17 +338,9 @@ impl Applier {
                 },
                 Err(e) => return Err(e.into()),
             }
+            self.known_folders.insert(dir.to_owned());
         }
         Ok(())
-    }
-
-    /// A file replaces an empty folder; a folder with content is never removed implicitly.
-    fn clear_folder_at(&self, path: &str) -> Result<(), Refusal> {
-        let abs = self.root.join(path);
-        match fs::symlink_metadata(&abs) {
-            Ok(meta) if meta.is_dir() => fs::remove_dir(&abs).map_err(|_| Refusal::FolderInTheWay),
-            _ => Ok(()),
-        }
     }
 }
 
