@@ -117,6 +117,8 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 fn measure(mut cmd: Command) -> (f64, i64) {
     cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
     let started = Instant::now();
+    // Reaped by wait4 below, which also reports the peak RSS.
+    #[allow(clippy::zombie_processes)]
     let child = cmd.spawn().expect("spawn");
     let mut status = 0;
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
