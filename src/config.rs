@@ -28,6 +28,66 @@ pub struct Config {
     /// The app's command line, as argv.
     #[serde(default)]
     pub run: Vec<String>,
+    /// Run before each restart (e.g. `[dotnet, build]`); when it fails the old app keeps running.
+    #[serde(default)]
+    pub build: Vec<String>,
+    /// When the app counts as ready after a (re)start.
+    #[serde(default)]
+    pub ready: Option<Ready>,
+    /// How long the app gets to stop after SIGTERM before its process group is killed.
+    #[serde(default = "default_grace")]
+    pub grace: String,
+}
+
+/// A readiness check: `{tcp: PORT}`, `{http: URL}` or `{http: PATH, port: PORT}`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ready {
+    #[serde(default)]
+    pub http: Option<String>,
+    #[serde(default)]
+    pub tcp: Option<u16>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// How long to wait, e.g. `60s`.
+    #[serde(default = "default_ready_timeout")]
+    pub timeout: String,
+}
+
+impl Ready {
+    /// The agent's probe spec (`tcp:PORT` or `http://HOST:PORT/PATH`), from a validated config.
+    pub fn probe(&self) -> String {
+        match (&self.tcp, &self.http) {
+            (Some(port), _) => format!("tcp:{port}"),
+            (None, Some(url)) if url.starts_with("http://") => url.clone(),
+            (None, Some(path)) => format!("http://127.0.0.1:{}{path}", self.port.unwrap_or(80)),
+            (None, None) => unreachable!("validated: one of http or tcp"),
+        }
+    }
+}
+
+fn default_grace() -> String {
+    "5s".into()
+}
+
+fn default_ready_timeout() -> String {
+    "60s".into()
+}
+
+/// `5s`, `300ms`, `2m`, or plain seconds.
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&text[..i], &text[i..]),
+        None => (text, "s"),
+    };
+    let value: f64 = number.parse().ok()?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return None,
+    };
+    (secs.is_finite() && secs >= 0.0).then(|| std::time::Duration::from_secs_f64(secs))
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -134,13 +194,44 @@ impl Config {
                 ));
             }
         }
-        if self.run.iter().any(|a| a.is_empty()) {
-            return Err(err(
-                "run",
-                "",
-                "an argument of the command is empty".into(),
-                "write the command as a list: run: [dotnet, run]",
-            ));
+        for (key, argv) in [("run", &self.run), ("build", &self.build)] {
+            if argv.iter().any(|a| a.is_empty()) {
+                let hint = "write the command as a list: run: [dotnet, run]";
+                return Err(err(key, "", "an argument of the command is empty".into(), hint));
+            }
+        }
+        if parse_duration(&self.grace).is_none() {
+            let message = format!("`{}` is not a duration", self.grace);
+            return Err(err("grace", &self.grace, message, "write durations like 5s, 300ms or 2m"));
+        }
+        if let Some(ready) = &self.ready {
+            let bad = |value: &str, message: String, hint: &str| err("ready", value, message, hint);
+            match (&ready.http, &ready.tcp) {
+                (Some(_), Some(_)) | (None, None) => {
+                    let hint = "ready: {tcp: 8080} or ready: {http: /health, port: 8080}";
+                    return Err(bad("", "give exactly one of `http` and `tcp`".into(), hint));
+                }
+                (Some(url), None) if !url.starts_with('/') && !url.starts_with("http://") => {
+                    let hint = "ready: {http: /health, port: 8080} or {http: http://127.0.0.1:8080/health}";
+                    return Err(bad(url, format!("`{url}` is neither a path nor an http:// URL"), hint));
+                }
+                (Some(url), None) if url.starts_with('/') && ready.port.is_none() => {
+                    return Err(bad(url, "a path needs the app's `port`".into(), "ready: {http: /health, port: 8080}"));
+                }
+                _ => {}
+            }
+            if parse_duration(&ready.timeout).is_none() {
+                let message = format!("`{}` is not a duration", ready.timeout);
+                return Err(bad(&ready.timeout, message, "write durations like 60s or 2m"));
+            }
+            if self.run.is_empty() {
+                let message = "a readiness check needs the app's `run` command".into();
+                return Err(bad("", message, "add run: [your, command]"));
+            }
+        }
+        if !self.build.is_empty() && self.run.is_empty() {
+            let message = "a build needs the app's `run` command".into();
+            return Err(err("build", "", message, "add run: [your, command]"));
         }
         Ok(())
     }
@@ -272,6 +363,26 @@ mod tests {
         assert!(err.to_string().contains("run"), "{err}");
         let err = parse("").unwrap_err();
         assert!(err.to_string().contains("name"), "{err}");
+    }
+
+    #[test]
+    fn supervision_keys() {
+        let config = parse(
+            "name: web\nrun: [dotnet, run]\nbuild: [dotnet, build]\nready: {http: /health, port: 5000}\ngrace: 300ms\n",
+        )
+        .unwrap();
+        assert_eq!(config.ready.unwrap().probe(), "http://127.0.0.1:5000/health");
+        assert_eq!(parse_duration(&config.grace), Some(std::time::Duration::from_millis(300)));
+        let config = parse("name: web\nrun: [x]\nready: {tcp: 8080}\n").unwrap();
+        assert_eq!(config.ready.unwrap().probe(), "tcp:8080");
+        let err = parse("name: web\nrun: [x]\nready: {http: /health}\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (Some(3), Some("ready")));
+        assert!(parse("name: web\nrun: [x]\nready: {tcp: 1, http: /}\n").is_err());
+        assert!(parse("name: web\nready: {tcp: 1}\n").is_err());
+        let err = parse("name: web\nrun: [x]\ngrace: soon\n").unwrap_err();
+        assert_eq!(err.line, Some(3));
+        let err = parse("name: web\nrun: [x]\nready: {tcp: 99999}\n").unwrap_err();
+        assert_eq!(err.line, Some(3), "{err}");
     }
 
     #[test]

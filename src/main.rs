@@ -31,8 +31,9 @@ async fn run(cli: Cli, reporter: Reporter) -> Result<ExitCode, (String, Option<S
         Command::Watch(args) => {
             let settings =
                 settings::watch(&cli.global.file, &args.target, args.once).map_err(|e| (e.to_string(), e.hint()))?;
+            reporter.set_service(&settings.config.name);
             let transport = match &settings.target {
-                Target::Local(dir) => CommandTransport::local(&find_agent(), dir),
+                Target::Local(dir) => CommandTransport::local(&find_agent(), dir, &settings.config),
                 Target::Command(argv) => CommandTransport::new(argv.clone()),
             };
             let session = Session::new(settings.session, transport, reporter).map_err(|e| (e.to_string(), e.hint()))?;

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use console::style;
+use devloop_agent::protocol::Stream;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -26,7 +27,6 @@ pub enum Event {
         files: u64,
         deletes: u64,
         bytes: u64,
-        restart: bool,
     },
     Applied {
         round: u64,
@@ -38,6 +38,32 @@ pub enum Event {
     },
     UpToDate {
         round: u64,
+    },
+    Restarted {
+        pid: u32,
+        stop_ms: f64,
+        start_ms: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ready_ms: Option<f64>,
+    },
+    BuildFailed {
+        code: i32,
+        output: String,
+    },
+    NotReady {
+        pid: u32,
+        message: String,
+    },
+    RestartFailed {
+        message: String,
+    },
+    Output {
+        stream: Stream,
+        line: String,
+    },
+    Exited {
+        pid: u32,
+        code: i32,
     },
     Problem {
         path: String,
@@ -76,6 +102,7 @@ pub struct Reporter {
 }
 
 struct Inner {
+    service: std::sync::OnceLock<String>,
     json: bool,
     verbose: bool,
     stdout: Mutex<std::io::Stdout>,
@@ -93,7 +120,13 @@ impl Reporter {
             console::set_colors_enabled_stderr(false);
         }
         Reporter {
-            inner: Arc::new(Inner { json, verbose, stdout: Mutex::new(std::io::stdout()), bar: Mutex::new(None) }),
+            inner: Arc::new(Inner {
+                service: std::sync::OnceLock::new(),
+                json,
+                verbose,
+                stdout: Mutex::new(std::io::stdout()),
+                bar: Mutex::new(None),
+            }),
         }
     }
 
@@ -106,10 +139,37 @@ impl Reporter {
             let _ = out.flush();
             return;
         }
+        if let Event::Output { stream, line } = &event {
+            self.output(*stream, line);
+            return;
+        }
         if let Some(text) = self.human(&event) {
             match self.inner.bar.lock().expect("bar lock").as_ref() {
                 Some(bar) => bar.println(text),
                 None => eprintln!("{text}"),
+            }
+        }
+    }
+
+    /// Names the service whose app output this reporter prefixes (once the config is read).
+    pub fn set_service(&self, name: &str) {
+        let _ = self.inner.service.set(name.to_string());
+    }
+
+    /// The app's own lines go to stdout, prefixed with the service name (build lines only with -v).
+    fn output(&self, stream: Stream, line: &str) {
+        if stream == Stream::Build && !self.inner.verbose {
+            return;
+        }
+        let service = self.inner.service.get().map(String::as_str).unwrap_or("app");
+        let prefix = style(format!("{service} |")).dim();
+        let text = format!("{prefix} {line}");
+        match self.inner.bar.lock().expect("bar lock").as_ref() {
+            Some(bar) => bar.println(text),
+            None => {
+                let mut out = self.inner.stdout.lock().expect("stdout lock");
+                let _ = writeln!(out, "{text}");
+                let _ = out.flush();
             }
         }
     }
@@ -144,6 +204,23 @@ impl Reporter {
                 s
             }
             Event::UpToDate { .. } => format!("{tag} {}", style("up to date").green()),
+            Event::Restarted { pid, stop_ms, start_ms, ready_ms } => {
+                let mut s = format!("{tag} {} pid {pid} (stop {stop_ms:.1} ms, start {start_ms:.1} ms", style("restarted").green());
+                if let Some(ready) = ready_ms {
+                    s.push_str(&format!(", ready after {ready:.1} ms"));
+                }
+                s.push(')');
+                s
+            }
+            Event::BuildFailed { code, output } => format!(
+                "{tag} {} (exit code {code}); the previous version keeps running\n{}",
+                style("build failed").red().bold(),
+                output.trim_end()
+            ),
+            Event::NotReady { pid, message } => format!("{tag} {} pid {pid}: {message}", style("not ready:").red()),
+            Event::RestartFailed { message } => format!("{tag} {} {message}", style("restart failed:").red()),
+            Event::Exited { pid, code } => format!("{tag} {} pid {pid} exited with code {code}; the next change restarts it", style("app").yellow()),
+            Event::Output { .. } => return None,
             Event::Problem { path, message } => format!("{tag} {} {path}: {message}", style("problem").yellow()),
             Event::Watching { root, mode } => format!("{tag} watching {root} ({mode}); Ctrl+C to stop"),
             Event::RebuildNeeded { path, pattern } => format!(

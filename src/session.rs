@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use devloop_agent::filter::{Filter, FilterError};
 use devloop_agent::manifest::{Entry, Manifest};
 use devloop_agent::protocol::{
-    self, Applied, Chmod, FrameReader, FrameWriter, FromAgent, ProtocolError, ToAgent, DATA_CHUNK,
+    self, Applied, Chmod, FrameReader, FrameWriter, FromAgent, ProtocolError, RestartReport, ToAgent, DATA_CHUNK,
 };
 use devloop_agent::walk::Tree;
 use tokio::io::BufWriter;
@@ -64,6 +64,8 @@ pub enum SessionError {
     Agent(String),
     #[error("the agent did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("{0}")]
+    App(String),
     #[error(transparent)]
     Watch(#[from] WatchError),
     #[error(transparent)]
@@ -78,9 +80,11 @@ impl SessionError {
         match self {
             SessionError::Protocol(e) => e.is_disconnect(),
             SessionError::Pack(_) | SessionError::Timeout(_) => true,
-            SessionError::Agent(_) | SessionError::Transport(_) | SessionError::Watch(_) | SessionError::Filter(_) => {
-                false
-            }
+            SessionError::Agent(_)
+            | SessionError::App(_)
+            | SessionError::Transport(_)
+            | SessionError::Watch(_)
+            | SessionError::Filter(_) => false,
         }
     }
 
@@ -93,6 +97,7 @@ impl SessionError {
                 "the target did not start `devloop-agent serve`: check that the agent is installed there and the command is right".into(),
             ),
             SessionError::Transport(e) => e.hint(),
+            SessionError::App(_) => Some("the app's own output above says why; fix it and run again".into()),
             _ => None,
         }
     }
@@ -127,6 +132,11 @@ pub struct Session<T: Transport> {
     refused: HashMap<String, Entry>,
     live: Option<Live>,
     round: u64,
+    /// How the last restart went (for `--once`).
+    last_restart: Option<RestartReport>,
+    /// A synced change calls for a restart that has not been asked for yet (held back while
+    /// more of a burst is arriving).
+    restart_owed: bool,
 }
 
 impl<T: Transport> Session<T> {
@@ -143,6 +153,8 @@ impl<T: Transport> Session<T> {
             refused: HashMap::new(),
             live: None,
             round: 0,
+            last_restart: None,
+            restart_owed: false,
         })
     }
 
@@ -163,9 +175,11 @@ impl<T: Transport> Session<T> {
             _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
         };
         connected?;
+        self.restart_if_owed().await?;
         let Some(watcher) = watcher.as_mut() else {
+            let verdict = self.ready_verdict().await;
             self.close().await;
-            return Ok(Outcome::Synced);
+            return verdict.map(|()| Outcome::Synced);
         };
         self.reporter
             .emit(Event::Watching { root: self.config.root.display().to_string(), mode: watcher.mode().into() });
@@ -188,6 +202,11 @@ impl<T: Transport> Session<T> {
                     None => return Ok(Outcome::Stopped),
                 },
                 message = live.rx.recv() => self.unsolicited(message),
+            };
+            let step = match step {
+                // Ask for the restart once the burst is over: no hint waiting to be read.
+                Ok(None) if !watcher.pending() => self.restart_if_owed().await.map(|()| None),
+                other => other,
             };
             match step {
                 Ok(None) => {}
@@ -212,11 +231,76 @@ impl<T: Transport> Session<T> {
             None => Err(ProtocolError::Truncated.into()),
             Some(Err(e)) => Err(e.into()),
             Some(Ok(FromAgent::Fatal { message })) => Err(SessionError::Agent(message)),
-            Some(Ok(other)) => {
-                debug!(?other, "unexpected message between batches");
+            Some(Ok(message)) => {
+                if let Some(other) = self.app_message(message) {
+                    debug!(?other, "unexpected message between batches");
+                }
                 Ok(None)
             }
         }
+    }
+
+    fn app_message(&self, message: FromAgent) -> Option<FromAgent> {
+        app_message(&self.reporter, message)
+    }
+
+    /// `--once`: the app must be running and ready. Asks the agent when no restart happened.
+    async fn ready_verdict(&mut self) -> Result<(), SessionError> {
+        let report = match self.last_restart.take() {
+            Some(report) => report,
+            None => {
+                let live = self.live.as_mut().expect("connected");
+                live.out.message(&ToAgent::Ready).await?;
+                live.out.flush().await?;
+                let report = self.await_restart().await?;
+                self.report_restart(&report);
+                report
+            }
+        };
+        match report {
+            RestartReport::Restarted { .. } | RestartReport::Unsupervised => Ok(()),
+            RestartReport::BuildFailed { code, .. } => {
+                Err(SessionError::App(format!("the build failed (exit code {code})")))
+            }
+            RestartReport::NotReady { message, .. } => {
+                Err(SessionError::App(format!("the app is not ready: {message}")))
+            }
+            RestartReport::Failed { message } => {
+                Err(SessionError::App(format!("the app could not be restarted: {message}")))
+            }
+        }
+    }
+
+    /// Waits for the agent's restart report, showing app output meanwhile.
+    async fn await_restart(&mut self) -> Result<RestartReport, SessionError> {
+        loop {
+            let live = self.live.as_mut().expect("connected");
+            let message = live.rx.recv().await;
+            match message {
+                Some(Ok(FromAgent::Restart(report))) => return Ok(report),
+                Some(Ok(FromAgent::Fatal { message })) => return Err(SessionError::Agent(message)),
+                Some(Ok(other)) => {
+                    if let Some(other) = self.app_message(other) {
+                        debug!(?other, "message while waiting for the restart");
+                    }
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(ProtocolError::Truncated.into()),
+            }
+        }
+    }
+
+    fn report_restart(&self, report: &RestartReport) {
+        let event = match report {
+            RestartReport::Restarted { pid, stop_ms, start_ms, ready_ms } => {
+                Event::Restarted { pid: *pid, stop_ms: *stop_ms, start_ms: *start_ms, ready_ms: *ready_ms }
+            }
+            RestartReport::BuildFailed { code, output } => Event::BuildFailed { code: *code, output: output.clone() },
+            RestartReport::NotReady { pid, message } => Event::NotReady { pid: *pid, message: message.clone() },
+            RestartReport::Failed { message } => Event::RestartFailed { message: message.clone() },
+            RestartReport::Unsupervised => return,
+        };
+        self.reporter.emit(event);
     }
 
     /// One watch round: rescan what the hints point at, classify, sync.
@@ -264,7 +348,7 @@ impl<T: Transport> Session<T> {
             changed.dedup();
             changed
         };
-        let plan = classify(changed.iter().map(String::as_str), &self.config.rules);
+        let plan = classify(changed.iter().map(|p| (p.as_str(), self.was_or_is_dir(p))), &self.config.rules);
         let restart = match plan {
             Plan::Rebuild { path, pattern } => {
                 self.reporter.emit(Event::RebuildNeeded { path: path.clone(), pattern: pattern.clone() });
@@ -277,8 +361,32 @@ impl<T: Transport> Session<T> {
         let mut paths: BTreeSet<String> = std::mem::take(&mut self.pending);
         paths.extend(changed);
         let changes = diff_paths(&self.baseline, &self.local, paths.iter().map(String::as_str));
-        self.sync(changes, restart).await?;
+        self.restart_owed |= restart;
+        self.sync(changes).await?;
         Ok(None)
+    }
+
+    /// Asks the agent for the restart that synced changes called for.
+    async fn restart_if_owed(&mut self) -> Result<(), SessionError> {
+        if !self.restart_owed {
+            return Ok(());
+        }
+        let live = self.live.as_mut().expect("connected");
+        live.out.message(&ToAgent::Restart).await?;
+        live.out.flush().await?;
+        let report = self.await_restart().await?;
+        self.restart_owed = false;
+        self.report_restart(&report);
+        self.last_restart = Some(report);
+        Ok(())
+    }
+
+    fn was_or_is_dir(&self, path: &str) -> bool {
+        self.local
+            .get(path)
+            .map(|s| s.entry.is_dir())
+            .or_else(|| self.baseline.get(path).map(Entry::is_dir))
+            .unwrap_or(false)
     }
 
     async fn scan_all(&mut self) {
@@ -310,7 +418,7 @@ impl<T: Transport> Session<T> {
             self.reporter.emit(Event::Reconnecting { attempt, delay_ms: delay.as_millis() as u64 });
             tokio::time::sleep(delay).await;
             match self.connect_and_resync().await {
-                Ok(()) => return Ok(()),
+                Ok(()) => return self.restart_if_owed().await,
                 Err(err) if err.is_recoverable() || matches!(err, SessionError::Transport(_)) => {
                     self.reporter.emit(Event::Disconnected { reason: err.to_string() });
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -339,7 +447,8 @@ impl<T: Transport> Session<T> {
         self.pending.clear();
         self.refused.clear();
         let changes = diff(&self.baseline, &self.local);
-        let restart = match classify_resync(changes.iter().map(Change::path), &self.config.rules) {
+        let kinds = changes.iter().map(|c| (c.path(), self.was_or_is_dir(c.path())));
+        let restart = match classify_resync(kinds, &self.config.rules) {
             Plan::Sync { restart } => restart,
             _ => false,
         };
@@ -348,7 +457,8 @@ impl<T: Transport> Session<T> {
             self.reporter.emit(Event::UpToDate { round: self.round });
             return Ok(());
         }
-        self.sync(changes, restart).await
+        self.restart_owed |= restart;
+        self.sync(changes).await
     }
 
     async fn connect(&self) -> Result<(Live, Manifest, String), SessionError> {
@@ -377,8 +487,12 @@ impl<T: Transport> Session<T> {
                     break;
                 }
                 FromAgent::Fatal { message } => return Err(SessionError::Agent(message)),
-                FromAgent::Applied(_) => {
-                    return Err(ProtocolError::Unexpected { expected: "the manifest", got: "applied".into() }.into())
+                FromAgent::Output { stream, line } => self.reporter.emit(Event::Output { stream, line }),
+                FromAgent::Exited { pid, code } => self.reporter.emit(Event::Exited { pid, code }),
+                FromAgent::Applied(_) | FromAgent::Restart(_) => {
+                    return Err(
+                        ProtocolError::Unexpected { expected: "the manifest", got: "a batch answer".into() }.into()
+                    )
                 }
             }
         }
@@ -400,7 +514,7 @@ impl<T: Transport> Session<T> {
     }
 
     /// Sends one batch for `changes` and folds the acknowledged part into the baseline.
-    async fn sync(&mut self, changes: Vec<Change>, restart: bool) -> Result<(), SessionError> {
+    async fn sync(&mut self, changes: Vec<Change>) -> Result<(), SessionError> {
         let mut deletes = Vec::new();
         let mut chmods = Vec::new();
         let mut upserts = Vec::new();
@@ -427,11 +541,10 @@ impl<T: Transport> Session<T> {
             files: upserts.len() as u64,
             deletes: deletes.len() as u64,
             bytes,
-            restart,
         });
         let progress = self.reporter.progress(upserts.len() as u64, bytes);
         let result = self
-            .send_batch(round, deletes.clone(), chmods.clone(), upserts, restart, progress)
+            .send_batch(round, deletes.clone(), chmods.clone(), upserts, progress)
             .instrument(info_span!("sync", round))
             .await;
         self.reporter.finish_progress();
@@ -486,11 +599,10 @@ impl<T: Transport> Session<T> {
         deletes: Vec<String>,
         chmods: Vec<Chmod>,
         upserts: Vec<(String, Entry)>,
-        restart: bool,
         progress: crate::report::Progress,
     ) -> Result<(Applied, pack::Packed), SessionError> {
         let live = self.live.as_mut().expect("connected");
-        live.out.message(&ToAgent::Batch { id, deletes, chmods, restart }).await?;
+        live.out.message(&ToAgent::Batch { id, deletes, chmods }).await?;
 
         // Pack on a blocking thread; chunks flow through a small channel into data frames.
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
@@ -521,7 +633,11 @@ impl<T: Transport> Session<T> {
             match live.rx.recv().await {
                 Some(Ok(FromAgent::Applied(applied))) if applied.id == id => return Ok((applied, packed)),
                 Some(Ok(FromAgent::Fatal { message })) => return Err(SessionError::Agent(message)),
-                Some(Ok(other)) => debug!(?other, "message while waiting for the batch's acknowledgement"),
+                Some(Ok(other)) => {
+                    if let Some(other) = app_message(&self.reporter, other) {
+                        debug!(?other, "message while waiting for the batch's acknowledgement");
+                    }
+                }
                 Some(Err(e)) => return Err(e.into()),
                 None => return Err(ProtocolError::Truncated.into()),
             }
@@ -543,5 +659,20 @@ impl<T: Transport> Session<T> {
     /// The baseline (for tests and benchmarks).
     pub fn baseline(&self) -> &Manifest {
         &self.baseline
+    }
+}
+
+/// Shows the app's output and exits; gives back any other message.
+fn app_message(reporter: &Reporter, message: FromAgent) -> Option<FromAgent> {
+    match message {
+        FromAgent::Output { stream, line } => {
+            reporter.emit(Event::Output { stream, line });
+            None
+        }
+        FromAgent::Exited { pid, code } => {
+            reporter.emit(Event::Exited { pid, code });
+            None
+        }
+        other => Some(other),
     }
 }

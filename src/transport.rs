@@ -10,6 +10,8 @@ use std::process::Stdio;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::process::{Child, Command};
 
+use crate::config::Config;
+
 pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
 pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
@@ -61,9 +63,25 @@ impl CommandTransport {
         CommandTransport { argv, label }
     }
 
-    /// The agent as a child process serving a local folder.
-    pub fn local(agent: &Path, root: &Path) -> CommandTransport {
-        let argv = vec![agent.display().to_string(), "serve".into(), "--root".into(), root.display().to_string()];
+    /// The agent as a child process serving a local folder. With a `run` command in the config
+    /// the same process also supervises the app (`devloop-agent run --stdio`), starting it after
+    /// the first sync; without one it only syncs (`devloop-agent serve`).
+    pub fn local(agent: &Path, root: &Path, config: &Config) -> CommandTransport {
+        let mut argv = vec![agent.display().to_string()];
+        if config.run.is_empty() {
+            argv.extend(["serve".into(), "--root".into(), root.display().to_string()]);
+        } else {
+            argv.extend(["run".into(), "--stdio".into(), "--wait".into(), "--root".into(), root.display().to_string()]);
+            argv.extend(["--grace".into(), config.grace.clone()]);
+            if !config.build.is_empty() {
+                argv.extend(["--build".into(), shell_words::join(&config.build)]);
+            }
+            if let Some(ready) = &config.ready {
+                argv.extend(["--ready".into(), ready.probe(), "--ready-timeout".into(), ready.timeout.clone()]);
+            }
+            argv.push("--".into());
+            argv.extend(config.run.iter().cloned());
+        }
         CommandTransport { argv, label: format!("local:{}", root.display()) }
     }
 }

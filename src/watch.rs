@@ -201,6 +201,11 @@ impl Watcher {
         Some(std::mem::take(&mut self.gathered))
     }
 
+    /// Whether hints are waiting: a window is open or events are queued.
+    pub fn pending(&self) -> bool {
+        self.opened.is_some() || !self.rx.is_empty()
+    }
+
     fn absorb(&mut self, raw: Raw) {
         match raw {
             Raw::Rescan => self.gathered.rescan = true,

@@ -6,4 +6,5 @@
 mod support;
 
 mod errors;
+mod supervise;
 mod sync;

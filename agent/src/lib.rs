@@ -16,7 +16,15 @@ pub mod walk;
 #[cfg(feature = "runtime")]
 pub mod apply;
 #[cfg(feature = "runtime")]
+pub mod control;
+#[cfg(feature = "runtime")]
+pub mod probe;
+#[cfg(feature = "runtime")]
+pub mod reap;
+#[cfg(feature = "runtime")]
 pub mod serve;
+#[cfg(feature = "runtime")]
+pub mod supervise;
 
 /// The reserved folder at the root of every synced tree: the agent's staging area and caches.
 /// Never synced, never reported in a manifest.

@@ -52,8 +52,14 @@ pub enum ToAgent {
         deletes: Vec<String>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         chmods: Vec<Chmod>,
-        restart: bool,
     },
+    /// Restart the app (building first, if the supervisor has a build); answered by
+    /// [`FromAgent::Restart`]. Separate from the batch so that the CLI can hold it back while a
+    /// burst of edits is still arriving: a burst costs one restart.
+    Restart,
+    /// Make sure the app runs and is ready (start it if it is not running); answered by
+    /// [`FromAgent::Restart`]. Used by `--once` when nothing needed a restart.
+    Ready,
     Bye,
 }
 
@@ -65,7 +71,7 @@ pub struct Chmod {
 }
 
 /// What the agent says to the CLI.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromAgent {
     Welcome {
@@ -82,6 +88,18 @@ pub enum FromAgent {
         problems: Vec<Problem>,
     },
     Applied(Applied),
+    /// The answer to [`ToAgent::Restart`] and [`ToAgent::Ready`].
+    Restart(RestartReport),
+    /// A line the app (or its build) printed.
+    Output {
+        stream: Stream,
+        line: String,
+    },
+    /// The app exited on its own (not by a restart).
+    Exited {
+        pid: u32,
+        code: i32,
+    },
     /// The agent cannot go on; the session ends after this.
     Fatal {
         message: String,
@@ -98,6 +116,37 @@ pub struct Applied {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<Problem>,
     pub micros: u64,
+}
+
+/// How a restart went.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum RestartReport {
+    /// The old process tree is gone and the new app runs (and passed the readiness probe, if one
+    /// is set: `ready_ms` is how long that took after the start).
+    Restarted {
+        pid: u32,
+        stop_ms: f64,
+        start_ms: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ready_ms: Option<f64>,
+    },
+    /// The build before the restart failed; the old process keeps running.
+    BuildFailed { code: i32, output: String },
+    /// The app started but did not become ready (it exited, or the probe timed out).
+    NotReady { pid: u32, message: String },
+    /// The restart could not be done (the command cannot start, ...).
+    Failed { message: String },
+    /// No supervisor runs next to this agent: files sync, nothing restarts.
+    Unsupervised,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+    Build,
 }
 
 /// Something wrong with one path; the rest of the work went on.

@@ -1,7 +1,8 @@
 //! One protocol session: handshake, the agent's manifest, then batches until `Bye`.
 //!
 //! Generic over the byte stream, so the same code serves stdin/stdout in a container, a child
-//! process of the CLI, and an in-memory duplex in tests.
+//! process of the CLI, and an in-memory duplex in tests. Everything the agent says goes through
+//! one writer task, so app output can interleave with batch acknowledgements.
 
 use std::fs;
 use std::io::{self, Read};
@@ -14,19 +15,22 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, Instrument};
 
 use crate::apply::{Applier, TreeUpdate};
+use crate::control::Link;
 use crate::filter::Filter;
 use crate::manifest::{Digest, Entry, Record};
-use crate::protocol::{self, Frame, FrameReader, FrameWriter, FromAgent, ProtocolError, ToAgent};
+use crate::protocol::{self, Applied, Chmod, Frame, FrameReader, FrameWriter, FromAgent, ProtocolError, ToAgent};
 use crate::walk::{self, Scanned, StatKey, Tree};
 use crate::RESERVED_DIR;
 
 /// Records per manifest message.
 const MANIFEST_CHUNK: usize = 4096;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServeOptions {
     pub root: PathBuf,
     pub max_file_size: u64,
+    /// The way to the supervisor that restarts the app after a batch.
+    pub link: Link,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,49 +47,67 @@ pub enum ServeError {
 pub async fn serve<R, W>(reader: R, writer: W, options: ServeOptions) -> Result<(), ServeError>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut reader = reader;
     let mut writer = tokio::io::BufWriter::new(writer);
     protocol::handshake(&mut reader, &mut writer).await?;
     let mut frames = FrameReader::new(reader);
-    let mut out = FrameWriter::new(writer);
 
-    let excludes = match frames.message::<ToAgent>().await? {
-        ToAgent::Hello { client, excludes } => {
-            info!(%client, root = %options.root.display(), "session");
-            excludes
-        }
-        other => return Err(unexpected("hello", &other).into()),
-    };
-    let result = session(&mut frames, &mut out, &options, &excludes).await;
+    let (out, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_all(FrameWriter::new(writer), rx));
+    let result = async {
+        let excludes = match frames.message::<ToAgent>().await? {
+            ToAgent::Hello { client, excludes } => {
+                info!(%client, root = %options.root.display(), "session");
+                excludes
+            }
+            other => return Err(unexpected("hello", &other).into()),
+        };
+        session(&mut frames, &out, &options, &excludes).await
+    }
+    .await;
     if let Err(err) = &result {
         if !matches!(err, ServeError::Protocol(e) if e.is_disconnect()) {
-            let _ = out.message(&FromAgent::Fatal { message: err.to_string() }).await;
-            let _ = out.flush().await;
+            let _ = out.send(FromAgent::Fatal { message: err.to_string() });
         }
     }
-    result
+    drop(out);
+    let written = writer.await.expect("writer task panicked");
+    result?;
+    written.map_err(ServeError::from)
 }
 
-async fn session<R, W>(
+/// Writes messages as they come, flushing whenever the queue runs dry.
+async fn write_all<W: AsyncWrite + Unpin>(
+    mut out: FrameWriter<W>,
+    mut rx: mpsc::UnboundedReceiver<FromAgent>,
+) -> Result<(), ProtocolError> {
+    while let Some(message) = rx.recv().await {
+        out.message(&message).await?;
+        while let Ok(more) = rx.try_recv() {
+            out.message(&more).await?;
+        }
+        out.flush().await?;
+    }
+    Ok(())
+}
+
+type Out = mpsc::UnboundedSender<FromAgent>;
+
+async fn session<R: AsyncRead + Unpin>(
     frames: &mut FrameReader<R>,
-    out: &mut FrameWriter<W>,
+    out: &Out,
     options: &ServeOptions,
     excludes: &[String],
-) -> Result<(), ServeError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+) -> Result<(), ServeError> {
     let root = options.root.clone();
     let root_err = |source| ServeError::Root { root: root.clone(), source };
     fs::create_dir_all(&root).map_err(root_err)?;
     let mut applier = Applier::new(&root, options.max_file_size).map_err(root_err)?;
     let filter = Arc::new(Filter::new(&root, excludes)?);
 
-    out.message(&FromAgent::Welcome { agent: env!("CARGO_PKG_VERSION").into(), root: root.display().to_string() })
-        .await?;
+    let _ = out.send(FromAgent::Welcome { agent: env!("CARGO_PKG_VERSION").into(), root: root.display().to_string() });
     let cache_path = root.join(RESERVED_DIR).join("manifest.cache");
     let scanned = {
         let filter = Arc::clone(&filter);
@@ -105,34 +127,57 @@ where
     let records: Vec<Record> =
         tree.iter().map(|(path, s)| Record { path: path.clone(), entry: s.entry.clone() }).collect();
     for chunk in records.chunks(MANIFEST_CHUNK) {
-        out.message(&FromAgent::Manifest { records: chunk.to_vec() }).await?;
+        let _ = out.send(FromAgent::Manifest { records: chunk.to_vec() });
     }
     drop(records);
-    out.message(&FromAgent::ManifestEnd { entries: tree.len() as u64, problems: scanned.problems }).await?;
-    out.flush().await?;
+    let _ = out.send(FromAgent::ManifestEnd { entries: tree.len() as u64, problems: scanned.problems });
 
+    // The app's output and exits reach the client for as long as the session lasts.
+    let forwarder = options.link.subscribe().await.map(|mut events| {
+        let out = out.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if out.send(event).is_err() {
+                    break;
+                }
+            }
+        })
+    });
+    let result = batches(frames, out, options, &mut applier, &mut tree).await;
+    if let Some(forwarder) = forwarder {
+        forwarder.abort();
+    }
+    let _ = tokio::task::spawn_blocking(move || save_cache(&cache_path, &tree)).await;
+    result
+}
+
+async fn batches<R: AsyncRead + Unpin>(
+    frames: &mut FrameReader<R>,
+    out: &Out,
+    options: &ServeOptions,
+    applier: &mut Applier,
+    tree: &mut Tree,
+) -> Result<(), ServeError> {
     loop {
         let Some(frame) = frames.next().await? else {
             debug!("client closed the stream");
-            break;
+            return Ok(());
         };
         match frame.decode::<ToAgent>()? {
-            ToAgent::Batch { id, deletes, chmods, restart: _ } => {
-                let (applied, incomplete, applier_back) =
+            ToAgent::Batch { id, deletes, chmods } => {
+                let (report, incomplete, updates) =
                     receive_batch(frames, applier, id, deletes, chmods).instrument(info_span!("apply", id)).await?;
-                applier = applier_back;
-                for update in applied.1 {
+                for update in updates {
                     match update {
                         TreeUpdate::Put(path, scanned) => {
-                            walk::remove_subtree(&mut tree, &path);
+                            walk::remove_subtree(tree, &path);
                             tree.insert(path, scanned);
                         }
                         TreeUpdate::Remove(path) => {
-                            walk::remove_subtree(&mut tree, &path);
+                            walk::remove_subtree(tree, &path);
                         }
                     }
                 }
-                let report = applied.0;
                 info!(
                     id,
                     written = report.written,
@@ -141,39 +186,41 @@ where
                     micros = report.micros,
                     "applied"
                 );
-                out.message(&FromAgent::Applied(report)).await?;
-                out.flush().await?;
+                let _ = out.send(FromAgent::Applied(report));
                 if let Some(message) = incomplete {
-                    return Err(ServeError::Protocol(ProtocolError::Unexpected {
-                        expected: "a whole tar stream",
-                        got: message,
-                    }));
+                    return Err(ProtocolError::Unexpected { expected: "a whole tar stream", got: message }.into());
                 }
             }
-            ToAgent::Bye => break,
+            ToAgent::Restart => {
+                let report = options.link.restart().instrument(info_span!("restart")).await;
+                info!(?report, "restart");
+                let _ = out.send(FromAgent::Restart(report));
+            }
+            ToAgent::Ready => {
+                let report = options.link.ready().await;
+                let _ = out.send(FromAgent::Restart(report));
+            }
+            ToAgent::Bye => return Ok(()),
             other @ ToAgent::Hello { .. } => return Err(unexpected("a batch or bye", &other).into()),
         }
     }
-    let cache_path = cache_path.clone();
-    let _ = tokio::task::spawn_blocking(move || save_cache(&cache_path, &tree)).await;
-    Ok(())
 }
-
-type BatchResult = ((crate::protocol::Applied, Vec<TreeUpdate>), Option<String>, Applier);
 
 /// Streams the batch's data frames into a blocking apply task, bounded to a few chunks in flight.
 async fn receive_batch<R: AsyncRead + Unpin>(
     frames: &mut FrameReader<R>,
-    mut applier: Applier,
+    applier: &mut Applier,
     id: u64,
     deletes: Vec<String>,
-    chmods: Vec<crate::protocol::Chmod>,
-) -> Result<BatchResult, ServeError> {
+    chmods: Vec<Chmod>,
+) -> Result<(Applied, Option<String>, Vec<TreeUpdate>), ServeError> {
     let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+    // The applier moves into the blocking task and comes back with the result.
+    let mut moved = std::mem::replace(applier, Applier::placeholder());
     let task = tokio::task::spawn_blocking(move || {
         let reader = ChannelReader { rx, current: Vec::new(), pos: 0 };
-        let (applied, incomplete, updates) = applier.apply(id, &deletes, &chmods, reader);
-        ((applied, updates), incomplete, applier)
+        let result = moved.apply(id, &deletes, &chmods, reader);
+        (result, moved)
     });
     let streamed: Result<(), ServeError> = loop {
         match frames.next().await {
@@ -191,8 +238,9 @@ async fn receive_batch<R: AsyncRead + Unpin>(
     };
     // Let the apply task finish what arrived whole before the session reports anything.
     drop(tx);
-    let done = task.await.expect("apply task panicked");
-    streamed.map(|()| done)
+    let (result, moved) = task.await.expect("apply task panicked");
+    *applier = moved;
+    streamed.map(|()| result)
 }
 
 struct ChannelReader {
@@ -236,12 +284,8 @@ struct CachedFile {
 }
 
 fn load_cache(path: &Path) -> Tree {
-    let Ok(bytes) = fs::read(path) else {
-        return Tree::new();
-    };
-    let Ok(files) = postcard::from_bytes::<Vec<CachedFile>>(&bytes) else {
-        return Tree::new();
-    };
+    let Ok(bytes) = fs::read(path) else { return Tree::new() };
+    let Ok(files) = postcard::from_bytes::<Vec<CachedFile>>(&bytes) else { return Tree::new() };
     files
         .into_iter()
         .map(|f| {
@@ -267,9 +311,7 @@ fn save_cache(path: &Path, tree: &Tree) {
             _ => None,
         })
         .collect();
-    let Ok(bytes) = postcard::to_allocvec(&files) else {
-        return;
-    };
+    let Ok(bytes) = postcard::to_allocvec(&files) else { return };
     let tmp = path.with_extension("tmp");
     if fs::write(&tmp, bytes).is_ok() {
         let _ = fs::rename(&tmp, path);

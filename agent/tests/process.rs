@@ -53,7 +53,7 @@ fn hostile_batch_through_the_real_binary_writes_nothing_outside() {
     let mut child = agent(&root);
     let mut input = hello(PROTOCOL_VERSION);
     input.extend(message(&ToAgent::Hello { client: "test".into(), excludes: vec![] }));
-    input.extend(message(&ToAgent::Batch { id: 1, deletes: vec![], chmods: vec![], restart: false }));
+    input.extend(message(&ToAgent::Batch { id: 1, deletes: vec![], chmods: vec![] }));
     let tar = Tar::new()
         .file("../outside/evil.txt", b"evil")
         .file(&format!("{}/abs.txt", outside.display()), b"evil")

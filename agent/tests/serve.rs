@@ -22,7 +22,8 @@ struct Client {
 async fn connect(root: &Path, max_file_size: u64) -> (Client, Vec<Record>) {
     let (ours, theirs) = tokio::io::duplex(1 << 16);
     let (agent_read, agent_write) = tokio::io::split(theirs);
-    let options = ServeOptions { root: root.to_path_buf(), max_file_size };
+    let link = devloop_agent::control::Link::Socket(devloop_agent::control::socket_path(root));
+    let options = ServeOptions { root: root.to_path_buf(), max_file_size, link };
     let agent = tokio::spawn(serve(agent_read, agent_write, options));
     let (mut read, mut write) = tokio::io::split(ours);
     protocol::handshake(&mut read, &mut write).await.unwrap();
@@ -47,7 +48,7 @@ async fn connect(root: &Path, max_file_size: u64) -> (Client, Vec<Record>) {
 impl Client {
     async fn batch(&mut self, id: u64, deletes: &[&str], chmods: Vec<Chmod>, tar: Vec<u8>) -> Applied {
         let deletes = deletes.iter().map(|s| s.to_string()).collect();
-        self.out.message(&ToAgent::Batch { id, deletes, chmods, restart: false }).await.unwrap();
+        self.out.message(&ToAgent::Batch { id, deletes, chmods }).await.unwrap();
         for chunk in tar.chunks(1000) {
             self.out.data(chunk).await.unwrap();
         }
@@ -186,7 +187,7 @@ async fn a_batch_cut_off_midway_leaves_old_or_new_files_and_the_next_session_con
     let big = vec![b'n'; 200_000];
     let tar = Tar::new().file("a.txt", b"new a").file("b.txt", &big).bytes();
     // Send the header, the first file and only part of the second, then vanish.
-    client.out.message(&ToAgent::Batch { id: 1, deletes: vec![], chmods: vec![], restart: false }).await.unwrap();
+    client.out.message(&ToAgent::Batch { id: 1, deletes: vec![], chmods: vec![] }).await.unwrap();
     client.out.data(&tar[..100_000]).await.unwrap();
     client.out.flush().await.unwrap();
     drop(client.out);

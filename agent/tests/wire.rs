@@ -2,7 +2,7 @@
 
 use devloop_agent::manifest::{Digest, Entry, Record};
 use devloop_agent::protocol::{
-    encode_frame, Applied, Chmod, Frame, FromAgent, Problem, ToAgent, MAGIC, PROTOCOL_VERSION,
+    encode_frame, Applied, Chmod, Frame, FromAgent, Problem, RestartReport, Stream, ToAgent, MAGIC, PROTOCOL_VERSION,
 };
 
 fn json<T: serde::Serialize>(value: &T) -> String {
@@ -33,14 +33,12 @@ fn client_messages() {
             id: 3,
             deletes: vec!["old.txt".into()],
             chmods: vec![Chmod { path: "run.sh".into(), exec: true }],
-            restart: true
         }),
-        r#"{"type":"batch","id":3,"deletes":["old.txt"],"chmods":[{"path":"run.sh","exec":true}],"restart":true}"#
+        r#"{"type":"batch","id":3,"deletes":["old.txt"],"chmods":[{"path":"run.sh","exec":true}]}"#
     );
-    assert_eq!(
-        json(&ToAgent::Batch { id: 4, deletes: vec![], chmods: vec![], restart: false }),
-        r#"{"type":"batch","id":4,"restart":false}"#
-    );
+    assert_eq!(json(&ToAgent::Batch { id: 4, deletes: vec![], chmods: vec![] }), r#"{"type":"batch","id":4}"#);
+    assert_eq!(json(&ToAgent::Restart), r#"{"type":"restart"}"#);
+    assert_eq!(json(&ToAgent::Ready), r#"{"type":"ready"}"#);
     assert_eq!(json(&ToAgent::Bye), r#"{"type":"bye"}"#);
 }
 
@@ -80,10 +78,36 @@ fn agent_messages() {
         r#"{"type":"manifest_end","entries":4}"#
     );
     assert_eq!(json(&FromAgent::Fatal { message: "boom".into() }), r#"{"type":"fatal","message":"boom"}"#);
+    assert_eq!(
+        json(&FromAgent::Restart(RestartReport::Restarted {
+            pid: 42,
+            stop_ms: 1.5,
+            start_ms: 0.25,
+            ready_ms: Some(3.0)
+        })),
+        r#"{"type":"restart","outcome":"restarted","pid":42,"stop_ms":1.5,"start_ms":0.25,"ready_ms":3.0}"#
+    );
+    assert_eq!(
+        json(&FromAgent::Restart(RestartReport::BuildFailed { code: 1, output: "error CS1002".into() })),
+        r#"{"type":"restart","outcome":"build_failed","code":1,"output":"error CS1002"}"#
+    );
+    assert_eq!(
+        json(&FromAgent::Restart(RestartReport::NotReady { pid: 7, message: "exited".into() })),
+        r#"{"type":"restart","outcome":"not_ready","pid":7,"message":"exited"}"#
+    );
+    assert_eq!(
+        json(&FromAgent::Restart(RestartReport::Unsupervised)),
+        r#"{"type":"restart","outcome":"unsupervised"}"#
+    );
+    assert_eq!(
+        json(&FromAgent::Output { stream: Stream::Stdout, line: "listening on :80".into() }),
+        r#"{"type":"output","stream":"stdout","line":"listening on :80"}"#
+    );
+    assert_eq!(json(&FromAgent::Exited { pid: 7, code: 143 }), r#"{"type":"exited","pid":7,"code":143}"#);
 }
 
 #[test]
 fn messages_round_trip() {
-    let msg = ToAgent::Batch { id: 9, deletes: vec!["x".into()], chmods: vec![], restart: true };
+    let msg = ToAgent::Batch { id: 9, deletes: vec!["x".into()], chmods: vec![] };
     assert_eq!(serde_json::from_str::<ToAgent>(&json(&msg)).unwrap(), msg);
 }

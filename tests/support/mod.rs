@@ -71,6 +71,15 @@ impl Fixture {
         Watch::start(&self.src, &["--json", "watch", "--target", &self.target()])
     }
 
+    /// A running `devloop watch --json` whose app has started once (first `restarted`).
+    pub fn watch_restarts(&self) -> Watch {
+        let mut watch = self.watch();
+        if !watch.seen.iter().any(|e| e["event"] == "restarted") {
+            watch.wait_for("restarted", Duration::from_secs(20));
+        }
+        watch
+    }
+
     /// Waits until the target's tree equals the source's (ignored paths left out on both sides).
     pub fn converge(&self) {
         converge(&self.src, &self.dst, &[]);

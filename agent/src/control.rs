@@ -1,0 +1,174 @@
+//! How a protocol session reaches the supervisor.
+//!
+//! In a container, `devloop-agent run` is the main process and each `devloop-agent serve` (one per
+//! exec) is another process: they talk over a unix socket at `ROOT/.devloop/agent.sock`, one JSON
+//! request a connection (`restart`, `ready`, `subscribe`), answered by one JSON line (a
+//! [`RestartReport`]) or, for `subscribe`, by a stream of app events. For a local target one
+//! process does both and the session holds the [`Supervisor`] handle directly.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::protocol::{FromAgent, RestartReport};
+use crate::supervise::{AppEvent, Supervisor};
+use crate::RESERVED_DIR;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ControlRequest {
+    Restart,
+    Ready,
+    Subscribe,
+}
+
+pub fn socket_path(root: &Path) -> PathBuf {
+    root.join(RESERVED_DIR).join("agent.sock")
+}
+
+/// Serves the control socket for `supervisor` until the task is dropped.
+pub fn listen(root: &Path, supervisor: Supervisor) -> io::Result<tokio::task::JoinHandle<()>> {
+    let path = socket_path(root);
+    std::fs::create_dir_all(path.parent().expect("socket has a parent"))?;
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(&path)?;
+    Ok(tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let supervisor = supervisor.clone();
+            tokio::spawn(async move {
+                if let Err(e) = answer(stream, supervisor).await {
+                    debug!(error = %e, "control connection");
+                }
+            });
+        }
+    }))
+}
+
+async fn answer(stream: UnixStream, supervisor: Supervisor) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let request: ControlRequest = serde_json::from_str(&line).map_err(io::Error::other)?;
+    match request {
+        ControlRequest::Restart => reply(&mut write, &supervisor.restart().await).await,
+        ControlRequest::Ready => reply(&mut write, &supervisor.ready().await).await,
+        ControlRequest::Subscribe => {
+            let mut events = supervisor.subscribe();
+            loop {
+                let event = match events.recv().await {
+                    Ok(event) => event,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return Ok(()),
+                };
+                reply(&mut write, &to_message(event)).await?;
+            }
+        }
+    }
+}
+
+async fn reply<T: Serialize>(write: &mut tokio::net::unix::OwnedWriteHalf, value: &T) -> io::Result<()> {
+    let mut line = serde_json::to_vec(value).map_err(io::Error::other)?;
+    line.push(b'\n');
+    write.write_all(&line).await
+}
+
+fn to_message(event: AppEvent) -> FromAgent {
+    match event {
+        AppEvent::Output { stream, line } => FromAgent::Output { stream, line },
+        AppEvent::Exited { pid, code } => FromAgent::Exited { pid, code },
+    }
+}
+
+/// A session's way to the supervisor.
+#[derive(Clone)]
+pub enum Link {
+    /// Same process (`devloop-agent run --stdio`).
+    InProcess(Supervisor),
+    /// Over the control socket of a `devloop-agent run` in the same container.
+    Socket(PathBuf),
+}
+
+impl Link {
+    pub async fn restart(&self) -> RestartReport {
+        match self {
+            Link::InProcess(supervisor) => supervisor.restart().await,
+            Link::Socket(path) => ask(path, ControlRequest::Restart).await,
+        }
+    }
+
+    pub async fn ready(&self) -> RestartReport {
+        match self {
+            Link::InProcess(supervisor) => supervisor.ready().await,
+            Link::Socket(path) => ask(path, ControlRequest::Ready).await,
+        }
+    }
+
+    /// The app's events as protocol messages, or `None` when no supervisor runs.
+    pub async fn subscribe(&self) -> Option<mpsc::Receiver<FromAgent>> {
+        let (tx, rx) = mpsc::channel(1024);
+        match self {
+            Link::InProcess(supervisor) => {
+                let mut events = supervisor.subscribe();
+                tokio::spawn(async move {
+                    loop {
+                        match events.recv().await {
+                            Ok(event) => {
+                                if tx.send(to_message(event)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+            Link::Socket(path) => {
+                let stream = UnixStream::connect(path).await.ok()?;
+                let (read, mut write) = stream.into_split();
+                reply(&mut write, &ControlRequest::Subscribe).await.ok()?;
+                tokio::spawn(async move {
+                    let _keep = write;
+                    let mut lines = BufReader::new(read).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let Ok(message) = serde_json::from_str::<FromAgent>(&line) else { continue };
+                        if tx.send(message).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+        Some(rx)
+    }
+}
+
+async fn ask(path: &Path, request: ControlRequest) -> RestartReport {
+    let stream = match UnixStream::connect(path).await {
+        Ok(stream) => stream,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+            return RestartReport::Unsupervised
+        }
+        Err(e) => return RestartReport::Failed { message: format!("cannot reach the supervisor: {e}") },
+    };
+    let (read, mut write) = stream.into_split();
+    if let Err(e) = reply(&mut write, &request).await {
+        return RestartReport::Failed { message: format!("cannot reach the supervisor: {e}") };
+    }
+    let mut line = String::new();
+    match BufReader::new(read).read_line(&mut line).await {
+        Ok(n) if n > 0 => serde_json::from_str(&line)
+            .unwrap_or_else(|e| RestartReport::Failed { message: format!("bad answer from the supervisor: {e}") }),
+        Ok(_) => RestartReport::Failed { message: "the supervisor closed the connection".into() },
+        Err(e) => RestartReport::Failed { message: format!("cannot reach the supervisor: {e}") },
+    }
+}
