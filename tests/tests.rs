@@ -1,10 +1,12 @@
 //! Integration tests: one binary, a module per area. Each test works in a fresh temp folder.
 //!
-//! Tiers: `sync` runs the real `devloop` and `devloop-agent` binaries end to end with
-//! `--target local:` on real trees.
+//! Tiers: `sync`, `supervise` and `errors` run the real `devloop` and `devloop-agent` binaries
+//! end to end with `--target local:` on real trees; `container` drives a real podman container
+//! through `--target cmd:podman exec -i …` (needs the image `tests/run` builds).
 
 mod support;
 
+mod container;
 mod errors;
 mod supervise;
 mod sync;
