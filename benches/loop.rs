@@ -1,7 +1,7 @@
 //! devloop's benchmark: the core loop against its peers, measured in the same run.
 //!
 //! ```text
-//! cargo build --release --workspace && cargo bench --bench loop [-- initial rescan latency rss]
+//! cargo build --release --workspace && cargo bench --bench loop [-- initial rescan latency rss restart agent]
 //! ```
 //!
 //! Prints medians and ratios:
@@ -9,7 +9,11 @@
 //! - no-op rescan of a 100,000-file tree (in-process, stat cache warm; and `devloop watch --once`
 //!   end to end on a synced copy) vs `rsync -a` of the same tree to a synced copy;
 //! - edit → applied latency of one small file in a running `devloop watch` (50 edits);
-//! - peak and steady RSS of `devloop watch` on the 100,000-file tree.
+//! - peak and steady RSS of `devloop watch` on the 100,000-file tree;
+//! - edit → new process accepting connections, a `dotnet run`-shaped stand-in app (a parent whose
+//!   child holds the port), devloop (local target) vs `watchexec --restart` (30 edits each; the
+//!   bench installs watchexec-cli from crates.io into ~/.cache/devloop-bench-tools if missing);
+//! - the static agent's size and idle RSS.
 //!
 //! Trees are generated in a fresh folder (`$DEVLOOP_BENCH_DIR`, default the system temp dir).
 
@@ -43,6 +47,12 @@ fn main() {
         if run("latency") {
             latency(&bins, &tree, work.path());
         }
+    }
+    if run("restart") {
+        restart(&bins, work.path());
+    }
+    if run("agent") {
+        agent(&bins, work.path());
     }
     if run("rescan") || run("rss") {
         let tree = work.path().join("t100k");
@@ -290,4 +300,171 @@ fn rss(bins: &Bins, tree: &Path, work: &Path) {
         now as f64 / 1024.0,
         peak as f64 / 1024.0
     );
+}
+
+/// The stand-in app (crate tests/standin).
+fn standin(bins: &Bins) -> PathBuf {
+    let path = bins.devloop.with_file_name("standin");
+    if !path.is_file() {
+        eprintln!("{} is missing\nhint: cargo build --release --workspace", path.display());
+        std::process::exit(2);
+    }
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// GET / on the port; the body when a server answers.
+fn get(port: u16) -> Option<String> {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+/// Writes `body` into `file` and polls the port until the new content is served.
+fn edit_until_served(file: &Path, body: &str, port: u16) -> f64 {
+    let started = Instant::now();
+    fs::write(file, body).unwrap();
+    loop {
+        if get(port).as_deref() == Some(body) {
+            return started.elapsed().as_secs_f64() * 1000.0;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the new content was never served");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn watchexec() -> Option<PathBuf> {
+    if let Ok(path) = which("watchexec") {
+        return Some(path);
+    }
+    let root = PathBuf::from(std::env::var_os("HOME")?).join(".cache/devloop-bench-tools");
+    let bin = root.join("bin/watchexec");
+    if !bin.is_file() {
+        println!("installing watchexec-cli from crates.io into {} (once)", root.display());
+        let status =
+            Command::new("cargo").args(["install", "--locked", "watchexec-cli", "--root"]).arg(&root).status().ok()?;
+        if !status.success() {
+            return None;
+        }
+    }
+    Some(bin)
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    let path = std::env::var_os("PATH").ok_or(())?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file()).ok_or(())
+}
+
+fn restart(bins: &Bins, work: &Path) {
+    println!("\n== edit -> new process serving, dotnet-run-shaped stand-in app (30 edits each) ==");
+    let standin = standin(bins);
+
+    // devloop: local target, the agent supervises the app.
+    let src = work.join("restart-src");
+    fs::create_dir_all(&src).unwrap();
+    let port = free_port();
+    fs::write(
+        src.join("devloop.yaml"),
+        format!(
+            "name: bench\nrun: [{}, --port, '{port}', --file, message.txt]\nready: {{tcp: {port}}}\n",
+            standin.display()
+        ),
+    )
+    .unwrap();
+    fs::write(src.join("message.txt"), "start").unwrap();
+    let dst = work.join("restart-dst");
+    let (mut child, mut lines) = start_watch(bins, &src, &dst);
+    while get(port).as_deref() != Some("start") {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut ours = Vec::new();
+    let mut restart_ms = Vec::new();
+    for i in 0..30 {
+        ours.push(edit_until_served(&src.join("message.txt"), &format!("devloop {i}"), port));
+        let restarted = wait_event(&mut lines, "restarted");
+        restart_ms.push(restarted["stop_ms"].as_f64().unwrap() + restarted["start_ms"].as_f64().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::thread::sleep(Duration::from_millis(200));
+
+    // watchexec --restart on the same app, watching the same kind of folder.
+    let peer = watchexec().map(|watchexec| {
+        let src = work.join("restart-watchexec");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("message.txt"), "start").unwrap();
+        let port = free_port();
+        let mut child = Command::new(watchexec)
+            .current_dir(&src)
+            .args(["--restart", "--watch", "."])
+            .arg("--")
+            .arg(&standin)
+            .args(["--port", &port.to_string(), "--file", "message.txt"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while get(port).as_deref() != Some("start") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut times = Vec::new();
+        for i in 0..30 {
+            times.push(edit_until_served(&src.join("message.txt"), &format!("watchexec {i}"), port));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        times
+    });
+    let (m, p90) = (median(ours.clone()), percentile(ours, 0.9));
+    println!(
+        "devloop (local target)   median {m:>6.2} ms   p90 {p90:>6.2} ms   (targets: < 10 ms median, < 25 ms p99)"
+    );
+    println!("  of which stop + start  median {:>6.2} ms   (the agent's restart overhead)", median(restart_ms));
+    match peer {
+        Some(times) => {
+            let (wm, wp90) = (median(times.clone()), percentile(times, 0.9));
+            println!("watchexec --restart      median {wm:>6.2} ms   p90 {wp90:>6.2} ms");
+            println!("ratio devloop / watchexec  {:>6.2}x (median)", m / wm);
+        }
+        None => println!("watchexec: not available (cargo install watchexec-cli failed)"),
+    }
+}
+
+fn agent(bins: &Bins, work: &Path) {
+    println!("\n== the agent ==");
+    let static_agent =
+        bins.devloop.parent().unwrap().parent().unwrap().join("x86_64-unknown-linux-musl/agent/devloop-agent");
+    let agent = if static_agent.is_file() {
+        let size = fs::metadata(&static_agent).unwrap().len();
+        println!("static agent binary {:>6.2} MB   (target: < 3 MB)  {}", size as f64 / 1e6, static_agent.display());
+        static_agent
+    } else {
+        println!(
+            "static agent not built (cargo build -p devloop-agent --profile agent --target x86_64-unknown-linux-musl)"
+        );
+        bins.agent.clone()
+    };
+    let root = work.join("agent-idle");
+    fs::create_dir_all(&root).unwrap();
+    let mut child = Command::new(&agent)
+        .args(["run", "--root"])
+        .arg(&root)
+        .args(["--", "sleep", "1000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = status_kib(child.id(), "VmRSS:");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    println!("agent idle RSS (run, supervising sleep)  {:>6.2} MB   (target: < 10 MB)", rss as f64 / 1024.0);
 }

@@ -5,6 +5,7 @@
 
 pub mod classify;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod diff;
 pub mod pack;

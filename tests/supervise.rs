@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use crate::support::{agent_bin, Fixture};
 
 pub fn standin_bin() -> std::path::PathBuf {
-    let path = crate::support::devloop_bin().with_file_name("examples").join("standin");
-    assert!(path.is_file(), "{} is missing: `cargo test` builds the examples", path.display());
+    let path = crate::support::devloop_bin().with_file_name("standin");
+    assert!(path.is_file(), "{} is missing: run the tests with `cargo test --workspace`", path.display());
     path
 }
 

@@ -8,5 +8,6 @@ mod support;
 
 mod container;
 mod errors;
+mod kubernetes;
 mod supervise;
 mod sync;

@@ -1,0 +1,92 @@
+//! Reaching a Kubernetes cluster the way kubectl does (kubeconfig, `--context`, `-n`), and
+//! turning what the API server says into errors a user can act on.
+//!
+//! Only this module and the Kubernetes transport (to come) know about Kubernetes.
+
+use std::path::PathBuf;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+/// Which cluster, as kubectl chooses it.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    /// `--kubeconfig` (else `$KUBECONFIG`, else `~/.kube/config`).
+    pub kubeconfig: Option<PathBuf>,
+    /// `--context` (else the kubeconfig's current context).
+    pub context: Option<String>,
+    /// `-n` (else the context's namespace, else `default`).
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("no kubeconfig found ({0})")]
+    NoKubeconfig(String),
+    #[error("cannot read the kubeconfig: {0}")]
+    BadKubeconfig(String),
+    #[error("the kubeconfig has no context `{0}`")]
+    UnknownContext(String),
+    #[error("namespace `{0}` does not exist")]
+    NoNamespace(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("cannot reach the cluster: {0}")]
+    Unreachable(String),
+    #[error("the API server said: {0}")]
+    Api(String),
+}
+
+impl ClusterError {
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            ClusterError::NoKubeconfig(_) => {
+                "point KUBECONFIG at your cluster's kubeconfig (or pass --kubeconfig), e.g. from `az aks get-credentials`".into()
+            }
+            ClusterError::BadKubeconfig(_) => "check the file with `kubectl config view`".into(),
+            ClusterError::UnknownContext(_) => "list the contexts with `kubectl config get-contexts`".into(),
+            ClusterError::NoNamespace(ns) => format!("create it (`kubectl create namespace {ns}`) or pick another with -n"),
+            ClusterError::Forbidden(_) => {
+                "ask a cluster admin for a Role with that verb on that resource in this namespace, bound to your user".into()
+            }
+            ClusterError::Unreachable(_) => "check the cluster is up and `kubectl cluster-info` works".into(),
+            ClusterError::Api(_) => return None,
+        })
+    }
+}
+
+/// A client for the selected cluster, and the namespace to work in.
+pub async fn connect(selection: &Selection) -> Result<(Client, String), ClusterError> {
+    let options = KubeConfigOptions { context: selection.context.clone(), ..KubeConfigOptions::default() };
+    let kubeconfig = match &selection.kubeconfig {
+        Some(path) => {
+            Kubeconfig::read_from(path).map_err(|e| ClusterError::BadKubeconfig(format!("{}: {e}", path.display())))?
+        }
+        None => Kubeconfig::read().map_err(|e| ClusterError::NoKubeconfig(e.to_string()))?,
+    };
+    if let Some(context) = &selection.context {
+        if !kubeconfig.contexts.iter().any(|c| &c.name == context) {
+            return Err(ClusterError::UnknownContext(context.clone()));
+        }
+    }
+    let config = Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .map_err(|e| ClusterError::BadKubeconfig(e.to_string()))?;
+    let namespace = selection.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
+    let client = Client::try_from(config).map_err(|e| ClusterError::Unreachable(e.to_string()))?;
+    Ok((client, namespace))
+}
+
+/// What a failed API call means for the user.
+pub fn explain(err: kube::Error, namespace: &str) -> ClusterError {
+    match err {
+        kube::Error::Api(status) if status.code == 404 && status.message.contains("namespaces") => {
+            ClusterError::NoNamespace(namespace.to_string())
+        }
+        kube::Error::Api(status) if status.code == 403 => ClusterError::Forbidden(status.message),
+        kube::Error::Api(status) => ClusterError::Api(status.message),
+        kube::Error::HyperError(e) => ClusterError::Unreachable(e.to_string()),
+        kube::Error::Service(e) => ClusterError::Unreachable(e.to_string()),
+        other => ClusterError::Api(other.to_string()),
+    }
+}

@@ -1,0 +1,339 @@
+//! The cluster tier: the real API server (built from upstream modules, kwok as the kubelet),
+//! reached through kube-rs the way devloop does.
+//!
+//! Needs `tests/cluster/up`; `tests/run` starts it and sets DEVLOOP_TEST_KUBECONFIG and
+//! DEVLOOP_CLUSTER_STATE. Without them these tests say so and pass without running.
+//! kwok's kubelet runs `exec` commands locally (PATH starts with STATE/exec-bin), forwards pod
+//! port 8080 to 127.0.0.1:18080 and serves STATE/logs/pod.log as every pod's log.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use devloop::cluster::{self, ClusterError, Selection};
+use futures::{AsyncBufReadExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use kube::api::{Api, AttachParams, DeleteParams, ListParams, LogParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::Client;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// kwok's port-forward target and the shared log file make these tests one-at-a-time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Cluster {
+    kubeconfig: PathBuf,
+    state: PathBuf,
+}
+
+fn cluster() -> Option<Cluster> {
+    match (std::env::var_os("DEVLOOP_TEST_KUBECONFIG"), std::env::var_os("DEVLOOP_CLUSTER_STATE")) {
+        (Some(kubeconfig), Some(state)) => Some(Cluster { kubeconfig: kubeconfig.into(), state: state.into() }),
+        _ => {
+            eprintln!("cluster tier skipped: DEVLOOP_TEST_KUBECONFIG is not set (tests/run starts the cluster)");
+            None
+        }
+    }
+}
+
+/// A client as the admin, or as `restricted` (a user with no RBAC rights at all).
+async fn client(cluster: &Cluster, user: &str) -> (Client, String) {
+    let kubeconfig = match user {
+        "admin" => cluster.kubeconfig.clone(),
+        other => cluster.state.join(format!("{other}.kubeconfig")),
+    };
+    let selection = Selection { kubeconfig: Some(kubeconfig), ..Selection::default() };
+    cluster::connect(&selection).await.expect("client")
+}
+
+/// A fresh namespace, deleted afterwards.
+struct Scratch {
+    client: Client,
+    name: String,
+}
+
+impl Scratch {
+    async fn new(client: &Client) -> Scratch {
+        let name = format!("devloop-test-{}", std::process::id() ^ rand_u32());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
+        Scratch { client: client.clone(), name }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let client = self.client.clone();
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let _ = rt.block_on(Api::<Namespace>::all(client).delete(&name, &DeleteParams::default()));
+        })
+        .join()
+        .ok();
+    }
+}
+
+fn rand_u32() -> u32 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    nanos.wrapping_mul(2654435761)
+}
+
+/// A one-replica Deployment, and its pod once Ready.
+async fn ready_pod(client: &Client, ns: &str, name: &str) -> Pod {
+    let deployment: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "app", "image": "localhost/devloop-dev:test", "ports": [{"containerPort": 8080}]}]}
+            }
+        }
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(client.clone(), ns).create(&PostParams::default(), &deployment).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = format!("app={name}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = pods.list(&ListParams::default().labels(&selector)).await.unwrap();
+        if let Some(pod) = list.items.into_iter().next() {
+            let pod_name = pod.metadata.name.clone().unwrap();
+            let ready = await_condition(pods.clone(), &pod_name, conditions::is_pod_running());
+            tokio::time::timeout(Duration::from_secs(60), ready).await.expect("pod running").unwrap();
+            let pod = pods.get(&pod_name).await.unwrap();
+            let is_ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if is_ready {
+                return pod;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no Ready pod for deployment {name}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deployment_gets_a_ready_pod() {
+    let Some(cluster) = cluster() else { return };
+    let _serial = SERIAL.lock().await;
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+    let pod = ready_pod(&client, &scratch.name, "web").await;
+    assert_eq!(pod.status.unwrap().phase.as_deref(), Some("Running"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_streams_megabytes_both_ways_and_ends_by_its_own_framing() {
+    let Some(cluster) = cluster() else { return };
+    let _serial = SERIAL.lock().await;
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+    let pod = ready_pod(&client, &scratch.name, "exec").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+
+    // `head -c N` ends after N bytes: stdin is never closed by us.
+    const N: usize = 4 << 20;
+    let payload: Vec<u8> = (0..N).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let params = AttachParams::default().stdin(true).stdout(true).stderr(false);
+    let mut attached =
+        pods.exec(pod.metadata.name.as_deref().unwrap(), ["head", "-c", &N.to_string()], &params).await.unwrap();
+    let mut stdin = attached.stdin().unwrap();
+    let mut stdout = attached.stdout().unwrap();
+    let writer = {
+        let payload = payload.clone();
+        tokio::spawn(async move {
+            stdin.write_all(&payload).await.unwrap();
+            stdin.flush().await.unwrap();
+            stdin
+        })
+    };
+    let mut echoed = Vec::with_capacity(N);
+    tokio::time::timeout(Duration::from_secs(60), stdout.read_to_end(&mut echoed))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    let _stdin = writer.await.unwrap();
+    assert_eq!(echoed.len(), N);
+    assert!(echoed == payload, "bytes came back unchanged");
+    let status = attached.take_status().unwrap().await.expect("a status");
+    assert_eq!(status.status.as_deref(), Some("Success"), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_runs_the_agent_protocol_through_the_api_server() {
+    use devloop_agent::protocol::{self, FrameReader, FrameWriter, FromAgent, ToAgent};
+    let Some(cluster) = cluster() else { return };
+    let _serial = SERIAL.lock().await;
+    let agent = crate::support::agent_bin();
+    let link = cluster.state.join("exec-bin/devloop-agent");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&agent, &link).unwrap();
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+    let pod = ready_pod(&client, &scratch.name, "agent").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("hello.txt"), "from the pod").unwrap();
+
+    let params = AttachParams::default().stdin(true).stdout(true).stderr(false);
+    let command = ["devloop-agent", "serve", "--root", root.path().to_str().unwrap()];
+    let mut attached = pods.exec(pod.metadata.name.as_deref().unwrap(), command, &params).await.unwrap();
+    let mut reader = attached.stdout().unwrap();
+    let mut writer = attached.stdin().unwrap();
+    protocol::handshake(&mut reader, &mut writer).await.unwrap();
+    let mut frames = FrameReader::new(reader);
+    let mut out = FrameWriter::new(writer);
+    out.message(&ToAgent::Hello { client: "test".into(), excludes: vec![] }).await.unwrap();
+    out.flush().await.unwrap();
+    let mut paths = Vec::new();
+    loop {
+        match frames.message::<FromAgent>().await.unwrap() {
+            FromAgent::Manifest { records } => paths.extend(records.into_iter().map(|r| r.path)),
+            FromAgent::ManifestEnd { .. } => break,
+            _ => {}
+        }
+    }
+    assert_eq!(paths, ["hello.txt"]);
+    out.message(&ToAgent::Bye).await.unwrap();
+    out.flush().await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), attached.take_status().unwrap())
+        .await
+        .expect("the agent ends on Bye, without stdin EOF")
+        .expect("a status");
+    assert_eq!(status.status.as_deref(), Some("Success"), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn port_forward_reaches_a_local_server() {
+    let Some(cluster) = cluster() else { return };
+    let _serial = SERIAL.lock().await;
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+    let pod = ready_pod(&client, &scratch.name, "pf").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+
+    // The "app": kwok forwards pod port 8080 here.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:18080").await.unwrap();
+    let server = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 5];
+        conn.read_exact(&mut buf).await.unwrap();
+        conn.write_all(b"pong:").await.unwrap();
+        conn.write_all(&buf).await.unwrap();
+    });
+    let mut forwarder = pods.portforward(pod.metadata.name.as_deref().unwrap(), &[8080]).await.unwrap();
+    let mut stream = forwarder.take_stream(8080).unwrap();
+    stream.write_all(b"hello").await.unwrap();
+    let mut answer = vec![0u8; 10];
+    tokio::time::timeout(Duration::from_secs(20), stream.read_exact(&mut answer)).await.expect("in time").unwrap();
+    assert_eq!(&answer, b"pong:hello");
+    server.await.unwrap();
+    drop(stream);
+    forwarder.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_follow_new_lines() {
+    let Some(cluster) = cluster() else { return };
+    let _serial = SERIAL.lock().await;
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+    let pod = ready_pod(&client, &scratch.name, "logs").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+    let file = cluster.state.join("logs/pod.log");
+    let marker = format!("marker-{}", rand_u32());
+
+    let append = |text: &str| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&file).unwrap();
+        writeln!(f, "2026-11-30T07:00:00.000000000Z stdout F {text}").unwrap();
+    };
+    // The API server answers a follow request once the first bytes exist: one line before, one
+    // after the stream opened.
+    append(&format!("{marker} one"));
+    let params = LogParams { follow: true, ..LogParams::default() };
+    let stream = pods.log_stream(pod.metadata.name.as_deref().unwrap(), &params);
+    let mut lines =
+        tokio::time::timeout(Duration::from_secs(20), stream).await.expect("log stream opens").unwrap().lines();
+    append(&format!("{marker} two"));
+    let mut seen = Vec::new();
+    let read = async {
+        while let Some(line) = lines.try_next().await.unwrap() {
+            if line.contains(&marker) {
+                seen.push(line);
+                if seen.len() == 2 {
+                    break;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read).await.expect("followed lines arrive");
+    assert_eq!(seen, [format!("{marker} one"), format!("{marker} two")]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_namespace_and_rbac_refusal_are_clear_errors() {
+    let Some(cluster) = cluster() else { return };
+    let _serial = SERIAL.lock().await;
+    let (admin, _) = client(&cluster, "admin").await;
+    let configs: Api<ConfigMap> = Api::namespaced(admin.clone(), "no-such-namespace");
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap();
+    let err = configs.create(&PostParams::default(), &cm).await.unwrap_err();
+    let err = cluster::explain(err, "no-such-namespace");
+    assert!(matches!(err, ClusterError::NoNamespace(ref ns) if ns == "no-such-namespace"), "{err:?}");
+    assert!(err.hint().unwrap().contains("kubectl create namespace no-such-namespace"));
+
+    let scratch = Scratch::new(&admin).await;
+    let (restricted, _) = client(&cluster, "restricted").await;
+    let pods: Api<Pod> = Api::namespaced(restricted, &scratch.name);
+    let err = cluster::explain(pods.list(&ListParams::default()).await.unwrap_err(), &scratch.name);
+    let ClusterError::Forbidden(message) = &err else { panic!("{err:?}") };
+    assert!(message.contains("cannot list resource \"pods\""), "names the verb and the resource: {message}");
+    assert!(message.contains(&scratch.name), "{message}");
+    assert!(err.hint().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn helm_installs_upgrades_and_uninstalls_a_chart() {
+    let Some(cluster) = cluster() else { return };
+    let _serial = SERIAL.lock().await;
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+    let chart = tempfile::tempdir().unwrap();
+    std::fs::create_dir(chart.path().join("templates")).unwrap();
+    std::fs::write(
+        chart.path().join("Chart.yaml"),
+        "apiVersion: v2\nname: demo\nversion: 0.1.0\nkubeVersion: '>=1.30.0-0'\n",
+    )
+    .unwrap();
+    std::fs::write(chart.path().join("values.yaml"), "greeting: hello\n").unwrap();
+    std::fs::write(
+        chart.path().join("templates/configmap.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-config\ndata:\n  greeting: {{ .Values.greeting | quote }}\n",
+    )
+    .unwrap();
+    let helm = |args: &[&str]| {
+        let out = std::process::Command::new("helm")
+            .args(args)
+            .args(["--namespace", &scratch.name, "--kubeconfig"])
+            .arg(cluster.state.join("admin.kubeconfig"))
+            .output()
+            .expect("helm on PATH (tests/run puts the cluster's bin folder there)");
+        assert!(out.status.success(), "helm {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let configs: Api<ConfigMap> = Api::namespaced(client.clone(), &scratch.name);
+    let chart_path = chart.path().to_str().unwrap();
+    helm(&["upgrade", "--install", "demo", chart_path, "--wait", "--timeout", "60s"]);
+    let cm = configs.get("demo-config").await.unwrap();
+    assert_eq!(cm.data.unwrap()["greeting"], "hello");
+    helm(&["upgrade", "--install", "demo", chart_path, "--set", "greeting=again", "--wait"]);
+    assert_eq!(configs.get("demo-config").await.unwrap().data.unwrap()["greeting"], "again");
+    helm(&["uninstall", "demo", "--wait"]);
+    assert!(configs.get_opt("demo-config").await.unwrap().is_none());
+}
