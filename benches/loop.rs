@@ -260,7 +260,7 @@ fn latency(bins: &Bins, tree: &Path, work: &Path) {
     let _ = child.kill();
     let _ = child.wait();
     println!(
-        "edit -> applied     median {:>6.2} ms   p90 {:>6.2} ms   p99 {:>6.2} ms   (includes the 5 ms quiet window)",
+        "edit -> applied     median {:>6.2} ms   p90 {:>6.2} ms   p99 {:>6.2} ms   (includes the 3 ms quiet window)",
         median(total.clone()),
         percentile(total.clone(), 0.9),
         percentile(total, 0.99)

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use devloop_agent::manifest::{Digest, Entry};
 use devloop_agent::protocol::{Problem, PAX_BLAKE3};
+use devloop_agent::walk::StatKey;
 use tar::{EntryType, Header};
 
 /// Files up to this size are read once into memory; larger ones are read twice (hash, then send).
@@ -31,23 +32,21 @@ pub enum PackError {
     Sink(#[source] io::Error),
 }
 
+/// One path to pack: its entry as scanned, and the stat it was hashed at (for files).
+pub type Upsert = (String, Entry, Option<StatKey>);
+
 /// Packs `upserts` (paths relative to `root`) into `sink`. `progress` is told of every byte packed.
-pub fn pack<W: Write>(
-    root: &Path,
-    upserts: &[(String, Entry)],
-    sink: W,
-    progress: &dyn Fn(u64),
-) -> Result<Packed, PackError> {
+pub fn pack<W: Write>(root: &Path, upserts: &[Upsert], sink: W, progress: &dyn Fn(u64)) -> Result<Packed, PackError> {
     let mut builder = tar::Builder::new(sink);
     builder.mode(tar::HeaderMode::Deterministic);
     let mut packed = Packed::default();
-    for (path, entry) in upserts {
+    for (path, entry, stat) in upserts {
         let result = match entry {
             Entry::Dir => append_dir(&mut builder, path).map(|()| Some(Entry::Dir)),
             Entry::Symlink { target } => {
                 append_symlink(&mut builder, path, target).map(|()| Some(Entry::Symlink { target: target.clone() }))
             }
-            Entry::File { exec, .. } => append_file(&mut builder, root, path, *exec),
+            Entry::File { exec, .. } => append_file(&mut builder, root, path, *exec, known_digest(entry, *stat)),
         };
         match result {
             Ok(Some(entry)) => {
@@ -92,11 +91,20 @@ fn append_symlink<W: Write>(builder: &mut tar::Builder<W>, path: &str, target: &
     builder.append_link(&mut h, path, target).map_err(Failure::Sink)
 }
 
+/// The scanned digest, with the stat it was computed at.
+fn known_digest(entry: &Entry, stat: Option<StatKey>) -> Option<(Digest, StatKey)> {
+    match (entry, stat) {
+        (Entry::File { hash, .. }, Some(stat)) => Some((*hash, stat)),
+        _ => None,
+    }
+}
+
 fn append_file<W: Write>(
     builder: &mut tar::Builder<W>,
     root: &Path,
     path: &str,
     exec: bool,
+    known: Option<(Digest, StatKey)>,
 ) -> Result<Option<Entry>, Failure> {
     let abs = root.join(path);
     let mut file = match File::open(&abs) {
@@ -104,8 +112,18 @@ fn append_file<W: Write>(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Failure::Read(e)),
     };
-    let size = file.metadata().map_err(Failure::Read)?.len();
+    let meta = file.metadata().map_err(Failure::Read)?;
+    let size = meta.len();
     let mode = if exec { 0o755 } else { 0o644 };
+    // The open file still has the stat the scan hashed it at: its digest is known, one pass less.
+    // (A write racing this read makes the agent's digest check refuse it; the watcher resends.)
+    if let Some((digest, stat)) = known.filter(|(_, stat)| *stat == StatKey::of(&meta)) {
+        builder.append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())]).map_err(Failure::Sink)?;
+        let mut h = header(EntryType::Regular, mode, stat.size);
+        let exact = ExactSize { inner: (&mut file).take(stat.size), remaining: stat.size };
+        builder.append_data(&mut h, path, exact).map_err(Failure::Sink)?;
+        return Ok(Some(Entry::File { hash: digest, size: stat.size, exec }));
+    }
     if size <= READ_ONCE_LIMIT {
         let mut content = Vec::with_capacity(size as usize);
         file.read_to_end(&mut content).map_err(Failure::Read)?;
@@ -202,12 +220,14 @@ mod tests {
         let long = format!("{}/b.txt", "x".repeat(150));
         fs::create_dir(dir.path().join("x".repeat(150))).unwrap();
         fs::write(dir.path().join(&long), "beta").unwrap();
+        // a.txt was scanned at another stat: its stale digest is not trusted. b.txt's stat matches.
+        let b_stat = StatKey::of(&fs::metadata(dir.path().join(&long)).unwrap());
         let upserts = vec![
-            ("d".to_string(), Entry::Dir),
-            ("d/a.txt".to_string(), Entry::File { hash: Digest::of(b"stale"), size: 5, exec: true }),
-            ("gone.txt".to_string(), Entry::File { hash: Digest::of(b""), size: 0, exec: false }),
-            ("link".to_string(), Entry::Symlink { target: "d/a.txt".into() }),
-            (long.clone(), Entry::File { hash: Digest::of(b"beta"), size: 4, exec: false }),
+            ("d".to_string(), Entry::Dir, None),
+            ("d/a.txt".to_string(), Entry::File { hash: Digest::of(b"stale"), size: 5, exec: true }, None),
+            ("gone.txt".to_string(), Entry::File { hash: Digest::of(b""), size: 0, exec: false }, None),
+            ("link".to_string(), Entry::Symlink { target: "d/a.txt".into() }, None),
+            (long.clone(), Entry::File { hash: Digest::of(b"beta"), size: 4, exec: false }, Some(b_stat)),
         ];
         let mut out = Vec::new();
         let packed = pack(dir.path(), &upserts, &mut out, &|_| {}).unwrap();

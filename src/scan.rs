@@ -1,6 +1,7 @@
 //! The scan stage: the local tree, read off the async runtime in one blocking task per scan.
 //! The tree moves into the task and back, so a rescan never copies it.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,13 +18,18 @@ pub struct Full {
     pub took: Duration,
 }
 
-/// Reads the whole tree; `previous` serves as the stat cache.
-pub async fn full(filter: Arc<Filter>, previous: Tree) -> Full {
+/// Reads the whole tree; `previous` serves as the stat cache. With `save`, the result is kept
+/// on disk as the stat cache of the next run.
+pub async fn full(filter: Arc<Filter>, previous: Tree, save: Option<PathBuf>) -> Full {
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let outcome = walk::scan(&filter, &previous);
         drop(previous);
-        Full { tree: outcome.tree, problems: outcome.problems, stats: outcome.stats, took: started.elapsed() }
+        let took = started.elapsed();
+        if let Some(path) = save {
+            walk::save_stat_cache(&path, &outcome.tree);
+        }
+        Full { tree: outcome.tree, problems: outcome.problems, stats: outcome.stats, took }
     })
     .instrument(info_span!("scan", kind = "full"))
     .await
@@ -39,4 +45,29 @@ pub async fn targeted(filter: Arc<Filter>, mut tree: Tree, paths: Vec<String>) -
     .instrument(info_span!("scan", kind = "targeted"))
     .await
     .expect("rescan task panicked")
+}
+
+/// Where the stat cache of a source folder lives between runs: `$XDG_CACHE_HOME/devloop/trees/`
+/// (or `~/.cache/devloop/trees/`), named by a digest of the folder's path. `None` without a home.
+pub fn cache_path(root: &Path) -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    let digest = blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex();
+    Some(base.join("devloop").join("trees").join(format!("{}.cache", &digest[..32])))
+}
+
+/// The stat cache saved by an earlier run (empty when there is none).
+pub async fn load_cache(path: Option<PathBuf>) -> Tree {
+    match path {
+        Some(path) => tokio::task::spawn_blocking(move || walk::load_stat_cache(&path)).await.unwrap_or_default(),
+        None => Tree::new(),
+    }
+}
+
+/// Saves the tree as the next run's stat cache, off the async runtime.
+pub async fn save_cache(path: Option<PathBuf>, tree: Tree) {
+    if let Some(path) = path {
+        let _ = tokio::task::spawn_blocking(move || walk::save_stat_cache(&path, &tree)).await;
+    }
 }

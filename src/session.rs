@@ -161,6 +161,7 @@ impl<T: Transport> Session<T> {
     /// Scans, connects and brings the target up to date; then (unless `once`) follows the local
     /// tree until `shutdown` turns true.
     pub async fn run(mut self, once: bool, mut shutdown: watch::Receiver<bool>) -> Result<Outcome, SessionError> {
+        self.local = scan::load_cache(scan::cache_path(&self.config.root)).await;
         self.scan_all().await;
         let mut watcher = if once {
             None
@@ -176,6 +177,8 @@ impl<T: Transport> Session<T> {
         };
         connected?;
         self.restart_if_owed().await?;
+        // The initial sync's transient buffers are gone; give their pages back.
+        release_memory();
         let Some(watcher) = watcher.as_mut() else {
             let verdict = self.ready_verdict().await;
             self.close().await;
@@ -395,7 +398,7 @@ impl<T: Transport> Session<T> {
     }
 
     async fn scan_all_from(&mut self, previous: Tree) {
-        let full = scan::full(Arc::clone(&self.filter), previous).await;
+        let full = scan::full(Arc::clone(&self.filter), previous, scan::cache_path(&self.config.root)).await;
         self.reporter.emit(Event::Scanned {
             entries: full.stats.entries,
             hashed_files: full.stats.hashed_files,
@@ -524,7 +527,8 @@ impl<T: Transport> Session<T> {
                 Change::Chmod { path, exec } => chmods.push(Chmod { path, exec }),
                 Change::Upsert { path, entry } => {
                     if self.refused.get(&path) != Some(&entry) {
-                        upserts.push((path, entry));
+                        let stat = self.local.get(&path).and_then(|s| s.stat);
+                        upserts.push((path, entry, stat));
                     }
                 }
             }
@@ -535,7 +539,7 @@ impl<T: Transport> Session<T> {
         self.round += 1;
         let round = self.round;
         let started = Instant::now();
-        let bytes: u64 = upserts.iter().map(|(_, e)| e.size()).sum();
+        let bytes: u64 = upserts.iter().map(|(_, e, _)| e.size()).sum();
         self.reporter.emit(Event::SyncStarted {
             round,
             files: upserts.len() as u64,
@@ -598,7 +602,7 @@ impl<T: Transport> Session<T> {
         id: u64,
         deletes: Vec<String>,
         chmods: Vec<Chmod>,
-        upserts: Vec<(String, Entry)>,
+        upserts: Vec<pack::Upsert>,
         progress: crate::report::Progress,
     ) -> Result<(Applied, pack::Packed), SessionError> {
         let live = self.live.as_mut().expect("connected");
@@ -644,8 +648,9 @@ impl<T: Transport> Session<T> {
         }
     }
 
-    /// Says goodbye and lets the transport wind down.
+    /// Says goodbye, lets the transport wind down, and keeps the stat cache for the next run.
     async fn close(&mut self) {
+        scan::save_cache(scan::cache_path(&self.config.root), std::mem::take(&mut self.local)).await;
         let Some(mut live) = self.live.take() else { return };
         let _ = live.out.message(&ToAgent::Bye).await;
         let _ = live.out.flush().await;
@@ -674,5 +679,15 @@ fn app_message(reporter: &Reporter, message: FromAgent) -> Option<FromAgent> {
             None
         }
         other => Some(other),
+    }
+}
+
+/// Returns freed heap pages to the OS. A big sync or rescan leaves megabytes of freed buffers that
+/// glibc's allocator would otherwise keep; the watcher's steady RSS should be its live data.
+fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

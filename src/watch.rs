@@ -26,7 +26,9 @@ pub struct Window {
 
 impl Default for Window {
     fn default() -> Self {
-        Window { quiet: Duration::from_millis(5), cap: Duration::from_millis(100) }
+        // 3 ms of quiet closes a window (a save's events come within microseconds of each other);
+        // a burst that pauses longer still costs one restart, which waits until no hint is left.
+        Window { quiet: Duration::from_millis(3), cap: Duration::from_millis(100) }
     }
 }
 

@@ -6,10 +6,9 @@
 
 use std::fs;
 use std::io::{self, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, Instrument};
@@ -17,9 +16,9 @@ use tracing::{debug, info, info_span, Instrument};
 use crate::apply::{Applier, TreeUpdate};
 use crate::control::Link;
 use crate::filter::Filter;
-use crate::manifest::{Digest, Entry, Record};
+use crate::manifest::Record;
 use crate::protocol::{self, Applied, Chmod, Frame, FrameReader, FrameWriter, FromAgent, ProtocolError, ToAgent};
-use crate::walk::{self, Scanned, StatKey, Tree};
+use crate::walk::{self, Tree};
 use crate::RESERVED_DIR;
 
 /// Records per manifest message.
@@ -113,9 +112,9 @@ async fn session<R: AsyncRead + Unpin>(
         let filter = Arc::clone(&filter);
         let cache_path = cache_path.clone();
         tokio::task::spawn_blocking(move || {
-            let previous = load_cache(&cache_path);
+            let previous = walk::load_stat_cache(&cache_path);
             let outcome = walk::scan(&filter, &previous);
-            save_cache(&cache_path, &outcome.tree);
+            walk::save_stat_cache(&cache_path, &outcome.tree);
             outcome
         })
         .instrument(info_span!("scan"))
@@ -147,7 +146,7 @@ async fn session<R: AsyncRead + Unpin>(
     if let Some(forwarder) = forwarder {
         forwarder.abort();
     }
-    let _ = tokio::task::spawn_blocking(move || save_cache(&cache_path, &tree)).await;
+    let _ = tokio::task::spawn_blocking(move || walk::save_stat_cache(&cache_path, &tree)).await;
     result
 }
 
@@ -270,50 +269,4 @@ impl Read for ChannelReader {
 fn unexpected(expected: &'static str, got: &ToAgent) -> ProtocolError {
     let got = serde_json::to_string(got).unwrap_or_default();
     ProtocolError::Unexpected { expected, got: got.chars().take(200).collect() }
-}
-
-/// The stat cache on disk: files only, compact.
-#[derive(Serialize, Deserialize)]
-struct CachedFile {
-    path: String,
-    size: u64,
-    mtime_ns: i64,
-    ino: u64,
-    exec: bool,
-    hash: [u8; 32],
-}
-
-fn load_cache(path: &Path) -> Tree {
-    let Ok(bytes) = fs::read(path) else { return Tree::new() };
-    let Ok(files) = postcard::from_bytes::<Vec<CachedFile>>(&bytes) else { return Tree::new() };
-    files
-        .into_iter()
-        .map(|f| {
-            let entry = Entry::File { hash: Digest(f.hash), size: f.size, exec: f.exec };
-            let stat = StatKey { size: f.size, mtime_ns: f.mtime_ns, ino: f.ino };
-            (f.path, Scanned { entry, stat: Some(stat) })
-        })
-        .collect()
-}
-
-fn save_cache(path: &Path, tree: &Tree) {
-    let files: Vec<CachedFile> = tree
-        .iter()
-        .filter_map(|(p, s)| match (&s.entry, s.stat) {
-            (Entry::File { hash, size, exec }, Some(stat)) => Some(CachedFile {
-                path: p.clone(),
-                size: *size,
-                mtime_ns: stat.mtime_ns,
-                ino: stat.ino,
-                exec: *exec,
-                hash: hash.0,
-            }),
-            _ => None,
-        })
-        .collect();
-    let Ok(bytes) = postcard::to_allocvec(&files) else { return };
-    let tmp = path.with_extension("tmp");
-    if fs::write(&tmp, bytes).is_ok() {
-        let _ = fs::rename(&tmp, path);
-    }
 }

@@ -336,8 +336,10 @@ async fn app_exit(app: &mut Option<App>) -> ExitCode {
 }
 
 /// Polls until no process of the group is left, or the deadline. True when the group is gone.
+/// Polls finely at first: most apps are gone within a millisecond of SIGTERM.
 async fn wait_group_gone(pgid: u32, deadline: Instant) -> bool {
-    let mut pause = Duration::from_micros(200);
+    let started = Instant::now();
+    let mut pause = Duration::from_micros(100);
     loop {
         if !reap::group_alive(pgid) {
             return true;
@@ -346,7 +348,9 @@ async fn wait_group_gone(pgid: u32, deadline: Instant) -> bool {
             return false;
         }
         tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
-        pause = (pause * 2).min(Duration::from_millis(10));
+        if started.elapsed() > Duration::from_millis(20) {
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
     }
 }
 

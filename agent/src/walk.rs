@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use ignore::{WalkBuilder, WalkState};
+use serde::{Deserialize, Serialize};
 
 use crate::filter::Filter;
 use crate::manifest::{Digest, Entry, Manifest};
@@ -382,6 +383,57 @@ fn remove_subtree_below(tree: &mut Tree, rel: &str) -> Vec<String> {
         tree.remove(key);
     }
     keys
+}
+
+/// The stat cache on disk: files only, compact.
+#[derive(Serialize, Deserialize)]
+struct CachedFile {
+    path: String,
+    size: u64,
+    mtime_ns: i64,
+    ino: u64,
+    exec: bool,
+    hash: [u8; 32],
+}
+
+/// Reads a stat cache saved by [`save_stat_cache`]; an empty tree when there is none or it is unreadable.
+pub fn load_stat_cache(path: &Path) -> Tree {
+    let Ok(bytes) = fs::read(path) else { return Tree::new() };
+    let Ok(files) = postcard::from_bytes::<Vec<CachedFile>>(&bytes) else { return Tree::new() };
+    files
+        .into_iter()
+        .map(|f| {
+            let entry = Entry::File { hash: Digest(f.hash), size: f.size, exec: f.exec };
+            let stat = StatKey { size: f.size, mtime_ns: f.mtime_ns, ino: f.ino };
+            (f.path, Scanned { entry, stat: Some(stat) })
+        })
+        .collect()
+}
+
+/// Saves the files of `tree` (path, stat, digest) atomically; best effort.
+pub fn save_stat_cache(path: &Path, tree: &Tree) {
+    let files: Vec<CachedFile> = tree
+        .iter()
+        .filter_map(|(p, s)| match (&s.entry, s.stat) {
+            (Entry::File { hash, size, exec }, Some(stat)) => Some(CachedFile {
+                path: p.clone(),
+                size: *size,
+                mtime_ns: stat.mtime_ns,
+                ino: stat.ino,
+                exec: *exec,
+                hash: hash.0,
+            }),
+            _ => None,
+        })
+        .collect();
+    let Ok(bytes) = postcard::to_allocvec(&files) else { return };
+    if let Some(parent) = path.parent() {
+        let _ = fs::create_dir_all(parent);
+    }
+    let tmp = path.with_extension("tmp");
+    if fs::write(&tmp, bytes).is_ok() {
+        let _ = fs::rename(&tmp, path);
+    }
 }
 
 #[cfg(test)]

@@ -57,6 +57,7 @@ impl Fixture {
             .args(["--json", "watch", "--once", "--target", &self.target()])
             .args(extra)
             .env("DEVLOOP_AGENT", agent_bin())
+            .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
             .output()
             .unwrap();
         Run {
@@ -156,6 +157,7 @@ impl Watch {
             .current_dir(cwd)
             .args(args)
             .env("DEVLOOP_AGENT", agent_bin())
+            .env("XDG_CACHE_HOME", cwd.parent().unwrap_or(cwd).join("cache"))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
