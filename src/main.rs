@@ -11,6 +11,7 @@ use devloop::transport::{find_agent, CommandTransport};
 const EXIT_REBUILD: u8 = 3;
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     init_tracing(cli.global.verbose);
     let reporter = Reporter::new(cli.global.json, cli.global.verbose > 0);
@@ -49,6 +50,16 @@ async fn run(cli: Cli, reporter: Reporter) -> Result<ExitCode, (String, Option<S
                 Err(e) => Err((e.to_string(), e.hint())),
             }
         }
+    }
+}
+
+/// glibc gives each thread that allocates its own arena; the scan, pack and runtime threads would
+/// each keep megabytes of freed memory. Two arenas keep the watcher's RSS close to its live data.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 

@@ -177,7 +177,10 @@ impl<T: Transport> Session<T> {
         };
         connected?;
         self.restart_if_owed().await?;
-        // The initial sync's transient buffers are gone; give their pages back.
+        // The baseline grew one insert at a time during the initial sync (half-empty B-tree
+        // nodes); rebuilt from its sorted entries it packs densely. Then the sync's transient
+        // buffers go back to the OS.
+        self.baseline = std::mem::take(&mut self.baseline).into_iter().collect();
         release_memory();
         let Some(watcher) = watcher.as_mut() else {
             let verdict = self.ready_verdict().await;
