@@ -74,21 +74,7 @@ fn default_ready_timeout() -> String {
     "60s".into()
 }
 
-/// `5s`, `300ms`, `2m`, or plain seconds.
-pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => (&text[..i], &text[i..]),
-        None => (text, "s"),
-    };
-    let value: f64 = number.parse().ok()?;
-    let secs = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        _ => return None,
-    };
-    (secs.is_finite() && secs >= 0.0).then(|| std::time::Duration::from_secs_f64(secs))
-}
+pub use devloop_agent::units::parse_duration;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

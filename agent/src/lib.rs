@@ -7,6 +7,7 @@
 pub mod manifest;
 pub mod protocol;
 pub mod relpath;
+pub mod units;
 
 #[cfg(feature = "tree")]
 pub mod filter;

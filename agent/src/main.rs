@@ -24,6 +24,7 @@ use devloop_agent::protocol::{ProtocolError, PROTOCOL_VERSION};
 use devloop_agent::reap::Reaper;
 use devloop_agent::serve::{serve, ServeError, ServeOptions};
 use devloop_agent::supervise::{SuperviseOptions, Supervisor};
+use devloop_agent::units::parse_duration;
 use tokio::signal::unix::{signal, SignalKind};
 
 const USAGE: &str =
@@ -100,21 +101,8 @@ fn parse() -> Result<Command, lexopt::Error> {
     }
 }
 
-/// `5s`, `300ms`, `2m`, or plain seconds.
 fn duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("`{text}` is not a duration (use 5s, 300ms, 2m)");
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => (&text[..i], &text[i..]),
-        None => (text, "s"),
-    };
-    let value: f64 = number.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        _ => return Err(bad()),
-    };
-    Ok(Duration::from_secs_f64(secs))
+    parse_duration(text).ok_or_else(|| format!("`{text}` is not a duration (use 5s, 300ms, 2m)"))
 }
 
 fn main() -> ExitCode {
