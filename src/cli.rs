@@ -29,6 +29,15 @@ pub struct Global {
     /// The config file; its folder is the root that syncs.
     #[arg(short = 'f', long = "file", global = true, default_value = "devloop.yaml", value_name = "PATH")]
     pub file: PathBuf,
+    /// The kubeconfig file (else $KUBECONFIG, else ~/.kube/config).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (else its current context).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
+    /// The namespace (else the context's, else `default`).
+    #[arg(short = 'n', long, global = true, value_name = "NAME")]
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -41,8 +50,9 @@ pub enum Command {
 pub struct WatchArgs {
     /// Where the agent is: `local:DIR` (the agent as a child process serving DIR) or
     /// `cmd:COMMAND LINE` (any command whose stdin/stdout reach `devloop-agent serve`).
+    /// Without it: the Ready pod of this service in the cluster (label app.kubernetes.io/name).
     #[arg(long, value_name = "TARGET")]
-    pub target: String,
+    pub target: Option<String>,
     /// Sync once and exit: 0 when the target equals the source, non-zero otherwise.
     #[arg(long)]
     pub once: bool,

@@ -2,10 +2,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use devloop::cli::{Cli, Command};
+use devloop::cluster::{self, Selection};
 use devloop::report::{Event, Reporter};
 use devloop::session::{Outcome, Session};
 use devloop::settings::{self, Target};
-use devloop::transport::{find_agent, CommandTransport};
+use devloop::transport::{find_agent, CommandTransport, KubeTransport, Transport};
 
 /// Exit code when a rebuild trigger changed (the loop cannot go on with a stale image).
 const EXIT_REBUILD: u8 = 3;
@@ -30,12 +31,22 @@ fn main() -> ExitCode {
 async fn run(cli: Cli, reporter: Reporter) -> Result<ExitCode, (String, Option<String>)> {
     match cli.command {
         Command::Watch(args) => {
-            let settings =
-                settings::watch(&cli.global.file, &args.target, args.once).map_err(|e| (e.to_string(), e.hint()))?;
+            let settings = settings::watch(&cli.global.file, args.target.as_deref(), args.once)
+                .map_err(|e| (e.to_string(), e.hint()))?;
             reporter.set_service(&settings.config.name);
-            let transport = match &settings.target {
-                Target::Local(dir) => CommandTransport::local(&find_agent(), dir, &settings.config),
-                Target::Command(argv) => CommandTransport::new(argv.clone()),
+            let transport: Box<dyn Transport> = match &settings.target {
+                Target::Local(dir) => Box::new(CommandTransport::local(&find_agent(), dir, &settings.config)),
+                Target::Command(argv) => Box::new(CommandTransport::new(argv.clone())),
+                Target::Kubernetes => {
+                    let selection = Selection {
+                        kubeconfig: cli.global.kubeconfig.clone(),
+                        context: cli.global.context.clone(),
+                        namespace: cli.global.namespace.clone(),
+                    };
+                    let (client, namespace) =
+                        cluster::connect(&selection).await.map_err(|e| (e.to_string(), e.hint()))?;
+                    Box::new(KubeTransport::new(client, &namespace, &settings.config.name))
+                }
             };
             let session = Session::new(settings.session, transport, reporter).map_err(|e| (e.to_string(), e.hint()))?;
             let (stop, shutdown) = tokio::sync::watch::channel(false);

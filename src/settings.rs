@@ -15,6 +15,8 @@ pub enum Target {
     Local(PathBuf),
     /// `cmd:LINE` — any command whose stdio reaches an agent.
     Command(Vec<String>),
+    /// No `--target`: the service's pod in the cluster.
+    Kubernetes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +59,12 @@ pub fn load_config(file: &Path) -> Result<(Config, PathBuf), SettingsError> {
     Ok((config, root))
 }
 
-pub fn watch(file: &Path, target: &str, once: bool) -> Result<WatchSettings, SettingsError> {
+pub fn watch(file: &Path, target: Option<&str>, once: bool) -> Result<WatchSettings, SettingsError> {
     let (config, root) = load_config(file)?;
-    let target = parse_target(target, &root)?;
+    let target = match target {
+        Some(target) => parse_target(target, &root)?,
+        None => Target::Kubernetes,
+    };
     let session = SessionConfig {
         root,
         excludes: config.sync.exclude.clone(),

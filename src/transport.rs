@@ -26,6 +26,12 @@ pub struct Connection {
 pub enum TransportError {
     #[error("cannot start `{program}`: {source}")]
     Spawn { program: String, source: std::io::Error },
+    #[error("no pod labelled {selector} in namespace {namespace}")]
+    NoPod { namespace: String, selector: String },
+    #[error("pod {pod} is not Ready: {why}")]
+    PodNotReady { pod: String, why: String },
+    #[error(transparent)]
+    Cluster(crate::cluster::ClusterError),
 }
 
 impl TransportError {
@@ -36,12 +42,26 @@ impl TransportError {
                 "`{program}` is not on PATH; install it, or set DEVLOOP_AGENT to the agent binary for local targets"
             ))
             }
-            _ => None,
+            TransportError::Spawn { .. } => None,
+            TransportError::NoPod { namespace, .. } => {
+                Some(format!("deploy the service first, or pick its namespace with -n (now `{namespace}`)"))
+            }
+            TransportError::PodNotReady { pod, .. } => Some(format!("`kubectl describe pod {pod}` says more")),
+            TransportError::Cluster(e) => e.hint(),
         }
     }
 }
 
 pub type ConnectFuture<'a> = Pin<Box<dyn Future<Output = Result<Connection, TransportError>> + Send + 'a>>;
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn connect(&self) -> ConnectFuture<'_> {
+        (**self).connect()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
 
 pub trait Transport: Send + Sync {
     /// Opens a new stream to an agent that is about to speak the protocol.
@@ -120,4 +140,131 @@ pub fn find_agent() -> PathBuf {
         }
     }
     PathBuf::from("devloop-agent")
+}
+
+/// The folder the code lives in inside the dev container (where `Dockerfile.develop` puts it).
+pub const CONTAINER_ROOT: &str = "/app";
+
+/// An exec session into the Ready pod of a service, running `devloop-agent serve`.
+///
+/// One exec per connection. The pod is watched while the session lasts: when it is deleted,
+/// replaced or stops being Ready, the stream ends, and the session reconnects to the new pod and
+/// resyncs by itself.
+pub struct KubeTransport {
+    pods: kube::Api<k8s_openapi::api::core::v1::Pod>,
+    namespace: String,
+    selector: String,
+    root: String,
+}
+
+impl KubeTransport {
+    /// The pods of service `name`: those labelled `app.kubernetes.io/name=NAME`.
+    pub fn new(client: kube::Client, namespace: &str, name: &str) -> KubeTransport {
+        KubeTransport {
+            pods: kube::Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
+            selector: format!("app.kubernetes.io/name={name}"),
+            root: CONTAINER_ROOT.to_string(),
+        }
+    }
+
+    async fn ready_pod(&self) -> Result<(String, String), TransportError> {
+        use kube::api::ListParams;
+        let list = self
+            .pods
+            .list(&ListParams::default().labels(&self.selector))
+            .await
+            .map_err(|e| TransportError::Cluster(crate::cluster::explain(e, &self.namespace)))?;
+        let mut pods: Vec<_> = list.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+        pods.sort_by_key(|p| std::cmp::Reverse(p.metadata.creation_timestamp.clone()));
+        if pods.is_empty() {
+            return Err(TransportError::NoPod { namespace: self.namespace.clone(), selector: self.selector.clone() });
+        }
+        for pod in &pods {
+            if pod_is_ready(pod) {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                let uid = pod.metadata.uid.clone().unwrap_or_default();
+                return Ok((name, uid));
+            }
+        }
+        let pod = &pods[0];
+        Err(TransportError::PodNotReady {
+            pod: pod.metadata.name.clone().unwrap_or_default(),
+            why: not_ready_reason(pod),
+        })
+    }
+}
+
+fn pod_is_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Why a pod is not Ready, in the words `kubectl describe` would use.
+fn not_ready_reason(pod: &k8s_openapi::api::core::v1::Pod) -> String {
+    let Some(status) = &pod.status else { return "it has no status yet".into() };
+    for container in status.container_statuses.iter().flatten() {
+        if let Some(waiting) = container.state.as_ref().and_then(|s| s.waiting.as_ref()) {
+            let reason = waiting.reason.clone().unwrap_or_else(|| "Waiting".into());
+            let message = waiting.message.clone().unwrap_or_default();
+            return format!("container {} is {reason} {message}", container.name).trim().to_string();
+        }
+    }
+    format!("phase {}", status.phase.clone().unwrap_or_else(|| "Unknown".into()))
+}
+
+impl Transport for KubeTransport {
+    fn connect(&self) -> ConnectFuture<'_> {
+        Box::pin(async move {
+            use kube::api::AttachParams;
+            let (pod, uid) = self.ready_pod().await?;
+            let params = AttachParams::default().stdin(true).stdout(true).stderr(false);
+            let command = ["devloop-agent", "serve", "--root", self.root.as_str()];
+            let mut attached = self
+                .pods
+                .exec(&pod, command, &params)
+                .await
+                .map_err(|e| TransportError::Cluster(crate::cluster::explain(e, &self.namespace)))?;
+            let (mut exec_out, mut exec_in) = (attached.stdout().expect("stdout"), attached.stdin().expect("stdin"));
+            // The session talks to one end of a pipe; a task joins the other end to the exec and
+            // closes it when the pod goes away.
+            let (ours, theirs) = tokio::io::duplex(DUPLEX_BUFFER);
+            let (mut from_session, mut to_session) = tokio::io::split(theirs);
+            let pods = self.pods.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::io::copy(&mut exec_out, &mut to_session) => {}
+                    _ = tokio::io::copy(&mut from_session, &mut exec_in) => {}
+                    _ = pod_gone(pods, &pod, &uid) => {}
+                }
+                attached.abort();
+            });
+            let (reader, writer) = tokio::io::split(ours);
+            Ok(Connection { reader: Box::new(reader), writer: Box::new(writer), child: None })
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("pod {} in {}", self.selector, self.namespace)
+    }
+}
+
+const DUPLEX_BUFFER: usize = 1 << 20;
+
+/// Resolves when the pod is deleted, replaced (another uid) or no longer Ready.
+async fn pod_gone(pods: kube::Api<k8s_openapi::api::core::v1::Pod>, name: &str, uid: &str) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        match pods.get_opt(name).await {
+            Ok(Some(pod))
+                if pod.metadata.uid.as_deref() == Some(uid)
+                    && pod.metadata.deletion_timestamp.is_none()
+                    && pod_is_ready(&pod) => {}
+            Ok(_) => return,
+            // The API server is unreachable: the exec itself will tell.
+            Err(_) => {}
+        }
+    }
 }

@@ -79,6 +79,23 @@ fn rand_u32() -> u32 {
     nanos.wrapping_mul(2654435761)
 }
 
+/// Puts `devloop-agent` on the PATH of kwok's exec. kwok runs it on this host, so the wrapper
+/// maps the container's `/app` to `STATE/pod-root`, the pod's filesystem as far as tests go.
+fn install_agent(cluster: &Cluster) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let pod_root = cluster.state.join("pod-root");
+    let wrapper = cluster.state.join("exec-bin/devloop-agent");
+    let _ = std::fs::remove_file(&wrapper);
+    let script = format!(
+        "#!/bin/sh\n# devloop-agent in a kwok pod: the container's /app is {root} on this host.\nn=$#\nwhile [ $n -gt 0 ]; do a=$1; shift; [ \"$a\" = /app ] && a={root}; set -- \"$@\" \"$a\"; n=$((n-1)); done\nexec {agent} \"$@\"\n",
+        root = pod_root.display(),
+        agent = crate::support::agent_bin().display()
+    );
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    pod_root
+}
+
 /// A one-replica Deployment, and its pod once Ready.
 async fn ready_pod(client: &Client, ns: &str, name: &str) -> Pod {
     let deployment: Deployment = serde_json::from_value(serde_json::json!({
@@ -87,7 +104,7 @@ async fn ready_pod(client: &Client, ns: &str, name: &str) -> Pod {
             "replicas": 1,
             "selector": {"matchLabels": {"app": name}},
             "template": {
-                "metadata": {"labels": {"app": name}},
+                "metadata": {"labels": {"app": name, "app.kubernetes.io/name": name}},
                 "spec": {"containers": [{"name": "app", "image": "localhost/devloop-dev:test", "ports": [{"containerPort": 8080}]}]}
             }
         }
@@ -170,10 +187,7 @@ async fn exec_runs_the_agent_protocol_through_the_api_server() {
     use devloop_agent::protocol::{self, FrameReader, FrameWriter, FromAgent, ToAgent};
     let Some(cluster) = cluster() else { return };
     let _serial = SERIAL.lock().await;
-    let agent = crate::support::agent_bin();
-    let link = cluster.state.join("exec-bin/devloop-agent");
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(&agent, &link).unwrap();
+    install_agent(&cluster);
     let (client, _) = client(&cluster, "admin").await;
     let scratch = Scratch::new(&client).await;
     let pod = ready_pod(&client, &scratch.name, "agent").await;
@@ -336,4 +350,85 @@ async fn helm_installs_upgrades_and_uninstalls_a_chart() {
     assert_eq!(configs.get("demo-config").await.unwrap().data.unwrap()["greeting"], "again");
     helm(&["uninstall", "demo", "--wait"]);
     assert!(configs.get_opt("demo-config").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn devloop_watch_syncs_into_the_service_pod_and_follows_it_when_replaced() {
+    let Some(cluster) = cluster() else { return };
+    let _serial = SERIAL.lock().await;
+    let pod_root = install_agent(&cluster);
+    let _ = std::fs::remove_dir_all(&pod_root);
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+    let pod = ready_pod(&client, &scratch.name, "shop").await;
+    let fx = crate::support::Fixture::new("name: shop\n");
+    fx.write("src/Program.cs", "class Program {}");
+    fx.write("appsettings.json", "{}");
+    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+    let cluster_args = ["--kubeconfig", kubeconfig.as_str(), "-n", scratch.name.as_str()];
+
+    // --once with no --target: the service's pod, found by its label.
+    let once = std::process::Command::new(crate::support::devloop_bin())
+        .current_dir(&fx.src)
+        .args(cluster_args)
+        .args(["--json", "watch", "--once"])
+        .env("XDG_CACHE_HOME", fx.dir.path().join("cache"))
+        .output()
+        .unwrap();
+    assert_eq!(once.status.code(), Some(0), "{}", String::from_utf8_lossy(&once.stderr));
+    crate::support::converge(&fx.src, &pod_root, &[]);
+
+    let mut args: Vec<String> = cluster_args.iter().map(|s| s.to_string()).collect();
+    args.extend(["--json".to_string(), "watch".to_string()]);
+    let watch = tokio::task::spawn_blocking({
+        let src = fx.src.clone();
+        move || crate::support::Watch::start(&src, &args.iter().map(String::as_str).collect::<Vec<&str>>())
+    });
+    let mut watch = watch.await.unwrap();
+    fx.write("src/Program.cs", "class Program { static void Main() {} }");
+    crate::support::converge(&fx.src, &pod_root, &[]);
+
+    // The pod is replaced (a fresh container, an empty /app): devloop follows the new pod.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+    pods.delete(pod.metadata.name.as_deref().unwrap(), &DeleteParams::default()).await.unwrap();
+    std::fs::remove_dir_all(&pod_root).unwrap();
+    std::fs::create_dir_all(&pod_root).unwrap();
+    let connected = tokio::task::spawn_blocking(move || {
+        watch.wait_for("reconnecting", Duration::from_secs(30));
+        watch.wait_for("connected", Duration::from_secs(60));
+        watch
+    });
+    let watch = connected.await.unwrap();
+    crate::support::converge(&fx.src, &pod_root, &[]);
+    assert_eq!(tokio::task::spawn_blocking(move || watch.stop()).await.unwrap(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn devloop_watch_says_what_is_missing_in_the_cluster() {
+    let Some(cluster) = cluster() else { return };
+    let _serial = SERIAL.lock().await;
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+    let fx = crate::support::Fixture::new("name: shop\n");
+    let run = |kubeconfig: PathBuf, extra: &[&str]| {
+        let out = std::process::Command::new(crate::support::devloop_bin())
+            .current_dir(&fx.src)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["-n", &scratch.name])
+            .args(extra)
+            .args(["watch", "--once"])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) = run(cluster.kubeconfig.clone(), &[]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("no pod labelled app.kubernetes.io/name=shop") && stderr.contains("hint:"), "{stderr}");
+    let (code, stderr) = run(cluster.state.join("restricted.kubeconfig"), &[]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("cannot list resource \"pods\"") && stderr.contains("hint:"), "{stderr}");
+    let (code, stderr) = run(cluster.kubeconfig.clone(), &["--context", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("no context `nope`") && stderr.contains("kubectl config get-contexts"), "{stderr}");
 }
