@@ -42,6 +42,9 @@ pub struct Global {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Detect the folder's stack and write Dockerfile, Dockerfile.develop, a Helm chart and
+    /// devloop.yaml (existing files are kept unless --force).
+    Prep(PrepArgs),
     /// Sync the folder into a running agent and keep it in sync until Ctrl+C.
     Watch(WatchArgs),
 }
@@ -56,4 +59,17 @@ pub struct WatchArgs {
     /// Sync once and exit: 0 when the target equals the source, non-zero otherwise.
     #[arg(long)]
     pub once: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PrepArgs {
+    /// Give the service a public ingress.
+    #[arg(long)]
+    pub public: bool,
+    /// The port the app listens on (default: the stack's usual one).
+    #[arg(long, value_name = "N")]
+    pub port: Option<u16>,
+    /// Rewrite files that already exist.
+    #[arg(long)]
+    pub force: bool,
 }

@@ -37,6 +37,15 @@ pub struct Config {
     /// How long the app gets to stop after SIGTERM before its process group is killed.
     #[serde(default = "default_grace")]
     pub grace: String,
+    /// The Helm chart (`devloop up`), relative to this file's folder.
+    #[serde(default)]
+    pub chart: Option<String>,
+    /// The port the app listens on in the container (tunneled to localhost by `devloop up`).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Whether the service gets a public ingress.
+    #[serde(default)]
+    pub public: bool,
 }
 
 /// A readiness check: `{tcp: PORT}`, `{http: URL}` or `{http: PATH, port: PORT}`.

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod diff;
 pub mod pack;
+pub mod prep;
 pub mod report;
 pub mod scan;
 pub mod session;

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use devloop::cli::{Cli, Command};
 use devloop::cluster::{self, Selection};
+use devloop::prep;
 use devloop::report::{Event, Reporter};
 use devloop::session::{Outcome, Session};
 use devloop::settings::{self, Target};
@@ -30,6 +31,23 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli, reporter: Reporter) -> Result<ExitCode, (String, Option<String>)> {
     match cli.command {
+        Command::Prep(args) => {
+            let dir = std::env::current_dir().map_err(|e| (format!("cannot read the current folder: {e}"), None))?;
+            let (stack, name) = prep::detect(&dir).map_err(|e| (e.to_string(), e.hint()))?;
+            let options = prep::PrepOptions { public: args.public, port: args.port, force: args.force };
+            let files = prep::files(&stack, &name, &options);
+            let done = prep::write(&dir, &files, args.force).map_err(|e| (e.to_string(), e.hint()))?;
+            for (path, outcome) in done {
+                let outcome = match outcome {
+                    prep::Outcome::Written => "wrote",
+                    prep::Outcome::Overwritten => "rewrote",
+                    prep::Outcome::Skipped => "skipped",
+                };
+                reporter.emit(Event::File { path: path.display().to_string(), outcome: outcome.into() });
+            }
+            reporter.emit(Event::Prepared { stack: stack.label().into(), name });
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Watch(args) => {
             let settings = settings::watch(&cli.global.file, args.target.as_deref(), args.once)
                 .map_err(|e| (e.to_string(), e.hint()))?;

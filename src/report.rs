@@ -12,6 +12,14 @@ use serde::Serialize;
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
+    Prepared {
+        stack: String,
+        name: String,
+    },
+    File {
+        path: String,
+        outcome: String,
+    },
     Scanned {
         entries: u64,
         hashed_files: u64,
@@ -204,6 +212,11 @@ impl Reporter {
                 s
             }
             Event::UpToDate { .. } => format!("{tag} {}", style("up to date").green()),
+            Event::Prepared { stack, name } => format!("{tag} prepared {} ({stack})", style(name).cyan()),
+            Event::File { path, outcome } => match outcome.as_str() {
+                "skipped" => format!("{tag} {} {path} (it exists; --force rewrites it)", style("kept").yellow()),
+                other => format!("{tag} {} {path}", style(other).green()),
+            },
             Event::Restarted { pid, stop_ms, start_ms, ready_ms } => {
                 let mut s = format!("{tag} {} pid {pid} (stop {stop_ms:.1} ms, start {start_ms:.1} ms", style("restarted").green());
                 if let Some(ready) = ready_ms {

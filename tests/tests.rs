@@ -9,5 +9,6 @@ mod support;
 mod container;
 mod errors;
 mod kubernetes;
+mod prep;
 mod supervise;
 mod sync;
