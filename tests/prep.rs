@@ -91,9 +91,9 @@ fn prep_writes_then_keeps_then_rewrites_with_force() {
 #[test]
 fn prep_in_a_folder_without_a_project_says_what_it_looks_for() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(devloop_bin()).current_dir(dir.as_path()).arg("prep").output().unwrap();
+    let out = Command::new(devloop_bin()).current_dir(dir.path()).arg("prep").output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("*.csproj") && stderr.contains("hint:"), "{stderr}");
-    assert_eq!(std::fs::read_dir(dir.as_path()).unwrap().count(), 0, "nothing written");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written");
 }
