@@ -45,8 +45,12 @@ pub enum Command {
     /// Detect the folder's stack and write Dockerfile, Dockerfile.develop, a Helm chart and
     /// devloop.yaml (existing files are kept unless --force).
     Prep(PrepArgs),
+    /// Deploy the chart (helm), wait for the rollout, sync, restart, and keep syncing until Ctrl+C.
+    Up(UpArgs),
     /// Sync the folder into a running agent and keep it in sync until Ctrl+C.
     Watch(WatchArgs),
+    /// Remove what `up` created (the helm release).
+    Down,
 }
 
 #[derive(Debug, Args)]
@@ -72,4 +76,11 @@ pub struct PrepArgs {
     /// Rewrite files that already exist.
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Deploy, sync, restart, wait until the app is ready, then exit: 0 when ready.
+    #[arg(long)]
+    pub once: bool,
 }

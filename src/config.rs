@@ -46,6 +46,13 @@ pub struct Config {
     /// Whether the service gets a public ingress.
     #[serde(default)]
     pub public: bool,
+    /// Values files for the chart (default: `values.dev.yaml` when it exists). Their `secrets:`
+    /// trees become environment variables through a Secret.
+    #[serde(default)]
+    pub values: Vec<String>,
+    /// The dev image to deploy (`repository:tag`), until devloop builds it in the cluster.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 /// A readiness check: `{tcp: PORT}`, `{http: URL}` or `{http: PATH, port: PORT}`.

@@ -15,4 +15,5 @@ pub mod scan;
 pub mod session;
 pub mod settings;
 pub mod transport;
+pub mod up;
 pub mod watch;

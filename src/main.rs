@@ -1,13 +1,14 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use devloop::cli::{Cli, Command};
+use devloop::cli::{Cli, Command, Global};
 use devloop::cluster::{self, Selection};
 use devloop::prep;
 use devloop::report::{Event, Reporter};
 use devloop::session::{Outcome, Session};
 use devloop::settings::{self, Target};
 use devloop::transport::{find_agent, CommandTransport, KubeTransport, Transport};
+use devloop::up;
 
 /// Exit code when a rebuild trigger changed (the loop cannot go on with a stale image).
 const EXIT_REBUILD: u8 = 3;
@@ -48,6 +49,37 @@ async fn run(cli: Cli, reporter: Reporter) -> Result<ExitCode, (String, Option<S
             reporter.emit(Event::Prepared { stack: stack.label().into(), name });
             Ok(ExitCode::SUCCESS)
         }
+        Command::Up(args) => {
+            let settings = settings::watch(&cli.global.file, None, args.once).map_err(|e| (e.to_string(), e.hint()))?;
+            reporter.set_service(&settings.config.name);
+            let (client, namespace) =
+                cluster::connect(&selection(&cli.global)).await.map_err(|e| (e.to_string(), e.hint()))?;
+            let release = up::Release::new(&settings.config, &settings.session.root, &namespace)
+                .map_err(|e| (e.to_string(), e.hint()))?;
+            reporter.emit(Event::Deploying { release: release.name.clone(), namespace: namespace.clone() });
+            let started = std::time::Instant::now();
+            up::deploy(&release, cli.global.kubeconfig.as_deref(), cli.global.context.as_deref())
+                .await
+                .map_err(|e| (e.to_string(), e.hint()))?;
+            up::wait_rollout(&client, &release, std::time::Duration::from_secs(300))
+                .await
+                .map_err(|e| (e.to_string(), e.hint()))?;
+            reporter
+                .emit(Event::RolledOut { release: release.name.clone(), millis: started.elapsed().as_millis() as u64 });
+            let transport = KubeTransport::new(client, &namespace, &settings.config.name);
+            follow(settings, Box::new(transport), reporter).await
+        }
+        Command::Down => {
+            let (config, root) = settings::load_config(&cli.global.file).map_err(|e| (e.to_string(), e.hint()))?;
+            let (_, namespace) =
+                cluster::connect(&selection(&cli.global)).await.map_err(|e| (e.to_string(), e.hint()))?;
+            let release = up::Release::new(&config, &root, &namespace).map_err(|e| (e.to_string(), e.hint()))?;
+            up::remove(&release, cli.global.kubeconfig.as_deref(), cli.global.context.as_deref())
+                .await
+                .map_err(|e| (e.to_string(), e.hint()))?;
+            reporter.emit(Event::Removed { release: release.name, namespace });
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Watch(args) => {
             let settings = settings::watch(&cli.global.file, args.target.as_deref(), args.once)
                 .map_err(|e| (e.to_string(), e.hint()))?;
@@ -66,19 +98,36 @@ async fn run(cli: Cli, reporter: Reporter) -> Result<ExitCode, (String, Option<S
                     Box::new(KubeTransport::new(client, &namespace, &settings.config.name))
                 }
             };
-            let session = Session::new(settings.session, transport, reporter).map_err(|e| (e.to_string(), e.hint()))?;
-            let (stop, shutdown) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    let _ = stop.send(true);
-                }
-            });
-            match session.run(settings.once, shutdown).await {
-                Ok(Outcome::Synced | Outcome::Stopped) => Ok(ExitCode::SUCCESS),
-                Ok(Outcome::RebuildNeeded { .. }) => Ok(ExitCode::from(EXIT_REBUILD)),
-                Err(e) => Err((e.to_string(), e.hint())),
-            }
+            follow(settings, transport, reporter).await
         }
+    }
+}
+
+/// Runs the sync session until it ends: `--once` done, Ctrl+C, or a rebuild trigger.
+async fn follow(
+    settings: settings::WatchSettings,
+    transport: Box<dyn Transport>,
+    reporter: Reporter,
+) -> Result<ExitCode, (String, Option<String>)> {
+    let session = Session::new(settings.session, transport, reporter).map_err(|e| (e.to_string(), e.hint()))?;
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = stop.send(true);
+        }
+    });
+    match session.run(settings.once, shutdown).await {
+        Ok(Outcome::Synced | Outcome::Stopped) => Ok(ExitCode::SUCCESS),
+        Ok(Outcome::RebuildNeeded { .. }) => Ok(ExitCode::from(EXIT_REBUILD)),
+        Err(e) => Err((e.to_string(), e.hint())),
+    }
+}
+
+fn selection(global: &Global) -> Selection {
+    Selection {
+        kubeconfig: global.kubeconfig.clone(),
+        context: global.context.clone(),
+        namespace: global.namespace.clone(),
     }
 }
 

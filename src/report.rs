@@ -12,6 +12,18 @@ use serde::Serialize;
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
+    Deploying {
+        release: String,
+        namespace: String,
+    },
+    RolledOut {
+        release: String,
+        millis: u64,
+    },
+    Removed {
+        release: String,
+        namespace: String,
+    },
     Prepared {
         stack: String,
         name: String,
@@ -212,6 +224,13 @@ impl Reporter {
                 s
             }
             Event::UpToDate { .. } => format!("{tag} {}", style("up to date").green()),
+            Event::Deploying { release, namespace } => {
+                format!("{tag} deploying {} to namespace {namespace} (helm upgrade --install)", style(release).cyan())
+            }
+            Event::RolledOut { release, millis } => format!("{tag} {} rolled out in {millis} ms", style(release).cyan()),
+            Event::Removed { release, namespace } => {
+                format!("{tag} removed release {} from namespace {namespace}", style(release).cyan())
+            }
             Event::Prepared { stack, name } => format!("{tag} prepared {} ({stack})", style(name).cyan()),
             Event::File { path, outcome } => match outcome.as_str() {
                 "skipped" => format!("{tag} {} {path} (it exists; --force rewrites it)", style("kept").yellow()),

@@ -203,7 +203,7 @@ fn pod_is_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
 }
 
 /// Why a pod is not Ready, in the words `kubectl describe` would use.
-fn not_ready_reason(pod: &k8s_openapi::api::core::v1::Pod) -> String {
+pub fn not_ready_reason(pod: &k8s_openapi::api::core::v1::Pod) -> String {
     let Some(status) = &pod.status else { return "it has no status yet".into() };
     for container in status.container_statuses.iter().flatten() {
         if let Some(waiting) = container.state.as_ref().and_then(|s| s.waiting.as_ref()) {

@@ -432,3 +432,90 @@ async fn devloop_watch_says_what_is_missing_in_the_cluster() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("no context `nope`") && stderr.contains("kubectl config get-contexts"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
+    use k8s_openapi::api::core::v1::Secret;
+    let Some(cluster) = cluster() else { return };
+    let _serial = SERIAL.lock().await;
+    let pod_root = install_agent(&cluster);
+    let _ = std::fs::remove_dir_all(&pod_root);
+    std::fs::create_dir_all(&pod_root).unwrap();
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+
+    // The container's main process, played on this host: the agent supervising the stand-in app
+    // on the port kwok forwards pod port 8080 to.
+    let standin = crate::supervise::standin_bin();
+    let mut supervisor = std::process::Command::new(crate::support::agent_bin())
+        .arg("run")
+        .arg("--root")
+        .arg(&pod_root)
+        .args(["--wait", "--ready", "tcp:18080", "--grace", "2s", "--"])
+        .arg(&standin)
+        .args(["--port", "18080", "--file", "message.txt"])
+        .spawn()
+        .unwrap();
+    let socket = devloop_agent::control::socket_path(&pod_root);
+    for _ in 0..200 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A service as `devloop prep` leaves it, with a secret in values.dev.yaml.
+    let temp = tempfile::tempdir().unwrap();
+    let src = temp.path().join("shop");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("package.json"), r#"{"name": "shop", "scripts": {"start": "node server.js"}}"#).unwrap();
+    std::fs::write(src.join("message.txt"), "served from the pod").unwrap();
+    std::fs::write(src.join("values.dev.yaml"), "secrets:\n  urls:\n    producer: http://producer-s3cr3t\n").unwrap();
+    let devloop = {
+        let (src, kubeconfig, namespace) = (src.clone(), cluster.kubeconfig.clone(), scratch.name.clone());
+        let cache = temp.path().join("cache");
+        move |args: &[&str]| {
+            std::process::Command::new(crate::support::devloop_bin())
+                .current_dir(&src)
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["-n", &namespace, "--json"])
+                .args(args)
+                .env("XDG_CACHE_HOME", &cache)
+                .output()
+                .unwrap()
+        }
+    };
+    assert!(devloop(&["prep"]).status.success());
+    let mut config = std::fs::read_to_string(src.join("devloop.yaml")).unwrap();
+    config.push_str("image: shop-dev:test\n");
+    std::fs::write(src.join("devloop.yaml"), config).unwrap();
+
+    let up = tokio::task::spawn_blocking({
+        let devloop = devloop.clone();
+        move || devloop(&["up", "--once"])
+    });
+    let up = up.await.unwrap();
+    let stdout = String::from_utf8_lossy(&up.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&up.stderr).into_owned();
+    let _ = supervisor.kill();
+    let _ = supervisor.wait();
+    assert_eq!(up.status.code(), Some(0), "{stdout}\n{stderr}");
+    let events = crate::support::parse_events(&stdout);
+    for kind in ["deploying", "rolled_out", "connected", "applied", "restarted"] {
+        assert!(events.iter().any(|e| e["event"] == kind), "no {kind}: {stdout}");
+    }
+    assert!(!stdout.contains("s3cr3t") && !stderr.contains("s3cr3t"), "a secret value leaked into the output");
+
+    // The secret reached the pod's environment through a Secret, named as .NET binds it.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &scratch.name);
+    let secret = secrets.get("shop-env").await.unwrap();
+    let value = secret.data.unwrap().get("urls__producer").cloned().unwrap();
+    assert_eq!(String::from_utf8(value.0).unwrap(), "http://producer-s3cr3t");
+    crate::support::converge(&src, &pod_root, &[]);
+
+    let down = tokio::task::spawn_blocking(move || devloop(&["down"])).await.unwrap();
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &scratch.name);
+    assert!(deployments.get_opt("shop").await.unwrap().is_none(), "down removed the release");
+}

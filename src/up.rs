@@ -1,0 +1,245 @@
+//! `devloop up` and `devloop down`: deploy the service's chart with the real helm CLI (values files
+//! included, their `secrets:` turned into environment variables through a Secret), wait for the
+//! rollout saying what is not ready and why, then hand over to the sync session.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use serde_yaml_ng::Value;
+
+use crate::config::Config;
+
+/// Default separator between nested keys: what .NET configuration binds (`urls__producer`).
+pub const SEPARATOR: &str = "__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error("devloop.yaml names no chart")]
+    NoChart,
+    #[error("cannot read values file {path}: {message}")]
+    Values { path: PathBuf, message: String },
+    #[error("helm is not installed (or not on PATH)")]
+    NoHelm,
+    #[error("helm {action} failed: {output}")]
+    Helm { action: &'static str, output: String },
+    #[error("the rollout of {release} did not finish within {timeout:?}: {why}")]
+    Rollout { release: String, timeout: Duration, why: String },
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl UpError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            UpError::NoChart => Some("run `devloop prep` (it writes charts/NAME and names it in devloop.yaml)".into()),
+            UpError::Values { .. } => Some("values files are YAML maps; check the file's syntax".into()),
+            UpError::NoHelm => Some("install helm 3 (https://helm.sh/docs/intro/install/) and put it on PATH".into()),
+            UpError::Helm { .. } => Some("helm's own message above says what it refused".into()),
+            UpError::Rollout { .. } => Some("`kubectl describe pod` and `kubectl logs` show more".into()),
+            UpError::Cluster(e) => e.hint(),
+            UpError::Io(_) => None,
+        }
+    }
+}
+
+/// What `up` deploys.
+#[derive(Debug)]
+pub struct Release {
+    pub name: String,
+    pub namespace: String,
+    pub chart: PathBuf,
+    pub values: Vec<PathBuf>,
+    pub image: Option<String>,
+}
+
+impl Release {
+    pub fn new(config: &Config, root: &Path, namespace: &str) -> Result<Release, UpError> {
+        let chart = root.join(config.chart.as_deref().ok_or(UpError::NoChart)?);
+        let mut values: Vec<PathBuf> = config.values.iter().map(|v| root.join(v)).collect();
+        if config.values.is_empty() && root.join("values.dev.yaml").is_file() {
+            values.push(root.join("values.dev.yaml"));
+        }
+        Ok(Release {
+            name: config.name.clone(),
+            namespace: namespace.to_string(),
+            chart,
+            values,
+            image: config.image.clone(),
+        })
+    }
+}
+
+/// The `secrets:` trees of the values files, flattened into environment variables:
+/// `secrets: {urls: {producer: X}}` → `urls__producer=X`. Later files win.
+pub fn secrets_env(values: &[PathBuf], separator: &str) -> Result<BTreeMap<String, String>, UpError> {
+    let mut env = BTreeMap::new();
+    for path in values {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| UpError::Values { path: path.clone(), message: e.to_string() })?;
+        let doc: Value = serde_yaml_ng::from_str(&text)
+            .map_err(|e| UpError::Values { path: path.clone(), message: e.to_string() })?;
+        if let Some(secrets) = doc.get("secrets") {
+            flatten(secrets, "", separator, &mut env);
+        }
+    }
+    Ok(env)
+}
+
+fn flatten(value: &Value, prefix: &str, separator: &str, out: &mut BTreeMap<String, String>) {
+    match value {
+        Value::Mapping(map) => {
+            for (key, value) in map {
+                let key = match key {
+                    Value::String(s) => s.clone(),
+                    other => serde_yaml_ng::to_string(other).unwrap_or_default().trim().to_string(),
+                };
+                let key = if prefix.is_empty() { key } else { format!("{prefix}{separator}{key}") };
+                flatten(value, &key, separator, out);
+            }
+        }
+        Value::Sequence(items) => {
+            for (i, value) in items.iter().enumerate() {
+                flatten(value, &format!("{prefix}{separator}{i}"), separator, out);
+            }
+        }
+        Value::String(s) => {
+            out.insert(prefix.to_string(), s.clone());
+        }
+        Value::Null => {
+            out.insert(prefix.to_string(), String::new());
+        }
+        other => {
+            out.insert(prefix.to_string(), serde_yaml_ng::to_string(other).unwrap_or_default().trim().to_string());
+        }
+    }
+}
+
+/// `helm upgrade --install`, the secrets passed in a private temporary values file that is
+/// removed right after; helm's output is redacted of every secret value.
+pub async fn deploy(release: &Release, kubeconfig: Option<&Path>, context: Option<&str>) -> Result<(), UpError> {
+    let env = secrets_env(&release.values, SEPARATOR)?;
+    let secrets_file = tempfile::Builder::new().prefix("devloop-secrets-").suffix(".yaml").tempfile()?;
+    let document = serde_yaml_ng::to_string(&BTreeMap::from([("env", &env)])).map_err(std::io::Error::other)?;
+    std::fs::write(secrets_file.path(), document)?;
+    let mut args: Vec<String> = vec!["upgrade".into(), "--install".into(), release.name.clone()];
+    args.push(release.chart.display().to_string());
+    for values in &release.values {
+        args.extend(["--values".into(), values.display().to_string()]);
+    }
+    args.extend(["--values".into(), secrets_file.path().display().to_string()]);
+    if let Some(image) = &release.image {
+        let (repository, tag) = image.rsplit_once(':').filter(|(_, t)| !t.contains('/')).unwrap_or((image, "latest"));
+        args.extend(["--set-string".into(), format!("image.repository={repository},image.tag={tag}")]);
+    }
+    let secrets: Vec<&str> = env.values().map(String::as_str).filter(|v| v.len() >= 3).collect();
+    helm("upgrade", release, &args, kubeconfig, context, &secrets).await
+}
+
+/// `helm uninstall`.
+pub async fn remove(release: &Release, kubeconfig: Option<&Path>, context: Option<&str>) -> Result<(), UpError> {
+    let args = vec!["uninstall".to_string(), release.name.clone(), "--wait".into()];
+    helm("uninstall", release, &args, kubeconfig, context, &[]).await
+}
+
+async fn helm(
+    action: &'static str,
+    release: &Release,
+    args: &[String],
+    kubeconfig: Option<&Path>,
+    context: Option<&str>,
+    redact: &[&str],
+) -> Result<(), UpError> {
+    let mut command = tokio::process::Command::new("helm");
+    command.args(args).args(["--namespace", &release.namespace]);
+    if let Some(kubeconfig) = kubeconfig {
+        command.arg("--kubeconfig").arg(kubeconfig);
+    }
+    if let Some(context) = context {
+        command.args(["--kube-context", context]);
+    }
+    let output = command.stdin(Stdio::null()).output().await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => UpError::NoHelm,
+        _ => UpError::Io(e),
+    })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let mut text = String::from_utf8_lossy(&output.stderr).trim().to_string();
+    for secret in redact {
+        text = text.replace(secret, "***");
+    }
+    Err(UpError::Helm { action, output: text })
+}
+
+/// Waits until the release's Deployment has rolled out; on timeout says why its pods are not Ready.
+pub async fn wait_rollout(client: &kube::Client, release: &Release, timeout: Duration) -> Result<(), UpError> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &release.namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &release.namespace);
+    let explain = |e| UpError::Cluster(crate::cluster::explain(e, &release.namespace));
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(deployment) = deployments.get_opt(&release.name).await.map_err(explain)? {
+            let wanted = deployment.spec.replicas.unwrap_or(1);
+            let generation = deployment.metadata.generation.unwrap_or(0);
+            if let Some(status) = &deployment.status {
+                let current = status.observed_generation.unwrap_or(0) >= generation;
+                let updated = status.updated_replicas.unwrap_or(0) >= wanted;
+                let available = status.available_replicas.unwrap_or(0) >= wanted;
+                if current && updated && available {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            let selector = format!("app.kubernetes.io/name={}", release.name);
+            let list = pods.list(&ListParams::default().labels(&selector)).await.map_err(explain)?;
+            let why = match list.items.first() {
+                Some(pod) => format!(
+                    "pod {}: {}",
+                    pod.metadata.name.as_deref().unwrap_or("?"),
+                    crate::transport::not_ready_reason(pod)
+                ),
+                None => "no pod was created (check the ReplicaSet's events: quota, admission)".into(),
+            };
+            return Err(UpError::Rollout { release: release.name.clone(), timeout, why });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_flatten_the_way_dotnet_binds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("values.yaml");
+        let b = dir.path().join("values.dev.yaml");
+        std::fs::write(&a, "secrets:\n  urls:\n    producer: http://old\n  retries: 3\nreplicaCount: 1\n").unwrap();
+        std::fs::write(&b, "secrets:\n  urls:\n    producer: http://producer\n  hosts: [a, b]\n").unwrap();
+        let env = secrets_env(&[a, b], SEPARATOR).unwrap();
+        let expected: BTreeMap<String, String> =
+            [("hosts__0", "a"), ("hosts__1", "b"), ("retries", "3"), ("urls__producer", "http://producer")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        assert_eq!(env, expected);
+    }
+
+    #[test]
+    fn a_broken_values_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("values.dev.yaml");
+        std::fs::write(&bad, "secrets: [unclosed\n").unwrap();
+        let err = secrets_env(std::slice::from_ref(&bad), SEPARATOR).unwrap_err();
+        assert!(err.to_string().contains("values.dev.yaml"), "{err}");
+    }
+}
