@@ -51,6 +51,10 @@ pub enum Command {
     Watch(WatchArgs),
     /// Remove what `up` created (the helm release).
     Down,
+    /// Services of this namespace managed by devloop: name, pod status, restarts, image, last sync.
+    ListUp,
+    /// Public URLs (ingress; Pending until it has an address) and the localhost tunnels of running `up`s.
+    ListUris,
 }
 
 #[derive(Debug, Args)]

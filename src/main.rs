@@ -3,12 +3,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use devloop::cli::{Cli, Command, Global};
 use devloop::cluster::{self, Selection};
-use devloop::prep;
 use devloop::report::{Event, Reporter};
 use devloop::session::{Outcome, Session};
 use devloop::settings::{self, Target};
 use devloop::transport::{find_agent, CommandTransport, KubeTransport, Transport};
 use devloop::up;
+use devloop::{list, prep, tunnel};
 
 /// Exit code when a rebuild trigger changed (the loop cannot go on with a stale image).
 const EXIT_REBUILD: u8 = 3;
@@ -66,8 +66,61 @@ async fn run(cli: Cli, reporter: Reporter) -> Result<ExitCode, (String, Option<S
                 .map_err(|e| (e.to_string(), e.hint()))?;
             reporter
                 .emit(Event::RolledOut { release: release.name.clone(), millis: started.elapsed().as_millis() as u64 });
-            let transport = KubeTransport::new(client, &namespace, &settings.config.name);
+            mark_syncs(&reporter, &client, &namespace, &release.name);
+            let transport = KubeTransport::new(client.clone(), &namespace, &settings.config.name);
+            // While `up` runs: a localhost tunnel to the app, recorded for `list-uris`.
+            let mut _tunnel = None;
+            let mut _record = None;
+            if !settings.once {
+                let remote = settings.config.port.unwrap_or(80);
+                let pods = kube::Api::namespaced(client.clone(), &namespace);
+                let selector = format!("app.kubernetes.io/name={}", settings.config.name);
+                let tunnel = tunnel::open(pods, selector, remote, remote)
+                    .await
+                    .map_err(|e| (format!("cannot open a localhost tunnel: {e}"), None))?;
+                let url = format!("http://localhost:{}/", tunnel.local);
+                reporter.emit(Event::Tunnel { url: url.clone(), remote_port: remote });
+                _record = tunnel::SessionRecord {
+                    name: settings.config.name.clone(),
+                    namespace: namespace.clone(),
+                    pid: std::process::id(),
+                    urls: vec![url],
+                }
+                .publish();
+                _tunnel = Some(tunnel);
+            }
             follow(settings, Box::new(transport), reporter).await
+        }
+        Command::ListUp => {
+            let (client, namespace) =
+                cluster::connect(&selection(&cli.global)).await.map_err(|e| (e.to_string(), e.hint()))?;
+            let rows = list::services(&client, &namespace).await.map_err(|e| (e.to_string(), e.hint()))?;
+            let rows = rows
+                .into_iter()
+                .map(|r| {
+                    let cells = vec![
+                        r.name.clone(),
+                        r.status.clone(),
+                        r.restarts.to_string(),
+                        r.image.clone(),
+                        r.last_sync.clone(),
+                    ];
+                    (cells, Event::Service(r))
+                })
+                .collect();
+            reporter.table(&["NAME", "STATUS", "RESTARTS", "IMAGE", "LAST SYNC"], rows);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ListUris => {
+            let (client, namespace) =
+                cluster::connect(&selection(&cli.global)).await.map_err(|e| (e.to_string(), e.hint()))?;
+            let rows = list::uris(&client, &namespace).await.map_err(|e| (e.to_string(), e.hint()))?;
+            let rows = rows
+                .into_iter()
+                .map(|r| (vec![r.name.clone(), r.url.clone(), r.kind.clone()], Event::Uri(r)))
+                .collect();
+            reporter.table(&["NAME", "URL", "KIND"], rows);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Down => {
             let (config, root) = settings::load_config(&cli.global.file).map_err(|e| (e.to_string(), e.hint()))?;
@@ -121,6 +174,17 @@ async fn follow(
         Ok(Outcome::RebuildNeeded { .. }) => Ok(ExitCode::from(EXIT_REBUILD)),
         Err(e) => Err((e.to_string(), e.hint())),
     }
+}
+
+/// After each applied batch, the Deployment is annotated with the time (shown by `list-up`).
+fn mark_syncs(reporter: &Reporter, client: &kube::Client, namespace: &str, name: &str) {
+    let (client, namespace, name) = (client.clone(), namespace.to_string(), name.to_string());
+    reporter.observe(move |event| {
+        if let Event::Applied { .. } = event {
+            let (client, namespace, name) = (client.clone(), namespace.clone(), name.clone());
+            tokio::spawn(async move { list::mark_synced(&client, &namespace, &name).await });
+        }
+    });
 }
 
 fn selection(global: &Global) -> Selection {

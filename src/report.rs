@@ -16,6 +16,12 @@ pub enum Event {
         release: String,
         namespace: String,
     },
+    Tunnel {
+        url: String,
+        remote_port: u16,
+    },
+    Service(crate::list::ServiceRow),
+    Uri(crate::list::UriRow),
     RolledOut {
         release: String,
         millis: u64,
@@ -121,7 +127,11 @@ pub struct Reporter {
     inner: Arc<Inner>,
 }
 
+type Observer = Box<dyn Fn(&Event) + Send + Sync>;
+
 struct Inner {
+    /// Told of every event before it is shown (e.g. to mark the last sync in the cluster).
+    observer: std::sync::OnceLock<Observer>,
     service: std::sync::OnceLock<String>,
     json: bool,
     verbose: bool,
@@ -141,6 +151,7 @@ impl Reporter {
         }
         Reporter {
             inner: Arc::new(Inner {
+                observer: std::sync::OnceLock::new(),
                 service: std::sync::OnceLock::new(),
                 json,
                 verbose,
@@ -150,7 +161,35 @@ impl Reporter {
         }
     }
 
+    /// Sets the observer of all events (once).
+    pub fn observe(&self, observer: impl Fn(&Event) + Send + Sync + 'static) {
+        let _ = self.inner.observer.set(Box::new(observer));
+    }
+
+    /// Prints rows of data on stdout (a table in human mode; the events carry them with --json).
+    pub fn table(&self, header: &[&str], rows: Vec<(Vec<String>, Event)>) {
+        if self.inner.json {
+            for (_, event) in rows {
+                self.emit(event);
+            }
+            return;
+        }
+        let mut lines: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+        lines.extend(rows.into_iter().map(|(cells, _)| cells));
+        let widths: Vec<usize> = (0..header.len())
+            .map(|i| lines.iter().map(|l| l.get(i).map_or(0, |c| c.chars().count())).max().unwrap_or(0))
+            .collect();
+        let mut out = self.inner.stdout.lock().expect("stdout lock");
+        for line in lines {
+            let text: Vec<String> = line.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            let _ = writeln!(out, "{}", text.join("  ").trim_end());
+        }
+    }
+
     pub fn emit(&self, event: Event) {
+        if let Some(observer) = self.inner.observer.get() {
+            observer(&event);
+        }
         if self.inner.json {
             let mut line = serde_json::to_vec(&event).expect("events serialize");
             line.push(b'\n');
@@ -224,6 +263,10 @@ impl Reporter {
                 s
             }
             Event::UpToDate { .. } => format!("{tag} {}", style("up to date").green()),
+            Event::Tunnel { url, remote_port } => {
+                format!("{tag} tunnel {} → the pod's port {remote_port}", style(url).cyan().underlined())
+            }
+            Event::Service(_) | Event::Uri(_) => return None,
             Event::Deploying { release, namespace } => {
                 format!("{tag} deploying {} to namespace {namespace} (helm upgrade --install)", style(release).cyan())
             }

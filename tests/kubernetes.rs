@@ -444,25 +444,8 @@ async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
     let (client, _) = client(&cluster, "admin").await;
     let scratch = Scratch::new(&client).await;
 
-    // The container's main process, played on this host: the agent supervising the stand-in app
-    // on the port kwok forwards pod port 8080 to.
     let standin = crate::supervise::standin_bin();
-    let mut supervisor = std::process::Command::new(crate::support::agent_bin())
-        .arg("run")
-        .arg("--root")
-        .arg(&pod_root)
-        .args(["--wait", "--ready", "tcp:18080", "--grace", "2s", "--"])
-        .arg(&standin)
-        .args(["--port", "18080", "--file", "message.txt"])
-        .spawn()
-        .unwrap();
-    let socket = devloop_agent::control::socket_path(&pod_root);
-    for _ in 0..200 {
-        if socket.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let supervisor = Supervisor::start(&pod_root, &standin);
 
     // A service as `devloop prep` leaves it, with a secret in values.dev.yaml.
     let temp = tempfile::tempdir().unwrap();
@@ -498,8 +481,7 @@ async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
     let up = up.await.unwrap();
     let stdout = String::from_utf8_lossy(&up.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&up.stderr).into_owned();
-    let _ = supervisor.kill();
-    let _ = supervisor.wait();
+    drop(supervisor);
     assert_eq!(up.status.code(), Some(0), "{stdout}\n{stderr}");
     let events = crate::support::parse_events(&stdout);
     for kind in ["deploying", "rolled_out", "connected", "applied", "restarted"] {
@@ -518,4 +500,164 @@ async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &scratch.name);
     assert!(deployments.get_opt("shop").await.unwrap().is_none(), "down removed the release");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_keeps_syncing_with_a_tunnel_that_list_commands_show() {
+    let Some(cluster) = cluster() else { return };
+    let _serial = SERIAL.lock().await;
+    let pod_root = install_agent(&cluster);
+    let _ = std::fs::remove_dir_all(&pod_root);
+    std::fs::create_dir_all(&pod_root).unwrap();
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+    let standin = crate::supervise::standin_bin();
+    let supervisor = Supervisor::start(&pod_root, &standin);
+
+    let fx = crate::support::Fixture::new("name: web\n");
+    std::fs::remove_file(fx.src.join("devloop.yaml")).unwrap();
+    let src = fx.src.join("web");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("package.json"), r#"{"name": "web"}"#).unwrap();
+    std::fs::write(src.join("message.txt"), "first").unwrap();
+    let kubeconfig = cluster.kubeconfig.clone();
+    let namespace = scratch.name.clone();
+    // The same cache folder as `Watch::start` gives `up` (the source's parent): the record of the
+    // running `up` lives there.
+    let cache = fx.src.join("cache");
+    let devloop = move |args: &[&str]| {
+        std::process::Command::new(crate::support::devloop_bin())
+            .current_dir(&src)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["-n", &namespace])
+            .args(args)
+            .env("XDG_CACHE_HOME", &cache)
+            .output()
+            .unwrap()
+    };
+    // The chart forwards the service port to pod port 8080, which kwok sends to 127.0.0.1:18080.
+    assert!(devloop(&["prep", "--port", "8080"]).status.success());
+    let src = fx.src.join("web");
+    let args = ["--kubeconfig", cluster.kubeconfig.to_str().unwrap(), "-n", &scratch.name, "--json", "up"];
+    let mut up = {
+        let src = src.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            crate::support::Watch::start(&src, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap()
+    };
+    let tunnel = up.seen.iter().find(|e| e["event"] == "tunnel").cloned().expect("a tunnel event");
+    let url = tunnel["url"].as_str().unwrap().to_string();
+    let port: u16 = url.trim_end_matches('/').rsplit(':').next().unwrap().parse().unwrap();
+    crate::support::converge(&src, &pod_root, &[]);
+
+    // The tunnel reaches the app (through port-forward to the pod).
+    let body = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(body) = get_by_length(port) {
+                return body;
+            }
+            assert!(std::time::Instant::now() < deadline, "the tunnel never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(body, "first");
+
+    // An edit reaches the pod and restarts the app.
+    std::fs::write(src.join("message.txt"), "second").unwrap();
+    let mut up = tokio::task::spawn_blocking(move || {
+        up.wait_for("restarted", Duration::from_secs(30));
+        up
+    })
+    .await
+    .unwrap();
+    assert_eq!(get_by_length(port).as_deref(), Some("second"));
+
+    // list-up and list-uris, while `up` runs.
+    let list_up = devloop(&["--json", "list-up"]);
+    let services = crate::support::parse_events(&String::from_utf8_lossy(&list_up.stdout));
+    assert_eq!(services.len(), 1, "{services:?}");
+    assert_eq!(services[0]["name"], "web");
+    assert_eq!(services[0]["status"], "Running");
+    assert_ne!(services[0]["last_sync"], "-", "{services:?}");
+    let human = String::from_utf8_lossy(&devloop(&["list-up"]).stdout).into_owned();
+    assert!(human.starts_with("NAME") && human.contains("web") && human.contains("Running"), "{human}");
+    let list_uris = devloop(&["--json", "list-uris"]);
+    let uris = crate::support::parse_events(&String::from_utf8_lossy(&list_uris.stdout));
+    assert!(uris.iter().any(|u| u["url"] == url.as_str() && u["kind"] == "tunnel"), "{uris:?}");
+
+    up.drain();
+    assert_eq!(tokio::task::spawn_blocking(move || up.stop()).await.unwrap(), Some(0));
+    let uris = crate::support::parse_events(&String::from_utf8_lossy(&devloop(&["--json", "list-uris"]).stdout));
+    assert!(uris.iter().all(|u| u["kind"] != "tunnel"), "the tunnel is gone with `up`: {uris:?}");
+    assert!(devloop(&["down"]).status.success());
+    drop(supervisor);
+}
+
+/// The container's main process, played on this host: `devloop-agent run` supervising the
+/// stand-in app on the port kwok forwards pod port 8080 to. Stopped with SIGTERM on drop (even
+/// when a test fails), as a container runtime stops its main process: the app's group goes too.
+struct Supervisor(std::process::Child);
+
+impl Supervisor {
+    fn start(root: &std::path::Path, standin: &std::path::Path) -> Supervisor {
+        let child = std::process::Command::new(crate::support::agent_bin())
+            .arg("run")
+            .arg("--root")
+            .arg(root)
+            .args(["--wait", "--ready", "tcp:18080", "--grace", "2s", "--"])
+            .arg(standin)
+            .args(["--port", "18080", "--file", "message.txt"])
+            .spawn()
+            .unwrap();
+        let socket = devloop_agent::control::socket_path(root);
+        for _ in 0..500 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Supervisor(child)
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of a process this test started.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// GET / reading the body by its Content-Length, as browsers and curl do: through kube-rs
+/// port-forward the server closing its side does not reach the client as EOF.
+fn get_by_length(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head.lines().find_map(|l| l.strip_prefix("Content-Length: "))?.trim().parse().ok()?;
+            if body.len() >= length {
+                return Some(body[..length].to_string());
+            }
+        }
+    }
 }

@@ -1,0 +1,129 @@
+//! `devloop list-up` and `devloop list-uris`: what devloop runs in a namespace.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::Ingress;
+use kube::api::{Api, ListParams};
+use serde::Serialize;
+
+use crate::cluster::{explain, ClusterError};
+use crate::tunnel::SessionRecord;
+
+/// The label on everything devloop's charts create (helm sets app.kubernetes.io/managed-by itself).
+pub const MANAGED: &str = "devloop.dev/managed=true";
+/// Annotation on a Deployment: when devloop last synced into its pod (RFC 3339).
+pub const LAST_SYNC: &str = "devloop.dev/last-sync";
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceRow {
+    pub name: String,
+    pub status: String,
+    pub restarts: i32,
+    pub image: String,
+    pub last_sync: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct UriRow {
+    pub name: String,
+    pub url: String,
+    /// `public` (an ingress) or `tunnel` (a running `devloop up` on this machine).
+    pub kind: String,
+}
+
+pub async fn services(client: &kube::Client, namespace: &str) -> Result<Vec<ServiceRow>, ClusterError> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let list = deployments.list(&ListParams::default().labels(MANAGED)).await.map_err(|e| explain(e, namespace))?;
+    let mut rows = Vec::new();
+    for deployment in list.items {
+        let name = deployment.metadata.name.clone().unwrap_or_default();
+        let label = deployment
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("app.kubernetes.io/name").cloned())
+            .unwrap_or_else(|| name.clone());
+        let image = deployment
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .and_then(|c| c.image.clone())
+            .unwrap_or_default();
+        let last_sync = deployment
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LAST_SYNC).cloned())
+            .unwrap_or_else(|| "-".into());
+        let selector = format!("app.kubernetes.io/name={label}");
+        let mut found =
+            pods.list(&ListParams::default().labels(&selector)).await.map_err(|e| explain(e, namespace))?.items;
+        found.sort_by_key(|p| std::cmp::Reverse(p.metadata.creation_timestamp.clone()));
+        let restarts = found
+            .iter()
+            .flat_map(|p| p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()))
+            .map(|c| c.restart_count)
+            .sum();
+        let status = match found.first() {
+            None => "no pod".to_string(),
+            Some(pod) if is_ready(pod) => "Running".to_string(),
+            Some(pod) => crate::transport::not_ready_reason(pod),
+        };
+        rows.push(ServiceRow { name, status, restarts, image, last_sync });
+    }
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(rows)
+}
+
+pub async fn uris(client: &kube::Client, namespace: &str) -> Result<Vec<UriRow>, ClusterError> {
+    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), namespace);
+    let list = ingresses.list(&ListParams::default().labels(MANAGED)).await.map_err(|e| explain(e, namespace))?;
+    let mut rows = Vec::new();
+    for ingress in list.items {
+        let name = ingress.metadata.name.clone().unwrap_or_default();
+        let address = ingress
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .and_then(|i| i.first())
+            .and_then(|i| i.hostname.clone().or_else(|| i.ip.clone()));
+        let hosts: Vec<String> = ingress
+            .spec
+            .as_ref()
+            .and_then(|s| s.rules.as_ref())
+            .map(|rules| rules.iter().filter_map(|r| r.host.clone()).collect())
+            .unwrap_or_default();
+        let url = match (hosts.first(), &address) {
+            (_, None) => "Pending".to_string(),
+            (Some(host), Some(_)) => format!("http://{host}/"),
+            (None, Some(address)) => format!("http://{address}/"),
+        };
+        rows.push(UriRow { name, url, kind: "public".into() });
+    }
+    for record in SessionRecord::live(namespace) {
+        for url in record.urls {
+            rows.push(UriRow { name: record.name.clone(), url, kind: "tunnel".into() });
+        }
+    }
+    Ok(rows)
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Marks the service's Deployment with the time of the last sync (metadata only: no rollout).
+pub async fn mark_synced(client: &kube::Client, namespace: &str, name: &str) {
+    use kube::api::{Patch, PatchParams};
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = serde_json::json!({"metadata": {"annotations": {LAST_SYNC: now}}});
+    let _ = deployments.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await;
+}
