@@ -6,7 +6,7 @@
 //! kwok's kubelet runs `exec` commands locally (PATH starts with STATE/exec-bin), forwards pod
 //! port 8080 to 127.0.0.1:18080 and serves STATE/logs/pod.log as every pod's log.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use devloop::cluster::{self, ClusterError, Selection};
@@ -447,13 +447,15 @@ async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
     let standin = crate::supervise::standin_bin();
     let supervisor = Supervisor::start(&pod_root, &standin);
 
-    // A service as `devloop prep` leaves it, with a secret in values.dev.yaml.
+    // The article's consumer, as `devloop prep --public` left it in examples/, whose
+    // values.dev.yaml holds `secrets: {urls: {producer: http://producer}}`.
     let temp = tempfile::tempdir().unwrap();
-    let src = temp.path().join("shop");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("package.json"), r#"{"name": "shop", "scripts": {"start": "node server.js"}}"#).unwrap();
+    let src = temp.path().join("consumer");
+    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/consumer"), &src);
     std::fs::write(src.join("message.txt"), "served from the pod").unwrap();
-    std::fs::write(src.join("values.dev.yaml"), "secrets:\n  urls:\n    producer: http://producer-s3cr3t\n").unwrap();
+    let mut config = std::fs::read_to_string(src.join("devloop.yaml")).unwrap();
+    config.push_str("image: consumer-dev:test\n");
+    std::fs::write(src.join("devloop.yaml"), config).unwrap();
     let devloop = {
         let (src, kubeconfig, namespace) = (src.clone(), cluster.kubeconfig.clone(), scratch.name.clone());
         let cache = temp.path().join("cache");
@@ -469,11 +471,6 @@ async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
                 .unwrap()
         }
     };
-    assert!(devloop(&["prep"]).status.success());
-    let mut config = std::fs::read_to_string(src.join("devloop.yaml")).unwrap();
-    config.push_str("image: shop-dev:test\n");
-    std::fs::write(src.join("devloop.yaml"), config).unwrap();
-
     let up = tokio::task::spawn_blocking({
         let devloop = devloop.clone();
         move || devloop(&["up", "--once"])
@@ -487,19 +484,27 @@ async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
     for kind in ["deploying", "rolled_out", "connected", "applied", "restarted"] {
         assert!(events.iter().any(|e| e["event"] == kind), "no {kind}: {stdout}");
     }
-    assert!(!stdout.contains("s3cr3t") && !stderr.contains("s3cr3t"), "a secret value leaked into the output");
+    assert!(
+        !stdout.contains("http://producer") && !stderr.contains("http://producer"),
+        "a secret leaked: {stdout}{stderr}"
+    );
 
-    // The secret reached the pod's environment through a Secret, named as .NET binds it.
+    // The secret reaches the pod's environment through a Secret, named as .NET binds it.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &scratch.name);
-    let secret = secrets.get("shop-env").await.unwrap();
+    let secret = secrets.get("consumer-env").await.unwrap();
     let value = secret.data.unwrap().get("urls__producer").cloned().unwrap();
-    assert_eq!(String::from_utf8(value.0).unwrap(), "http://producer-s3cr3t");
+    assert_eq!(String::from_utf8(value.0).unwrap(), "http://producer");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+    let pod =
+        pods.list(&ListParams::default().labels("app.kubernetes.io/name=consumer")).await.unwrap().items.remove(0);
+    let env_from = pod.spec.unwrap().containers[0].env_from.clone().unwrap();
+    assert_eq!(env_from[0].secret_ref.as_ref().unwrap().name, "consumer-env");
     crate::support::converge(&src, &pod_root, &[]);
 
     let down = tokio::task::spawn_blocking(move || devloop(&["down"])).await.unwrap();
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &scratch.name);
-    assert!(deployments.get_opt("shop").await.unwrap().is_none(), "down removed the release");
+    assert!(deployments.get_opt("consumer").await.unwrap().is_none(), "down removed the release");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -658,6 +663,19 @@ fn get_by_length(port: u16) -> Option<String> {
             if body.len() >= length {
                 return Some(body[..length].to_string());
             }
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
         }
     }
 }
