@@ -94,7 +94,7 @@ impl SessionError {
                 "the agent and this devloop come from different versions: rebuild the dev image (or put the matching devloop-agent on the target)".into(),
             ),
             SessionError::Protocol(ProtocolError::NoPeer { .. } | ProtocolError::NoHandshake { .. }) => Some(
-                "the target did not start `devloop-agent serve`: check that the agent is installed there and the command is right".into(),
+                "the target did not start `devloop-agent serve`: check that the agent is installed there (Dockerfile.develop copies it into the dev image; rebuild the image) and that the command is right".into(),
             ),
             SessionError::Transport(e) => e.hint(),
             SessionError::App(_) => Some("the app's own output above says why; fix it and run again".into()),

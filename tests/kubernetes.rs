@@ -501,6 +501,16 @@ async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
     assert_eq!(env_from[0].secret_ref.as_ref().unwrap().name, "consumer-env");
     crate::support::converge(&src, &pod_root, &[]);
 
+    // The consumer is public: its ingress shows as Pending until it has an address.
+    let uris = tokio::task::spawn_blocking({
+        let devloop = devloop.clone();
+        move || devloop(&["list-uris"])
+    })
+    .await
+    .unwrap();
+    let uris = crate::support::parse_events(&String::from_utf8_lossy(&uris.stdout));
+    assert!(uris.iter().any(|u| u["name"] == "consumer" && u["url"] == "Pending" && u["kind"] == "public"), "{uris:?}");
+
     let down = tokio::task::spawn_blocking(move || devloop(&["down"])).await.unwrap();
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &scratch.name);
