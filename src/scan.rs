@@ -13,6 +13,8 @@ use tracing::{info_span, Instrument};
 /// The result of a full scan.
 pub struct Full {
     pub tree: Tree,
+    /// The tree given as stat cache, back to the caller (to diff against, without a copy).
+    pub previous: Tree,
     pub problems: Vec<Problem>,
     pub stats: ScanStats,
     pub took: Duration,
@@ -24,12 +26,11 @@ pub async fn full(filter: Arc<Filter>, previous: Tree, save: Option<PathBuf>) ->
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let outcome = walk::scan(&filter, &previous);
-        drop(previous);
         let took = started.elapsed();
         if let Some(path) = save {
             walk::save_stat_cache(&path, &outcome.tree);
         }
-        Full { tree: outcome.tree, problems: outcome.problems, stats: outcome.stats, took }
+        Full { tree: outcome.tree, previous, problems: outcome.problems, stats: outcome.stats, took }
     })
     .instrument(info_span!("scan", kind = "full"))
     .await

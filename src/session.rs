@@ -323,8 +323,7 @@ impl<T: Transport> Session<T> {
                 // Newly ignored paths are left alone in the target, not deleted.
                 self.baseline.retain(|path, entry| !filter.is_excluded(path, entry.is_dir()));
             }
-            let before = std::mem::take(&mut self.local);
-            self.scan_all_from(before.clone()).await;
+            let before = self.scan_all().await;
             watcher.reset(&self.local)?;
             diff(&before, &self.local)
                 .iter()
@@ -395,12 +394,9 @@ impl<T: Transport> Session<T> {
             .unwrap_or(false)
     }
 
-    async fn scan_all(&mut self) {
+    /// Scans the whole tree (the current one serving as stat cache); gives back the tree it replaced.
+    async fn scan_all(&mut self) -> Tree {
         let previous = std::mem::take(&mut self.local);
-        self.scan_all_from(previous).await;
-    }
-
-    async fn scan_all_from(&mut self, previous: Tree) {
         let full = scan::full(Arc::clone(&self.filter), previous, scan::cache_path(&self.config.root)).await;
         self.reporter.emit(Event::Scanned {
             entries: full.stats.entries,
@@ -409,6 +405,7 @@ impl<T: Transport> Session<T> {
         });
         self.report_problems(&full.problems);
         self.local = full.tree;
+        full.previous
     }
 
     fn report_problems(&self, problems: &[protocol::Problem]) {

@@ -209,3 +209,21 @@ fn agent_killed_mid_session_reconnects_and_resyncs() {
     }
     assert_eq!(watch.stop(), Some(0));
 }
+
+#[test]
+fn gitignore_edited_while_watching_changes_what_syncs_and_leaves_the_rest_alone() {
+    let fx = Fixture::new(CONFIG);
+    fx.write("logs/app.log", "synced while not ignored");
+    fx.write("src/a.txt", "a");
+    let watch = fx.watch();
+    fx.converge();
+    // Now logs/ is ignored: it stays as it is in the target, and new files there do not sync.
+    fx.write(".gitignore", "logs/\n");
+    fx.write("logs/new.log", "never synced");
+    fx.write("src/b.txt", "b");
+    support::converge(&fx.src, &fx.dst, &[]);
+    assert_eq!(fs::read_to_string(fx.dst.join("logs/app.log")).unwrap(), "synced while not ignored");
+    assert!(!fx.dst.join("logs/new.log").exists());
+    assert_eq!(fs::read_to_string(fx.dst.join("src/b.txt")).unwrap(), "b");
+    assert_eq!(watch.stop(), Some(0));
+}
