@@ -69,7 +69,7 @@ pub async fn services(client: &kube::Client, namespace: &str) -> Result<Vec<Serv
             .sum();
         let status = match found.first() {
             None => "no pod".to_string(),
-            Some(pod) if is_ready(pod) => "Running".to_string(),
+            Some(pod) if crate::transport::pod_is_ready(pod) => "Running".to_string(),
             Some(pod) => crate::transport::not_ready_reason(pod),
         };
         rows.push(ServiceRow { name, status, restarts, image, last_sync });
@@ -110,13 +110,6 @@ pub async fn uris(client: &kube::Client, namespace: &str) -> Result<Vec<UriRow>,
         }
     }
     Ok(rows)
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// Marks the service's Deployment with the time of the last sync (metadata only: no rollout).

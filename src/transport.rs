@@ -195,7 +195,8 @@ impl KubeTransport {
     }
 }
 
-fn pod_is_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+/// Whether the pod reports the Ready condition.
+pub fn pod_is_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())

@@ -52,12 +52,7 @@ async fn forward(pods: &Api<Pod>, selector: &str, remote: u16, conn: &mut tokio:
         .items
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .find(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
+        .find(|p| crate::transport::pod_is_ready(p))
         .and_then(|p| p.metadata.name.clone())
         .ok_or_else(|| anyhow::anyhow!("no Ready pod labelled {selector}"))?;
     let mut forwarder = pods.portforward(&pod, &[remote]).await?;

@@ -438,14 +438,7 @@ async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
     use k8s_openapi::api::core::v1::Secret;
     let Some(cluster) = cluster() else { return };
     let _serial = SERIAL.lock().await;
-    let pod_root = install_agent(&cluster);
-    let _ = std::fs::remove_dir_all(&pod_root);
-    std::fs::create_dir_all(&pod_root).unwrap();
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-
-    let standin = crate::supervise::standin_bin();
-    let supervisor = Supervisor::start(&pod_root, &standin);
+    let Stage { pod_root, client, scratch, supervisor } = Stage::new(&cluster).await;
 
     // The article's consumer, as `devloop prep --public` left it in examples/, whose
     // values.dev.yaml holds `secrets: {urls: {producer: http://producer}}`.
@@ -521,13 +514,7 @@ async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
 async fn up_keeps_syncing_with_a_tunnel_that_list_commands_show() {
     let Some(cluster) = cluster() else { return };
     let _serial = SERIAL.lock().await;
-    let pod_root = install_agent(&cluster);
-    let _ = std::fs::remove_dir_all(&pod_root);
-    std::fs::create_dir_all(&pod_root).unwrap();
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let standin = crate::supervise::standin_bin();
-    let supervisor = Supervisor::start(&pod_root, &standin);
+    let Stage { pod_root, client: _, scratch, supervisor } = Stage::new(&cluster).await;
 
     let fx = crate::support::Fixture::new("name: web\n");
     std::fs::remove_file(fx.src.join("devloop.yaml")).unwrap();
@@ -613,6 +600,27 @@ async fn up_keeps_syncing_with_a_tunnel_that_list_commands_show() {
     assert!(uris.iter().all(|u| u["kind"] != "tunnel"), "the tunnel is gone with `up`: {uris:?}");
     assert!(devloop(&["down"]).status.success());
     drop(supervisor);
+}
+
+/// What the `up` tests share: an empty pod folder, a scratch namespace, and the pod's main
+/// process (a supervisor of the stand-in app) running on this host.
+struct Stage {
+    pod_root: PathBuf,
+    client: Client,
+    scratch: Scratch,
+    supervisor: Supervisor,
+}
+
+impl Stage {
+    async fn new(cluster: &Cluster) -> Stage {
+        let pod_root = install_agent(cluster);
+        let _ = std::fs::remove_dir_all(&pod_root);
+        std::fs::create_dir_all(&pod_root).unwrap();
+        let (client, _) = client(cluster, "admin").await;
+        let scratch = Scratch::new(&client).await;
+        let supervisor = Supervisor::start(&pod_root, &crate::supervise::standin_bin());
+        Stage { pod_root, client, scratch, supervisor }
+    }
 }
 
 /// The container's main process, played on this host: `devloop-agent run` supervising the
