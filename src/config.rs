@@ -53,6 +53,13 @@ pub struct Config {
     /// The dev image to deploy (`repository:tag`), until devloop builds it in the cluster.
     #[serde(default)]
     pub image: Option<String>,
+    /// Joins nested keys of `secrets:` into environment variable names (`urls__producer`).
+    #[serde(default = "default_separator")]
+    pub secret_separator: String,
+}
+
+fn default_separator() -> String {
+    "__".into()
 }
 
 /// A readiness check: `{tcp: PORT}`, `{http: URL}` or `{http: PATH, port: PORT}`.
@@ -201,6 +208,10 @@ impl Config {
                 let hint = "write the command as a list: run: [dotnet, run]";
                 return Err(err(key, "", "an argument of the command is empty".into(), hint));
             }
+        }
+        if self.secret_separator.is_empty() || self.secret_separator.contains(|c: char| c == '=' || c.is_whitespace()) {
+            let message = format!("`{}` cannot join environment variable names", self.secret_separator);
+            return Err(err("secret_separator", &self.secret_separator, message, "use `__` (what .NET binds) or `_`"));
         }
         if parse_duration(&self.grace).is_none() {
             let message = format!("`{}` is not a duration", self.grace);
@@ -381,6 +392,10 @@ mod tests {
         assert_eq!((err.line, err.key.as_deref()), (Some(3), Some("ready")));
         assert!(parse("name: web\nrun: [x]\nready: {tcp: 1, http: /}\n").is_err());
         assert!(parse("name: web\nready: {tcp: 1}\n").is_err());
+        assert_eq!(parse("name: web\n").unwrap().secret_separator, "__");
+        assert_eq!(parse("name: web\nsecret_separator: _\n").unwrap().secret_separator, "_");
+        let err = parse("name: web\nsecret_separator: ' '\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (Some(2), Some("secret_separator")));
         let err = parse("name: web\nrun: [x]\ngrace: soon\n").unwrap_err();
         assert_eq!(err.line, Some(3));
         let err = parse("name: web\nrun: [x]\nready: {tcp: 99999}\n").unwrap_err();

@@ -15,7 +15,8 @@ use serde_yaml_ng::Value;
 use crate::config::Config;
 
 /// Default separator between nested keys: what .NET configuration binds (`urls__producer`).
-pub const SEPARATOR: &str = "__";
+#[cfg(test)]
+const SEPARATOR: &str = "__";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
@@ -57,6 +58,7 @@ pub struct Release {
     pub chart: PathBuf,
     pub values: Vec<PathBuf>,
     pub image: Option<String>,
+    pub separator: String,
 }
 
 impl Release {
@@ -72,6 +74,7 @@ impl Release {
             chart,
             values,
             image: config.image.clone(),
+            separator: config.secret_separator.clone(),
         })
     }
 }
@@ -124,7 +127,7 @@ fn flatten(value: &Value, prefix: &str, separator: &str, out: &mut BTreeMap<Stri
 /// `helm upgrade --install`, the secrets passed in a private temporary values file that is
 /// removed right after; helm's output is redacted of every secret value.
 pub async fn deploy(release: &Release, kubeconfig: Option<&Path>, context: Option<&str>) -> Result<(), UpError> {
-    let env = secrets_env(&release.values, SEPARATOR)?;
+    let env = secrets_env(&release.values, &release.separator)?;
     let secrets_file = tempfile::Builder::new().prefix("devloop-secrets-").suffix(".yaml").tempfile()?;
     let document = serde_yaml_ng::to_string(&BTreeMap::from([("env", &env)])).map_err(std::io::Error::other)?;
     std::fs::write(secrets_file.path(), document)?;

@@ -514,7 +514,7 @@ async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
 async fn up_keeps_syncing_with_a_tunnel_that_list_commands_show() {
     let Some(cluster) = cluster() else { return };
     let _serial = SERIAL.lock().await;
-    let Stage { pod_root, client: _, scratch, supervisor } = Stage::new(&cluster).await;
+    let Stage { pod_root, client, scratch, supervisor } = Stage::new(&cluster).await;
 
     let fx = crate::support::Fixture::new("name: web\n");
     std::fs::remove_file(fx.src.join("devloop.yaml")).unwrap();
@@ -580,6 +580,21 @@ async fn up_keeps_syncing_with_a_tunnel_that_list_commands_show() {
     .await
     .unwrap();
     assert_eq!(get_by_length(port).as_deref(), Some("second"));
+
+    // The pod is replaced (a fresh container, an empty /app): `up` follows the new pod.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+    let old = pods.list(&ListParams::default().labels("app.kubernetes.io/name=web")).await.unwrap().items.remove(0);
+    pods.delete(old.metadata.name.as_deref().unwrap(), &DeleteParams::default()).await.unwrap();
+    std::fs::remove_dir_all(&pod_root).unwrap();
+    std::fs::create_dir_all(&pod_root).unwrap();
+    let mut up = tokio::task::spawn_blocking(move || {
+        up.wait_for("reconnecting", Duration::from_secs(30));
+        up.wait_for("connected", Duration::from_secs(60));
+        up
+    })
+    .await
+    .unwrap();
+    crate::support::converge(&src, &pod_root, &[]);
 
     // list-up and list-uris, while `up` runs.
     let list_up = devloop(&["--json", "list-up"]);
