@@ -161,8 +161,16 @@ impl<T: Transport> Session<T> {
     /// Scans, connects and brings the target up to date; then (unless `once`) follows the local
     /// tree until `shutdown` turns true.
     pub async fn run(mut self, once: bool, mut shutdown: watch::Receiver<bool>) -> Result<Outcome, SessionError> {
-        self.local = scan::load_cache(scan::cache_path(&self.config.root)).await;
-        self.scan_all().await;
+        // The first scan and the connection (the agent reads its own tree meanwhile) overlap.
+        let cache = scan::cache_path(&self.config.root);
+        let cached = scan::load_cache(cache.clone()).await;
+        let scanning = scan::full(Arc::clone(&self.filter), cached, cache);
+        let (full, connected) = tokio::select! {
+            both = async { tokio::join!(scanning, self.connect_timed()) } => both,
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
+        };
+        self.adopt(full);
+        let connected = connected?;
         let mut watcher = if once {
             None
         } else {
@@ -171,11 +179,11 @@ impl<T: Transport> Session<T> {
             self.scan_all().await;
             Some(watcher)
         };
-        let connected = tokio::select! {
-            result = self.connect_and_resync() => result,
+        let resynced = tokio::select! {
+            result = self.resync(connected) => result,
             _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
         };
-        connected?;
+        resynced?;
         self.restart_if_owed().await?;
         // The baseline grew one insert at a time during the initial sync (half-empty B-tree
         // nodes); rebuilt from its sorted entries it packs densely. Then the sync's transient
@@ -398,6 +406,11 @@ impl<T: Transport> Session<T> {
     async fn scan_all(&mut self) -> Tree {
         let previous = std::mem::take(&mut self.local);
         let full = scan::full(Arc::clone(&self.filter), previous, scan::cache_path(&self.config.root)).await;
+        self.adopt(full)
+    }
+
+    /// Makes a full scan the local tree; gives back the tree it replaced.
+    fn adopt(&mut self, full: scan::Full) -> Tree {
         self.reporter.emit(Event::Scanned {
             entries: full.stats.entries,
             hashed_files: full.stats.hashed_files,
@@ -435,9 +448,17 @@ impl<T: Transport> Session<T> {
     /// Connects, takes the agent's manifest as the baseline, and sends what differs.
     async fn connect_and_resync(&mut self) -> Result<(), SessionError> {
         self.live = None;
+        let connected = self.connect_timed().await?;
+        self.resync(connected).await
+    }
+
+    async fn connect_timed(&self) -> Result<(Live, Manifest, String), SessionError> {
         let timeout = self.config.connect_timeout;
-        let (live, manifest, agent) =
-            tokio::time::timeout(timeout, self.connect()).await.map_err(|_| SessionError::Timeout(timeout))??;
+        tokio::time::timeout(timeout, self.connect()).await.map_err(|_| SessionError::Timeout(timeout))?
+    }
+
+    /// Takes the agent's manifest as the baseline and sends what differs from the local tree.
+    async fn resync(&mut self, (live, manifest, agent): (Live, Manifest, String)) -> Result<(), SessionError> {
         self.live = Some(live);
         let filter = Arc::clone(&self.filter);
         self.baseline =
