@@ -227,3 +227,34 @@ fn gitignore_edited_while_watching_changes_what_syncs_and_leaves_the_rest_alone(
     assert_eq!(fs::read_to_string(fx.dst.join("src/b.txt")).unwrap(), "b");
     assert_eq!(watch.stop(), Some(0));
 }
+
+#[test]
+fn inotify_limit_reached_falls_back_to_polling_with_a_hint() {
+    // The inotify limits are per user namespace: lower them for this devloop only.
+    let probe = std::process::Command::new("unshare").args(["--user", "--map-root-user", "true"]).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: unshare --user is not available here");
+        return;
+    }
+    let fx = Fixture::new(CONFIG);
+    for i in 0..10 {
+        fx.write(&format!("dir{i}/file.txt"), "x");
+    }
+    let line = format!(
+        "echo 3 > /proc/sys/fs/inotify/max_user_watches && exec {} --json watch --target local:{}",
+        support::devloop_bin().display(),
+        fx.dst.display()
+    );
+    let unshare = std::path::Path::new("unshare");
+    let mut watch = support::Watch::spawn(&fx.src, unshare, &["--user", "--map-root-user", "sh", "-c", &line]);
+    let warning = watch.seen.iter().find(|e| e["event"] == "warning").cloned().expect("a warning");
+    assert!(warning["hint"].as_str().unwrap().contains("fs.inotify.max_user_watches"), "{warning}");
+    let watching = watch.seen.iter().find(|e| e["event"] == "watching").unwrap();
+    assert_eq!(watching["mode"], "polling");
+    // Well after the rescan that the fallback starts with: only polling can see this edit.
+    std::thread::sleep(Duration::from_millis(800));
+    fx.write("dir3/file.txt", "seen by polling");
+    watch.wait_for("applied", Duration::from_secs(10));
+    fx.converge();
+    assert_eq!(watch.stop(), Some(0));
+}

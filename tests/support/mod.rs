@@ -153,7 +153,12 @@ pub struct Watch {
 
 impl Watch {
     pub fn start(cwd: &Path, args: &[&str]) -> Watch {
-        let mut child = Command::new(devloop_bin())
+        Watch::spawn(cwd, &devloop_bin(), args)
+    }
+
+    /// Any command that ends up running `devloop --json …` (e.g. inside `unshare`).
+    pub fn spawn(cwd: &Path, program: &Path, args: &[&str]) -> Watch {
+        let mut child = Command::new(program)
             .current_dir(cwd)
             .args(args)
             .env("DEVLOOP_AGENT", agent_bin())
