@@ -65,14 +65,23 @@ pub struct Watcher {
 
 enum Backend {
     /// One non-recursive inotify watch per synced folder.
-    Native {
-        watcher: notify::RecommendedWatcher,
-        folders: HashSet<String>,
-    },
-    Poll {
-        _watcher: notify::PollWatcher,
-    },
+    Native { watcher: notify::RecommendedWatcher, folders: HashSet<String> },
+    /// No inotify: a timer asks for a full rescan (stat-cached, ignored folders skipped) at
+    /// every tick. notify's PollWatcher compares mtimes in whole seconds and misses a file
+    /// replaced twice within one; the scan compares size, mtime in nanoseconds and inode.
+    Poll { ticker: tokio::task::JoinHandle<()> },
 }
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Backend::Poll { ticker } = &self.backend {
+            ticker.abort();
+        }
+    }
+}
+
+/// How often the polling fallback rescans.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 impl Watcher {
     /// Starts watching every folder of `tree` (and the root).
@@ -161,20 +170,24 @@ impl Watcher {
 
     fn fall_back_to_polling(&mut self) -> Result<(), WatchError> {
         self.reporter.emit(Event::Warning {
-            message: "the inotify watch limit is reached; falling back to polling every 500 ms (slower, more CPU)"
+            message: "the inotify watch limit is reached; falling back to a rescan every 500 ms (slower, more CPU)"
                 .into(),
             hint: Some(
                 "raise it: sudo sysctl fs.inotify.max_user_watches=524288 (persist it in /etc/sysctl.d/)".into(),
             ),
         });
-        let config = notify::Config::default().with_poll_interval(Duration::from_millis(500));
-        let mut poll = notify::PollWatcher::new(handler(self.tx.clone()), config)
-            .map_err(|source| WatchError::Start { path: self.root.clone(), source })?;
-        poll.watch(&self.root, RecursiveMode::Recursive)
-            .map_err(|source| WatchError::Start { path: self.root.clone(), source })?;
-        self.backend = Backend::Poll { _watcher: poll };
-        // Events may have been missed while switching.
-        let _ = self.tx.send(Raw::Rescan);
+        let tx = self.tx.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                // Events may have been missed while switching: the first tick is immediate.
+                if tx.send(Raw::Rescan).is_err() {
+                    return;
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+        });
+        // The inotify watches set so far go with the native watcher.
+        self.backend = Backend::Poll { ticker };
         Ok(())
     }
 

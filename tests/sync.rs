@@ -230,7 +230,9 @@ fn gitignore_edited_while_watching_changes_what_syncs_and_leaves_the_rest_alone(
 
 #[test]
 fn inotify_limit_reached_falls_back_to_polling_with_a_hint() {
-    // The inotify limits are per user namespace: lower them for this devloop only.
+    // The inotify watch limit of a user namespace (/proc/sys/user/max_inotify_watches) applies to
+    // it alone: lower it for this devloop only. (Never /proc/sys/fs/inotify/max_user_watches: as
+    // root that is the whole machine's.)
     let probe = std::process::Command::new("unshare").args(["--user", "--map-root-user", "true"]).status();
     if !probe.is_ok_and(|s| s.success()) {
         eprintln!("skipped: unshare --user is not available here");
@@ -241,7 +243,7 @@ fn inotify_limit_reached_falls_back_to_polling_with_a_hint() {
         fx.write(&format!("dir{i}/file.txt"), "x");
     }
     let line = format!(
-        "echo 3 > /proc/sys/fs/inotify/max_user_watches && exec {} --json watch --target local:{}",
+        "echo 3 > /proc/sys/user/max_inotify_watches && exec {} --json watch --target local:{}",
         support::devloop_bin().display(),
         fx.dst.display()
     );
@@ -256,5 +258,14 @@ fn inotify_limit_reached_falls_back_to_polling_with_a_hint() {
     fx.write("dir3/file.txt", "seen by polling");
     watch.wait_for("applied", Duration::from_secs(10));
     fx.converge();
+    // Regression: a path replaced twice within one second (a folder by a file, then the file by
+    // a safe-save rename) was missed by notify's PollWatcher (whole-second mtimes).
+    fs::remove_dir_all(fx.src.join("dir4")).unwrap();
+    fx.write("dir4", "now a file");
+    std::thread::sleep(Duration::from_millis(50));
+    fx.write("dir4.tmp", "saved safely");
+    fs::rename(fx.src.join("dir4.tmp"), fx.src.join("dir4")).unwrap();
+    fx.converge();
+    assert_eq!(fs::read_to_string(fx.dst.join("dir4")).unwrap(), "saved safely");
     assert_eq!(watch.stop(), Some(0));
 }
