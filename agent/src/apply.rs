@@ -42,6 +42,8 @@ pub struct Applier {
     staging: PathBuf,
     max_file_size: u64,
     seq: u64,
+    /// This process's id, part of staged names (read once: it is a syscall).
+    pid: u32,
     /// Folders this batch already checked or created (cleared per batch: the app may change the
     /// tree between batches).
     known_folders: HashSet<String>,
@@ -81,7 +83,14 @@ impl Applier {
             Err(e) => return Err(e),
         }
         fs::create_dir_all(&staging)?;
-        Ok(Applier { root: root.to_path_buf(), staging, max_file_size, seq: 0, known_folders: HashSet::new() })
+        Ok(Applier {
+            root: root.to_path_buf(),
+            staging,
+            max_file_size,
+            seq: 0,
+            pid: std::process::id(),
+            known_folders: HashSet::new(),
+        })
     }
 
     /// Stands in while the real applier works on a blocking thread.
@@ -91,6 +100,7 @@ impl Applier {
             staging: PathBuf::new(),
             max_file_size: 0,
             seq: 0,
+            pid: 0,
             known_folders: HashSet::new(),
         }
     }
@@ -306,7 +316,7 @@ impl Applier {
 
     fn staged_path(&mut self) -> PathBuf {
         self.seq += 1;
-        self.staging.join(format!("{}-{}", std::process::id(), self.seq))
+        self.staging.join(format!("{}-{}", self.pid, self.seq))
     }
 
     /// Every parent of `path` must be a real folder (never a symlink): the write cannot leave the root.
