@@ -96,6 +96,25 @@ fn install_agent(cluster: &Cluster) -> PathBuf {
     pod_root
 }
 
+/// What most cluster tests start from: an admin client, a scratch namespace, and the Ready pod of
+/// a one-replica Deployment named after the test's app.
+struct PodTest {
+    client: Client,
+    scratch: Scratch,
+    pod: Pod,
+    pods: Api<Pod>,
+}
+
+impl PodTest {
+    async fn new(cluster: &Cluster, app: &str) -> PodTest {
+        let (client, _) = client(cluster, "admin").await;
+        let scratch = Scratch::new(&client).await;
+        let pod = ready_pod(&client, &scratch.name, app).await;
+        let pods = Api::namespaced(client.clone(), &scratch.name);
+        PodTest { client, scratch, pod, pods }
+    }
+}
+
 /// A one-replica Deployment, and its pod once Ready.
 async fn ready_pod(client: &Client, ns: &str, name: &str) -> Pod {
     let deployment: Deployment = serde_json::from_value(serde_json::json!({
@@ -139,9 +158,7 @@ async fn ready_pod(client: &Client, ns: &str, name: &str) -> Pod {
 async fn deployment_gets_a_ready_pod() {
     let Some(cluster) = cluster() else { return };
     let _serial = SERIAL.lock().await;
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let pod = ready_pod(&client, &scratch.name, "web").await;
+    let PodTest { client: _client, scratch: _scratch, pod, pods: _pods } = PodTest::new(&cluster, "web").await;
     assert_eq!(pod.status.unwrap().phase.as_deref(), Some("Running"));
 }
 
@@ -149,10 +166,7 @@ async fn deployment_gets_a_ready_pod() {
 async fn exec_streams_megabytes_both_ways_and_ends_by_its_own_framing() {
     let Some(cluster) = cluster() else { return };
     let _serial = SERIAL.lock().await;
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let pod = ready_pod(&client, &scratch.name, "exec").await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+    let PodTest { client: _client, scratch: _scratch, pod, pods } = PodTest::new(&cluster, "exec").await;
 
     // `head -c N` ends after N bytes: stdin is never closed by us.
     const N: usize = 4 << 20;
@@ -188,10 +202,7 @@ async fn exec_runs_the_agent_protocol_through_the_api_server() {
     let Some(cluster) = cluster() else { return };
     let _serial = SERIAL.lock().await;
     install_agent(&cluster);
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let pod = ready_pod(&client, &scratch.name, "agent").await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+    let PodTest { client: _client, scratch: _scratch, pod, pods } = PodTest::new(&cluster, "agent").await;
     let root = tempfile::tempdir().unwrap();
     std::fs::write(root.path().join("hello.txt"), "from the pod").unwrap();
 
@@ -227,10 +238,7 @@ async fn exec_runs_the_agent_protocol_through_the_api_server() {
 async fn port_forward_reaches_a_local_server() {
     let Some(cluster) = cluster() else { return };
     let _serial = SERIAL.lock().await;
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let pod = ready_pod(&client, &scratch.name, "pf").await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+    let PodTest { client: _client, scratch: _scratch, pod, pods } = PodTest::new(&cluster, "pf").await;
 
     // The "app": kwok forwards pod port 8080 here.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:18080").await.unwrap();
@@ -256,10 +264,7 @@ async fn port_forward_reaches_a_local_server() {
 async fn logs_follow_new_lines() {
     let Some(cluster) = cluster() else { return };
     let _serial = SERIAL.lock().await;
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let pod = ready_pod(&client, &scratch.name, "logs").await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+    let PodTest { client: _client, scratch: _scratch, pod, pods } = PodTest::new(&cluster, "logs").await;
     let file = cluster.state.join("logs/pod.log");
     let marker = format!("marker-{}", rand_u32());
 
@@ -358,9 +363,7 @@ async fn devloop_watch_syncs_into_the_service_pod_and_follows_it_when_replaced()
     let _serial = SERIAL.lock().await;
     let pod_root = install_agent(&cluster);
     let _ = std::fs::remove_dir_all(&pod_root);
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let pod = ready_pod(&client, &scratch.name, "shop").await;
+    let PodTest { client, scratch, pod, pods: _pods } = PodTest::new(&cluster, "shop").await;
     let fx = crate::support::Fixture::new("name: shop\n");
     fx.write("src/Program.cs", "class Program {}");
     fx.write("appsettings.json", "{}");
