@@ -47,7 +47,7 @@ pub struct Config {
     #[serde(default)]
     pub public: bool,
     /// Values files for the chart (default: `values.dev.yaml` when it exists). Their `secrets:`
-    /// trees become environment variables through a Secret.
+    /// trees become environment variables through a Secret; they never sync.
     #[serde(default)]
     pub values: Vec<String>,
     /// The dev image to deploy (`repository:tag`), until devloop builds it in the cluster.
@@ -86,6 +86,28 @@ impl Ready {
             (None, Some(path)) => format!("http://127.0.0.1:{}{path}", self.port.unwrap_or(80)),
             (None, None) => unreachable!("validated: one of http or tcp"),
         }
+    }
+}
+
+/// The values file used when `values:` names none (and it exists).
+pub const DEFAULT_VALUES: &str = "values.dev.yaml";
+
+impl Config {
+    /// The values files, relative to the config's folder: `values:`, or [`DEFAULT_VALUES`].
+    /// They hold `secrets:`: they never sync into the container and never enter a build context.
+    pub fn values_files(&self) -> Vec<String> {
+        if self.values.is_empty() {
+            vec![DEFAULT_VALUES.to_string()]
+        } else {
+            self.values.clone()
+        }
+    }
+
+    /// What sync leaves out on top of the ignore files: `sync.exclude`, and the values files
+    /// (anchored at the root, whatever `.gitignore` says about them).
+    pub fn sync_excludes(&self) -> Vec<String> {
+        let values = self.values_files().into_iter().map(|v| format!("/{}", v.trim_start_matches("./")));
+        self.sync.exclude.iter().cloned().chain(values).collect()
     }
 }
 
@@ -215,7 +237,7 @@ impl Config {
         }
         if parse_duration(&self.grace).is_none() {
             let message = format!("`{}` is not a duration", self.grace);
-            return Err(err("grace", &self.grace, message, "write durations like 5s, 300ms or 2m"));
+            return Err(err("grace", &self.grace, message, "write durations like 5s, 300ms or 2m (at most a week)"));
         }
         if let Some(ready) = &self.ready {
             let bad = |value: &str, message: String, hint: &str| err("ready", value, message, hint);
@@ -235,7 +257,7 @@ impl Config {
             }
             if parse_duration(&ready.timeout).is_none() {
                 let message = format!("`{}` is not a duration", ready.timeout);
-                return Err(bad(&ready.timeout, message, "write durations like 60s or 2m"));
+                return Err(bad(&ready.timeout, message, "write durations like 60s or 2m (at most a week)"));
             }
             if self.run.is_empty() {
                 let message = "a readiness check needs the app's `run` command".into();

@@ -169,7 +169,8 @@ pub fn files(stack: &Stack, name: &str, options: &PrepOptions) -> Vec<(PathBuf, 
 }
 
 fn dockerignore(stack: &Stack) -> String {
-    let mut lines = vec![".git/", ".devloop/"];
+    // The values file holds `secrets:`: never in an image.
+    let mut lines = vec![".git/", ".devloop/", crate::config::DEFAULT_VALUES];
     match stack {
         Stack::Dotnet { .. } => lines.extend(["bin/", "obj/"]),
         Stack::Node => lines.push("node_modules/"),

@@ -27,7 +27,9 @@ pub async fn full(filter: Arc<Filter>, previous: Tree, save: Option<PathBuf>) ->
         let started = Instant::now();
         let outcome = walk::scan(&filter, &previous);
         let took = started.elapsed();
-        if let Some(path) = save {
+        // Saved only when something changed: the polling fallback scans every 500 ms.
+        let changed = outcome.stats.hashed_files > 0 || outcome.tree.len() != previous.len();
+        if let (Some(path), true) = (save, changed) {
             walk::save_stat_cache(&path, &outcome.tree);
         }
         Full { tree: outcome.tree, previous, problems: outcome.problems, stats: outcome.stats, took }

@@ -103,6 +103,11 @@ impl SessionError {
     }
 }
 
+/// Most entries (deletions, exec-bit changes, files) one batch carries: every message stays far
+/// below the frame limit (a deletion list of 300,000 paths would not fit in one), and so does the
+/// agent's answer, which names each refused path.
+const BATCH_ENTRIES: usize = 16 * 1024;
+
 /// An open session with the agent.
 struct Live {
     out: FrameWriter<BufWriter<Writer>>,
@@ -340,21 +345,21 @@ impl<T: Transport> Session<T> {
                 .into_iter()
                 .collect()
         } else {
+            let hinted: Vec<String> = hints.paths.into_iter().collect();
             let tree = std::mem::take(&mut self.local);
-            let (tree, outcome) =
-                scan::targeted(Arc::clone(&self.filter), tree, hints.paths.into_iter().collect()).await;
+            let (tree, outcome) = scan::targeted(Arc::clone(&self.filter), tree, hinted.clone()).await;
             self.local = tree;
             self.report_problems(&outcome.problems);
             let mut changed = outcome.changed;
-            let mut fresh = watcher.update(&self.local, &changed)?;
-            // New folders were walked before their watch existed: walk them again until no new
-            // folder appears (a `git checkout` creates folders and files in a burst).
+            let mut fresh = watcher.update(&self.local, &changed, &hinted)?;
+            // New (or replaced) folders were walked before their watch existed: walk them again
+            // until no new folder appears (a `git checkout` creates folders and files in a burst).
             while !fresh.is_empty() {
                 let tree = std::mem::take(&mut self.local);
-                let (tree, again) = scan::targeted(Arc::clone(&self.filter), tree, fresh).await;
+                let (tree, again) = scan::targeted(Arc::clone(&self.filter), tree, fresh.clone()).await;
                 self.local = tree;
                 self.report_problems(&again.problems);
-                fresh = watcher.update(&self.local, &again.changed)?;
+                fresh = watcher.update(&self.local, &again.changed, &fresh)?;
                 changed.extend(again.changed);
             }
             changed.sort_unstable();
@@ -537,7 +542,8 @@ impl<T: Transport> Session<T> {
         Ok((Live { out, rx, reader, child: connection.child }, manifest, agent))
     }
 
-    /// Sends one batch for `changes` and folds the acknowledged part into the baseline.
+    /// Sends `changes` in batches of at most [`BATCH_ENTRIES`] entries and folds what each
+    /// acknowledgement confirms into the baseline.
     async fn sync(&mut self, changes: Vec<Change>) -> Result<(), SessionError> {
         let mut deletes = Vec::new();
         let mut chmods = Vec::new();
@@ -557,23 +563,47 @@ impl<T: Transport> Session<T> {
         if deletes.is_empty() && chmods.is_empty() && upserts.is_empty() {
             return Ok(());
         }
-        self.round += 1;
-        let round = self.round;
-        let started = Instant::now();
         let bytes: u64 = upserts.iter().map(|(_, e, _)| e.size()).sum();
         self.reporter.emit(Event::SyncStarted {
-            round,
+            round: self.round + 1,
             files: upserts.len() as u64,
             deletes: deletes.len() as u64,
             bytes,
         });
         let progress = self.reporter.progress(upserts.len() as u64, bytes);
-        let result = self
+        let mut result = Ok(());
+        let (mut deletes, mut chmods, mut upserts) = (deletes.into_iter(), chmods.into_iter(), upserts.into_iter());
+        loop {
+            let d: Vec<String> = deletes.by_ref().take(BATCH_ENTRIES).collect();
+            let c: Vec<Chmod> = chmods.by_ref().take(BATCH_ENTRIES - d.len()).collect();
+            let u: Vec<pack::Upsert> = upserts.by_ref().take(BATCH_ENTRIES - d.len() - c.len()).collect();
+            if d.is_empty() && c.is_empty() && u.is_empty() {
+                break;
+            }
+            result = self.sync_batch(d, c, u, progress.clone()).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        self.reporter.finish_progress();
+        result
+    }
+
+    /// Sends one batch and folds the acknowledged part into the baseline.
+    async fn sync_batch(
+        &mut self,
+        deletes: Vec<String>,
+        chmods: Vec<Chmod>,
+        upserts: Vec<pack::Upsert>,
+        progress: crate::report::Progress,
+    ) -> Result<(), SessionError> {
+        self.round += 1;
+        let round = self.round;
+        let started = Instant::now();
+        let (applied, packed) = self
             .send_batch(round, deletes.clone(), chmods.clone(), upserts, progress)
             .instrument(info_span!("sync", round))
-            .await;
-        self.reporter.finish_progress();
-        let (applied, packed) = result?;
+            .await?;
 
         let refused: HashMap<&str, &protocol::Problem> = applied.refused.iter().map(|p| (p.path.as_str(), p)).collect();
         for path in &deletes {

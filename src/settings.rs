@@ -67,7 +67,7 @@ pub fn watch(file: &Path, target: Option<&str>, once: bool) -> Result<WatchSetti
     };
     let session = SessionConfig {
         root,
-        excludes: config.sync.exclude.clone(),
+        excludes: config.sync_excludes(),
         rules: Rules { rebuild: Globs::new(&config.rebuild), no_restart: Globs::new(&config.no_restart) },
         window: Window::default(),
         connect_timeout: Duration::from_secs(60),

@@ -64,9 +64,10 @@ pub struct Release {
 impl Release {
     pub fn new(config: &Config, root: &Path, namespace: &str) -> Result<Release, UpError> {
         let chart = root.join(config.chart.as_deref().ok_or(UpError::NoChart)?);
-        let mut values: Vec<PathBuf> = config.values.iter().map(|v| root.join(v)).collect();
-        if config.values.is_empty() && root.join("values.dev.yaml").is_file() {
-            values.push(root.join("values.dev.yaml"));
+        let mut values: Vec<PathBuf> = config.values_files().iter().map(|v| root.join(v)).collect();
+        if config.values.is_empty() {
+            // The default values file counts only when it exists.
+            values.retain(|v| v.is_file());
         }
         Ok(Release {
             name: config.name.clone(),

@@ -6,7 +6,8 @@
 //! When the kernel's watch limit is reached the watcher says which sysctl to raise and falls back
 //! to polling. A queue overflow turns into a full rescan.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -64,8 +65,10 @@ pub struct Watcher {
 }
 
 enum Backend {
-    /// One non-recursive inotify watch per synced folder.
-    Native { watcher: notify::RecommendedWatcher, folders: HashSet<String> },
+    /// One non-recursive inotify watch per synced folder, with the inode it was set on: a folder
+    /// deleted and created again under the same name (or replaced by a renamed one) is a new
+    /// inode, and the old watch went with the old one.
+    Native { watcher: notify::RecommendedWatcher, folders: HashMap<String, u64> },
     /// No inotify: a timer asks for a full rescan (stat-cached, ignored folders skipped) at
     /// every tick. notify's PollWatcher compares mtimes in whole seconds and misses a file
     /// replaced twice within one; the scan compares size, mtime in nanoseconds and inode.
@@ -92,7 +95,7 @@ impl Watcher {
             notify::recommended_watcher(handler).map_err(|source| WatchError::Start { path: root.into(), source })?;
         let mut me = Watcher {
             root: root.to_path_buf(),
-            backend: Backend::Native { watcher, folders: HashSet::new() },
+            backend: Backend::Native { watcher, folders: HashMap::new() },
             rx,
             tx,
             reporter,
@@ -114,21 +117,48 @@ impl Watcher {
         }
     }
 
-    /// Keeps the watch set equal to the tree's folders after a rescan that changed `changed`.
+    /// Keeps the watch set equal to the tree's folders after a targeted rescan. `changed` is what
+    /// the rescan found changed; `hinted` the paths it was asked to look at: a hinted folder and
+    /// every folder under it are checked against the inode their watch was set on, since a folder
+    /// replaced under the same name is no change to the tree but a dead watch.
+    ///
     /// Returns the folders newly watched: what was created in them before their watch existed
     /// raised no event, so the caller rescans them once more.
-    pub fn update(&mut self, tree: &Tree, changed: &[String]) -> Result<Vec<String>, WatchError> {
-        let mut added = Vec::new();
+    pub fn update(&mut self, tree: &Tree, changed: &[String], hinted: &[String]) -> Result<Vec<String>, WatchError> {
+        let Backend::Native { watcher, folders } = &mut self.backend else { return Ok(Vec::new()) };
+        // Watches go before new ones are set: a folder renamed within the tree keeps its inode,
+        // and inotify hands out one watch per inode, so removing the old name's watch after the
+        // new name was watched would remove both.
         for path in changed {
             let is_dir = tree.get(path).is_some_and(|s| s.entry.is_dir());
-            let Backend::Native { watcher, folders } = &mut self.backend else { return Ok(added) };
-            if is_dir {
-                if !folders.contains(path) {
-                    self.add_folder(path)?;
-                    added.push(path.clone());
-                }
-            } else if folders.remove(path) {
+            if !is_dir && folders.remove(path).is_some() {
                 let _ = watcher.unwatch(&self.root.join(path));
+            }
+        }
+        let mut candidates: BTreeSet<&str> =
+            changed.iter().filter(|p| tree.get(*p).is_some_and(|s| s.entry.is_dir())).map(String::as_str).collect();
+        for path in hinted {
+            if !tree.get(path).is_some_and(|s| s.entry.is_dir()) {
+                continue;
+            }
+            candidates.insert(path);
+            let prefix = format!("{path}/");
+            let below = tree.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix));
+            candidates.extend(below.filter(|(_, s)| s.entry.is_dir()).map(|(k, _)| k.as_str()));
+        }
+        let mut added = Vec::new();
+        for path in candidates {
+            let Backend::Native { watcher, folders } = &mut self.backend else { break };
+            match (folders.get(path), inode(&self.root.join(path))) {
+                (Some(watched), Some(now)) if *watched == now => continue,
+                (Some(_), _) => {
+                    folders.remove(path);
+                    let _ = watcher.unwatch(&self.root.join(path));
+                }
+                (None, _) => {}
+            }
+            if self.add_folder(path)? {
+                added.push(path.to_owned());
             }
         }
         Ok(added)
@@ -138,32 +168,53 @@ impl Watcher {
     pub fn reset(&mut self, tree: &Tree) -> Result<(), WatchError> {
         let Backend::Native { folders, .. } = &self.backend else { return Ok(()) };
         let wanted: HashSet<&str> = tree.iter().filter(|(_, s)| s.entry.is_dir()).map(|(p, _)| p.as_str()).collect();
-        let stale: Vec<String> =
-            folders.iter().filter(|f| !f.is_empty() && !wanted.contains(f.as_str())).cloned().collect();
-        let missing: Vec<String> = wanted.iter().filter(|f| !folders.contains(**f)).map(|f| f.to_string()).collect();
+        // Gone, or no longer the inode the watch was set on.
+        let stale: Vec<String> = folders
+            .iter()
+            .filter(|(f, ino)| {
+                (!f.is_empty() && !wanted.contains(f.as_str())) || inode(&self.root.join(f.as_str())) != Some(**ino)
+            })
+            .map(|(f, _)| f.clone())
+            .collect();
         if let Backend::Native { watcher, folders } = &mut self.backend {
-            for folder in stale {
-                folders.remove(&folder);
-                let _ = watcher.unwatch(&self.root.join(&folder));
+            for folder in &stale {
+                folders.remove(folder);
+                let _ = watcher.unwatch(&self.root.join(folder));
             }
         }
+        let missing: Vec<String> = match &self.backend {
+            Backend::Native { folders, .. } => {
+                let mut missing: Vec<String> =
+                    wanted.iter().filter(|f| !folders.contains_key(**f)).map(|f| f.to_string()).collect();
+                if !folders.contains_key("") {
+                    missing.push(String::new());
+                }
+                missing
+            }
+            Backend::Poll { .. } => Vec::new(),
+        };
         for folder in missing {
             self.add_folder(&folder)?;
         }
         Ok(())
     }
 
-    fn add_folder(&mut self, rel: &str) -> Result<(), WatchError> {
-        let Backend::Native { watcher, folders } = &mut self.backend else { return Ok(()) };
+    /// Watches one folder; `false` when it is gone already (the rescan its own event triggers
+    /// will see that) or the watcher fell back to polling.
+    fn add_folder(&mut self, rel: &str) -> Result<bool, WatchError> {
+        let Backend::Native { watcher, folders } = &mut self.backend else { return Ok(false) };
         let path = if rel.is_empty() { self.root.clone() } else { self.root.join(rel) };
+        // The inode is read before the watch is set: if the folder is replaced in between, the
+        // recorded inode is the old one and the next check sets the watch again (the other
+        // order could record the new inode for a watch on the old one, and never notice).
+        let Some(ino) = inode(&path) else { return Ok(false) };
         match watcher.watch(&path, RecursiveMode::NonRecursive) {
             Ok(()) => {
-                folders.insert(rel.to_owned());
-                Ok(())
+                folders.insert(rel.to_owned(), ino);
+                Ok(true)
             }
-            Err(e) if matches!(e.kind, ErrorKind::MaxFilesWatch) => self.fall_back_to_polling(),
-            // Gone already: the rescan its own event triggers will see that.
-            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) if matches!(e.kind, ErrorKind::MaxFilesWatch) => self.fall_back_to_polling().map(|()| false),
+            Err(e) if is_not_found(&e) => Ok(false),
             Err(source) => Err(WatchError::Start { path, source }),
         }
     }
@@ -250,6 +301,11 @@ fn handler(tx: mpsc::UnboundedSender<Raw>) -> impl Fn(notify::Result<notify::Eve
         };
         let _ = tx.send(raw);
     }
+}
+
+/// The inode of a folder (not following a symlink), `None` when it is not a folder.
+fn inode(path: &Path) -> Option<u64> {
+    std::fs::symlink_metadata(path).ok().filter(|m| m.is_dir()).map(|m| m.ino())
 }
 
 /// The path relative to the root, or `None` for paths devloop never syncs (`.git/`, `.devloop/`).

@@ -65,6 +65,8 @@ fn prep_writes_then_keeps_then_rewrites_with_force() {
         ] {
             assert!(chart.join(file).is_file(), "{example}: {file}");
         }
+        let dockerignore = std::fs::read_to_string(dir.as_path().join(".dockerignore")).unwrap();
+        assert!(dockerignore.lines().any(|l| l == "values.dev.yaml"), "{example}: secrets stay out of images");
         let config = devloop::config::Config::load(&dir.as_path().join("devloop.yaml")).unwrap();
         assert_eq!(config.name, name);
         assert!(config.public);

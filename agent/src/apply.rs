@@ -8,17 +8,22 @@
 //! next session clears.
 //!
 //! Architecture invariant: nothing is written outside the root. Every path passes
-//! [`relpath::check`]; no path is reached through a symlink; symlinks are created only when they
-//! resolve inside the root; devices, fifos and hard links are refused; entries above the size limit
-//! are refused. A refused entry is reported by path and the rest of the batch goes on.
+//! [`relpath::check`]; every folder is resolved at the moment of use, beneath the root's own file
+//! descriptor, without following any symlink (`openat2` with `RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS`, or one `O_NOFOLLOW` open per component where the kernel lacks it), and
+//! every change is made relative to that folder's descriptor (`renameat`, `unlinkat`, `fchmod` of
+//! a file opened without following links): a folder swapped for a symlink while a batch runs is
+//! refused, not followed. Symlinks are created only in the form [`relpath::link_is_contained`]
+//! accepts; devices, fifos and hard links are refused; entries above the size limit are refused.
+//! A refused entry is reported by path and the rest of the batch goes on.
 
-use std::collections::HashSet;
-use std::fs;
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use tar::EntryType;
 
 use crate::manifest::{Digest, Entry};
@@ -39,14 +44,14 @@ pub enum TreeUpdate {
 
 pub struct Applier {
     root: PathBuf,
-    staging: PathBuf,
+    /// The root, opened once: every path is resolved beneath it.
+    root_fd: OwnedFd,
+    /// The staging folder, `.devloop/staging` (same file system as the root).
+    staging: OwnedFd,
     max_file_size: u64,
     seq: u64,
     /// This process's id, part of staged names (read once: it is a syscall).
     pid: u32,
-    /// Folders this batch already checked or created (cleared per batch: the app may change the
-    /// tree between batches).
-    known_folders: HashSet<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +60,7 @@ enum Refusal {
     Path(#[from] PathError),
     #[error("path goes through a symlink or a file at `{0}`")]
     NotAFolder(String),
-    #[error("symlink target `{0}` points outside the root")]
+    #[error("symlink target `{0}` may point outside the root (targets must be `../`s then names, and stay inside)")]
     LinkOutside(String),
     #[error("{0} entries are not synced (only files, folders and symlinks)")]
     Kind(&'static str),
@@ -73,36 +78,34 @@ enum Refusal {
     Io(#[from] io::Error),
 }
 
-impl Applier {
-    /// Prepares the staging folder under `root`, clearing what an interrupted batch left there.
-    pub fn new(root: &Path, max_file_size: u64) -> io::Result<Applier> {
-        let staging = root.join(RESERVED_DIR).join("staging");
-        match fs::remove_dir_all(&staging) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        fs::create_dir_all(&staging)?;
-        Ok(Applier {
-            root: root.to_path_buf(),
-            staging,
-            max_file_size,
-            seq: 0,
-            pid: std::process::id(),
-            known_folders: HashSet::new(),
-        })
+impl From<rustix::io::Errno> for Refusal {
+    fn from(e: rustix::io::Errno) -> Refusal {
+        Refusal::Io(e.into())
     }
+}
 
-    /// Stands in while the real applier works on a blocking thread.
-    pub(crate) fn placeholder() -> Applier {
-        Applier {
-            root: PathBuf::new(),
-            staging: PathBuf::new(),
-            max_file_size: 0,
-            seq: 0,
-            pid: 0,
-            known_folders: HashSet::new(),
+impl Applier {
+    /// Opens the root and the staging folder, clearing what an interrupted batch left there. The
+    /// caller holds the root's session lock (see `serve`): no other session is staging anything.
+    pub fn new(root: &Path, max_file_size: u64) -> io::Result<Applier> {
+        let root_fd = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        let reserved = reserved_folder(&root_fd)?;
+        let staging = folder(&reserved, "staging", true).map_err(refusal_to_io)?;
+        // Opened through the descriptor just checked: `.devloop` was resolved without symlinks.
+        let path = PathBuf::from(format!("/proc/self/fd/{}", rustix::fd::AsRawFd::as_raw_fd(&staging)));
+        for leftover in std::fs::read_dir(&path)? {
+            let leftover = leftover?;
+            let gone = match leftover.file_type()? {
+                t if t.is_dir() => std::fs::remove_dir_all(leftover.path()),
+                _ => std::fs::remove_file(leftover.path()),
+            };
+            match gone {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
+        let pid = std::process::id();
+        Ok(Applier { root: root.to_path_buf(), root_fd, staging, max_file_size, seq: 0, pid })
     }
 
     pub fn root(&self) -> &Path {
@@ -119,7 +122,6 @@ impl Applier {
         tar: impl Read,
     ) -> (Applied, Option<String>, Vec<TreeUpdate>) {
         let started = Instant::now();
-        self.known_folders.clear();
         let mut report = Applied { id, ..Applied::default() };
         let mut updates = Vec::new();
 
@@ -137,12 +139,12 @@ impl Applier {
         }
         for chmod in chmods {
             match self.chmod(chmod) {
-                Ok(update) => updates.extend(update),
+                Ok(()) => {}
                 Err(refusal) => report.refused.push(refused(&chmod.path, refusal)),
             }
         }
 
-        let mut archive = tar::Archive::new(tar);
+        let mut archive = tar::Archive::new(crate::targuard::Guard::new(tar));
         let incomplete = match archive.entries() {
             Ok(entries) => {
                 let mut broke = None;
@@ -157,7 +159,8 @@ impl Applier {
                     let path = match entry_path(&entry) {
                         Ok(path) => path,
                         Err(refusal) => {
-                            let shown = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+                            let shown: String =
+                                String::from_utf8_lossy(&entry.path_bytes()).chars().take(256).collect();
                             report.refused.push(refused(&shown, refusal));
                             continue;
                         }
@@ -186,40 +189,50 @@ impl Applier {
     /// Removes one path; `Ok(false)` when it was already gone.
     fn delete(&mut self, path: &str) -> Result<bool, Refusal> {
         relpath::check(path)?;
-        self.parents_are_folders(path)?;
-        let abs = self.root.join(path);
-        let meta = match fs::symlink_metadata(&abs) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        let (parent, name) = split(path);
+        let dir = match self.folder(parent, false) {
+            Ok(dir) => dir,
+            Err(Refusal::Io(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(refusal) => return Err(refusal),
+        };
+        let stat = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => stat,
+            Err(rustix::io::Errno::NOENT) => return Ok(false),
             Err(e) => return Err(e.into()),
         };
-        if meta.is_dir() {
-            fs::remove_dir(&abs)?;
-            self.known_folders.remove(path);
-        } else {
-            fs::remove_file(&abs)?;
+        let flags = if FileType::from_raw_mode(stat.st_mode).is_dir() { AtFlags::REMOVEDIR } else { AtFlags::empty() };
+        match rustix::fs::unlinkat(&dir, name, flags) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::NOENT) => Ok(false),
+            Err(e) => Err(e.into()),
         }
-        Ok(true)
     }
 
-    fn chmod(&self, chmod: &Chmod) -> Result<Option<TreeUpdate>, Refusal> {
+    /// Sets the exec bit of a regular file, opened without following a symlink.
+    fn chmod(&self, chmod: &Chmod) -> Result<(), Refusal> {
         relpath::check(&chmod.path)?;
-        self.parents_are_folders(&chmod.path)?;
-        let abs = self.root.join(&chmod.path);
-        let meta = fs::symlink_metadata(&abs)?;
-        if !meta.is_file() {
+        let (parent, name) = split(&chmod.path);
+        let dir = self.folder(parent, false)?;
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+        let file = match rustix::fs::openat(&dir, name, flags, Mode::empty()) {
+            Ok(file) => file,
+            Err(rustix::io::Errno::LOOP) => return Err(Refusal::Kind("exec-bit changes of non-file")),
+            Err(e) => return Err(e.into()),
+        };
+        if !FileType::from_raw_mode(rustix::fs::fstat(&file)?.st_mode).is_file() {
             return Err(Refusal::Kind("exec-bit changes of non-file"));
         }
-        fs::set_permissions(&abs, fs::Permissions::from_mode(file_mode(chmod.exec)))?;
-        // The content is unchanged, so the digest in the stat cache stays valid; only ctime moved.
-        Ok(None)
+        // The content is unchanged, so the agent's digest stays valid; the ctime moves, so the
+        // stat cache hashes the file once more next time.
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(file_mode(chmod.exec)))?;
+        Ok(())
     }
 
     fn entry<R: Read>(&mut self, path: &str, entry: &mut tar::Entry<'_, R>) -> Result<Scanned, Refusal> {
         let header = entry.header();
         match header.entry_type() {
             EntryType::Directory => {
-                self.make_folders(path)?;
+                self.folder(path, true)?;
                 Ok(Scanned { entry: Entry::Dir, stat: None })
             }
             EntryType::Regular | EntryType::Continuous => {
@@ -229,29 +242,27 @@ impl Applier {
                 }
                 let exec = header.mode()? & 0o111 != 0;
                 let expected = pax_digest(entry)?;
-                self.prepare_parent(path)?;
-                let staged = self.staged_path();
+                let staged = self.staged_name();
                 let result = self.write_file(&staged, entry, expected, exec).and_then(|(digest, stat)| {
                     self.place(&staged, path)?;
-                    Ok(Scanned { entry: Entry::File { hash: digest, size, exec }, stat: Some(stat) })
+                    Ok(Scanned { entry: Entry::File { hash: digest, size, exec }, stat })
                 });
                 if result.is_err() {
-                    let _ = fs::remove_file(&staged);
+                    let _ = rustix::fs::unlinkat(&self.staging, &staged, AtFlags::empty());
                 }
                 result
             }
             EntryType::Symlink => {
                 let target = entry.link_name_bytes().ok_or(Refusal::Kind("symlink without target"))?;
                 let target = std::str::from_utf8(&target).map_err(|_| Refusal::NotUtf8)?.to_owned();
-                if !relpath::link_stays_inside(path, &target) {
-                    return Err(Refusal::LinkOutside(target));
+                if !relpath::link_is_contained(path, &target) {
+                    return Err(Refusal::LinkOutside(target.chars().take(256).collect()));
                 }
-                self.prepare_parent(path)?;
-                let staged = self.staged_path();
-                symlink(&target, &staged)?;
+                let staged = self.staged_name();
+                rustix::fs::symlinkat(target.as_str(), &self.staging, &staged)?;
                 let placed = self.place(&staged, path);
                 if placed.is_err() {
-                    let _ = fs::remove_file(&staged);
+                    let _ = rustix::fs::unlinkat(&self.staging, &staged, AtFlags::empty());
                 }
                 placed?;
                 Ok(Scanned { entry: Entry::Symlink { target }, stat: None })
@@ -265,16 +276,18 @@ impl Applier {
     }
 
     /// Writes the entry's content to `staged` and checks its digest; returns the digest and the
-    /// stat of the written file (what the stat cache keeps; a rename does not change it).
+    /// stat to cache for it (a rename does not change it; `None` while it is too fresh to trust).
     fn write_file<R: Read>(
         &self,
-        staged: &Path,
+        staged: &str,
         entry: &mut tar::Entry<'_, R>,
         expected: Digest,
         exec: bool,
-    ) -> Result<(Digest, StatKey), Refusal> {
+    ) -> Result<(Digest, Option<StatKey>), Refusal> {
         let mode = file_mode(exec);
-        let mut out = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(staged)?;
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut out = File::from(rustix::fs::openat(&self.staging, staged, flags, Mode::from_raw_mode(mode))?);
+        let written_at = SystemTime::now();
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 64 << 10];
         loop {
@@ -292,76 +305,129 @@ impl Applier {
             return Err(Refusal::DigestMismatch { expected: expected.to_hex(), got: got.to_hex() });
         }
         let meta = out.metadata()?;
-        if meta.permissions().mode() & 0o777 != mode {
+        if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777 != mode {
             // The umask took bits away.
-            out.set_permissions(fs::Permissions::from_mode(mode))?;
+            rustix::fs::fchmod(&out, Mode::from_raw_mode(mode))?;
         }
-        Ok((got, StatKey::of(&meta)))
+        Ok((got, StatKey::of(&meta).settled(written_at)))
     }
 
-    /// Renames a staged entry over `path`. An empty folder in the way is replaced; a folder with
-    /// content never is.
-    fn place(&mut self, staged: &Path, path: &str) -> Result<(), Refusal> {
-        let dest = self.root.join(path);
-        match fs::rename(staged, &dest) {
+    /// Renames a staged entry over `path`, in its parent folder resolved now. An empty folder in
+    /// the way is replaced; a folder with content never is.
+    fn place(&mut self, staged: &str, path: &str) -> Result<(), Refusal> {
+        let (parent, name) = split(path);
+        let dir = self.folder(parent, true)?;
+        match rustix::fs::renameat(&self.staging, staged, &dir, name) {
             Ok(()) => Ok(()),
-            Err(e) if matches!(fs::symlink_metadata(&dest), Ok(m) if m.is_dir()) => {
-                fs::remove_dir(&dest).map_err(|_| Refusal::FolderInTheWay)?;
-                self.known_folders.remove(path);
-                fs::rename(staged, &dest).map_err(|_| Refusal::Io(e))
+            Err(e @ (rustix::io::Errno::ISDIR | rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST)) => {
+                let in_the_way = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| FileType::from_raw_mode(st.st_mode).is_dir());
+                if !in_the_way {
+                    return Err(e.into());
+                }
+                rustix::fs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(|_| Refusal::FolderInTheWay)?;
+                rustix::fs::renameat(&self.staging, staged, &dir, name)?;
+                Ok(())
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    fn staged_path(&mut self) -> PathBuf {
+    fn staged_name(&mut self) -> String {
         self.seq += 1;
-        self.staging.join(format!("{}-{}", self.pid, self.seq))
+        format!("{}-{}", self.pid, self.seq)
     }
 
-    /// Every parent of `path` must be a real folder (never a symlink): the write cannot leave the root.
-    fn parents_are_folders(&self, path: &str) -> Result<(), Refusal> {
-        for dir in relpath::ancestors(path) {
-            match fs::symlink_metadata(self.root.join(dir)) {
-                Ok(meta) if meta.is_dir() => {}
-                Ok(_) => return Err(Refusal::NotAFolder(dir.to_owned())),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(e.into()),
+    /// The folder `path` (the root for ""), resolved beneath the root without following any
+    /// symlink; created with its parents when `create`.
+    fn folder(&self, path: &str, create: bool) -> Result<OwnedFd, Refusal> {
+        folder(&self.root_fd, path, create)
+    }
+}
+
+/// The reserved folder `.devloop` of the root, created if missing, never through a symlink.
+pub(crate) fn reserved_folder(root_fd: &OwnedFd) -> io::Result<OwnedFd> {
+    folder(root_fd, RESERVED_DIR, true).map_err(refusal_to_io)
+}
+
+/// Opens `path` beneath `base` as a folder, following no symlink; creates missing folders when
+/// `create`. A symlink or a file on the way is [`Refusal::NotAFolder`].
+fn folder(base: &OwnedFd, path: &str, create: bool) -> Result<OwnedFd, Refusal> {
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let target = if path.is_empty() { "." } else { path };
+    for _ in 0..8 {
+        match rustix::fs::openat2(base, target, flags, Mode::empty(), resolve) {
+            Ok(fd) => return Ok(fd),
+            // The kernel asks for a retry when a rename raced the lookup.
+            Err(rustix::io::Errno::AGAIN) => continue,
+            Err(rustix::io::Errno::NOENT) if !create => return Err(Refusal::Io(io::ErrorKind::NotFound.into())),
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR | rustix::io::Errno::XDEV) => {
+                return Err(Refusal::NotAFolder(first_non_folder(base, path)))
             }
-        }
-        Ok(())
-    }
-
-    fn prepare_parent(&mut self, path: &str) -> Result<(), Refusal> {
-        match path.rfind('/') {
-            Some(cut) => self.make_folders(&path[..cut]),
-            None => Ok(()),
+            // Missing folders to create, or no openat2 (older kernels, seccomp profiles that
+            // refuse it): one component at a time.
+            Err(_) => break,
         }
     }
-
-    /// Creates `path` and its parents as folders, refusing to pass through symlinks or files.
-    fn make_folders(&mut self, path: &str) -> Result<(), Refusal> {
-        if self.known_folders.contains(path) {
-            return Ok(());
-        }
-        for dir in relpath::ancestors(path).chain(std::iter::once(path)) {
-            if self.known_folders.contains(dir) {
-                continue;
-            }
-            let abs = self.root.join(dir);
-            match fs::symlink_metadata(&abs) {
-                Ok(meta) if meta.is_dir() => {}
-                Ok(_) => return Err(Refusal::NotAFolder(dir.to_owned())),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::create_dir(&abs) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+    let mut dir = rustix::io::fcntl_dupfd_cloexec(base, 0)?;
+    for (end, name) in components(path) {
+        let opened = match rustix::fs::openat(&dir, name, flags, Mode::empty()) {
+            Err(rustix::io::Errno::NOENT) if create => {
+                match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                     Err(e) => return Err(e.into()),
-                },
-                Err(e) => return Err(e.into()),
+                }
+                rustix::fs::openat(&dir, name, flags, Mode::empty())
             }
-            self.known_folders.insert(dir.to_owned());
+            other => other,
+        };
+        dir = match opened {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Err(Refusal::Io(io::ErrorKind::NotFound.into())),
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                return Err(Refusal::NotAFolder(path[..end].to_owned()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+    }
+    Ok(dir)
+}
+
+/// For the error message: the first component of `path` that is not a folder.
+fn first_non_folder(base: &OwnedFd, path: &str) -> String {
+    for (end, _) in components(path) {
+        let is_dir = rustix::fs::statat(base, &path[..end], AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| FileType::from_raw_mode(st.st_mode).is_dir());
+        if !is_dir {
+            return path[..end].to_owned();
         }
-        Ok(())
+    }
+    path.to_owned()
+}
+
+/// The components of a checked relative path, each with the end of the prefix it closes.
+fn components(path: &str) -> impl Iterator<Item = (usize, &str)> {
+    let mut start = 0;
+    path.split('/').filter(|c| !c.is_empty()).map(move |name| {
+        let begin = path[start..].find(name).map_or(start, |i| start + i);
+        start = begin + name.len();
+        (start, name)
+    })
+}
+
+/// `a/b/c` → (`a/b`, `c`); `c` → (``, `c`).
+fn split(path: &str) -> (&str, &str) {
+    match path.rfind('/') {
+        Some(cut) => (&path[..cut], &path[cut + 1..]),
+        None => ("", path),
+    }
+}
+
+fn refusal_to_io(refusal: Refusal) -> io::Error {
+    match refusal {
+        Refusal::Io(e) => e,
+        other => io::Error::other(other.to_string()),
     }
 }
 

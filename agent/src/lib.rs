@@ -19,6 +19,8 @@ pub mod apply;
 #[cfg(feature = "runtime")]
 pub mod control;
 #[cfg(feature = "runtime")]
+pub mod lock;
+#[cfg(feature = "runtime")]
 pub mod probe;
 #[cfg(feature = "runtime")]
 pub mod reap;
@@ -26,6 +28,8 @@ pub mod reap;
 pub mod serve;
 #[cfg(feature = "runtime")]
 pub mod supervise;
+#[cfg(feature = "runtime")]
+pub mod targuard;
 
 /// The reserved folder at the root of every synced tree: the agent's staging area and caches.
 /// Never synced, never reported in a manifest.

@@ -102,7 +102,7 @@ fn parse() -> Result<Command, lexopt::Error> {
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
-    parse_duration(text).ok_or_else(|| format!("`{text}` is not a duration (use 5s, 300ms, 2m)"))
+    parse_duration(text).ok_or_else(|| format!("`{text}` is not a duration of at most a week (use 5s, 300ms, 2m)"))
 }
 
 fn main() -> ExitCode {

@@ -87,6 +87,14 @@ impl Entry {
         matches!(self, Entry::Dir)
     }
 
+    /// A regular file's digest.
+    pub fn digest(&self) -> Option<Digest> {
+        match self {
+            Entry::File { hash, .. } => Some(*hash),
+            _ => None,
+        }
+    }
+
     /// Bytes this entry carries in a batch.
     pub fn size(&self) -> u64 {
         match self {

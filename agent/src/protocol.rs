@@ -28,6 +28,9 @@ pub const PAX_BLAKE3: &str = "DEVLOOP.blake3";
 pub const MAX_FRAME: usize = 16 << 20;
 /// Size of the data frames the CLI sends.
 pub const DATA_CHUNK: usize = 256 << 10;
+/// Largest data frame accepted: the agent queues a few of them for the apply task, and its memory
+/// lives inside the app's limit.
+pub const MAX_DATA_FRAME: usize = 1 << 20;
 /// Bytes of transport noise tolerated before the magic.
 const MAX_PREAMBLE: usize = 64 << 10;
 
@@ -164,8 +167,8 @@ pub enum ProtocolError {
     VersionMismatch { ours: u32, theirs: u32 },
     #[error("{MAX_PREAMBLE} bytes arrived without the devloop handshake{}", shown_output(.output))]
     NoHandshake { output: String },
-    #[error("frame of {0} bytes is larger than the {MAX_FRAME} allowed")]
-    FrameTooLarge(usize),
+    #[error("frame of {len} bytes is larger than the {max} allowed")]
+    FrameTooLarge { len: usize, max: usize },
     #[error("unknown frame tag {0}")]
     UnknownTag(u8),
     #[error("the stream closed in the middle of a frame")]
@@ -278,8 +281,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             filled += n;
         }
         let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        if len > MAX_FRAME {
-            return Err(ProtocolError::FrameTooLarge(len));
+        let max = if head[4] == TAG_DATA { MAX_DATA_FRAME } else { MAX_FRAME };
+        if len > max {
+            return Err(ProtocolError::FrameTooLarge { len, max });
         }
         let mut payload = vec![0u8; len];
         self.inner.read_exact(&mut payload).await.map_err(|e| match e.kind() {
@@ -318,7 +322,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     pub async fn data(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
-        for chunk in bytes.chunks(MAX_FRAME) {
+        for chunk in bytes.chunks(MAX_DATA_FRAME) {
             self.frame(TAG_DATA, chunk).await?;
         }
         Ok(())

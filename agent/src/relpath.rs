@@ -1,9 +1,7 @@
 //! Relative paths as they travel on the wire, and the checks that keep the agent inside its root.
 //!
 //! Architecture invariant: every path the agent touches has passed [`check`]; every symlink it
-//! creates has passed [`link_stays_inside`].
-
-use std::fmt;
+//! creates has passed [`link_is_contained`].
 
 use crate::RESERVED_DIR;
 
@@ -53,46 +51,37 @@ pub fn check(path: &str) -> Result<(), PathError> {
     Ok(())
 }
 
-/// Whether a symlink at `link` (a checked relative path) pointing at `target` resolves, lexically,
-/// to a path inside the root. Absolute targets never do: the root sits at different places on the
-/// two ends.
-pub fn link_stays_inside(link: &str, target: &str) -> bool {
-    if target.is_empty() || target.starts_with('/') || target.contains('\0') {
+/// Whether a symlink at `link` (a checked relative path) pointing at `target` can only ever
+/// resolve inside the root, whatever other symlinks the root holds.
+///
+/// A lexical check is not enough: with `b -> .`, the target `b/..` of a link at the top climbs
+/// above the root, because `..` applies to where `b` leads, not to `b`. So a target must be in
+/// the form `../../name/name`: its `..`s first (no more of them than the link is deep), then only
+/// names (`.` components are skipped). Its `..`s then climb real folders of the root, and every
+/// name is looked up inside the root, where every symlink obeys the same rule. Absolute targets
+/// never pass: the root sits at different places on the two ends.
+pub fn link_is_contained(link: &str, target: &str) -> bool {
+    if target.is_empty() || target.starts_with('/') || target.contains('\0') || target.len() > MAX_PATH_LEN {
         return false;
     }
     // Depth of the folder holding the link.
-    let mut depth = link.split('/').count() as isize - 1;
+    let depth = link.split('/').count() - 1;
+    let mut ups = 0;
+    let mut named = false;
     for part in target.split('/') {
         match part {
             "" | "." => {}
-            ".." => {
-                depth -= 1;
-                if depth < 0 {
-                    return false;
-                }
-            }
-            _ => depth += 1,
+            ".." if named => return false,
+            ".." => ups += 1,
+            _ => named = true,
         }
     }
-    true
+    ups <= depth
 }
 
 /// The parent folders of a relative path, outermost first: `a/b/c` → `a`, `a/b`.
 pub fn ancestors(path: &str) -> impl Iterator<Item = &str> {
     path.match_indices('/').map(move |(i, _)| &path[..i])
-}
-
-/// Display helper: a relative path, or `.` for the root.
-pub struct Shown<'a>(pub &'a str);
-
-impl fmt::Display for Shown<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_empty() {
-            f.write_str(".")
-        } else {
-            f.write_str(self.0)
-        }
-    }
 }
 
 #[cfg(test)]
@@ -123,14 +112,31 @@ mod tests {
 
     #[test]
     fn symlinks_must_resolve_inside_the_root() {
-        assert!(link_stays_inside("a", "b"));
-        assert!(link_stays_inside("dir/link", "../file"));
-        assert!(link_stays_inside("dir/link", "./x/../y"));
-        assert!(!link_stays_inside("link", "../outside"));
-        assert!(!link_stays_inside("dir/link", "../../outside"));
-        assert!(!link_stays_inside("dir/link", "x/../../../etc"));
-        assert!(!link_stays_inside("link", "/etc/passwd"));
-        assert!(!link_stays_inside("link", ""));
+        assert!(link_is_contained("a", "b"));
+        assert!(link_is_contained("a", "."));
+        assert!(link_is_contained("dir/link", "../file"));
+        assert!(link_is_contained("dir/link", "./x/y"));
+        assert!(link_is_contained("node_modules/.bin/tsc", "../typescript/bin/tsc"));
+        assert!(!link_is_contained("link", "../outside"));
+        assert!(!link_is_contained("dir/link", "../../outside"));
+        assert!(!link_is_contained("dir/link", "x/../../../etc"));
+        assert!(!link_is_contained("link", "/etc/passwd"));
+        assert!(!link_is_contained("link", "//tmp"));
+        assert!(!link_is_contained("link", ""));
+    }
+
+    /// The attack's chains: each link passes a lexical check, together they climb out.
+    #[test]
+    fn a_dotdot_after_a_name_is_refused() {
+        // `b -> .` then `l -> b/..`: `..` of wherever `b` leads.
+        assert!(link_is_contained("b", "."));
+        assert!(!link_is_contained("l", "b/.."));
+        // `d/up -> ..` then `x -> d/up/..`.
+        assert!(link_is_contained("d/up", ".."));
+        assert!(!link_is_contained("x", "d/up/.."));
+        // `k -> b/b/b/../../..`.
+        assert!(!link_is_contained("k", "b/b/b/../../.."));
+        assert!(!link_is_contained("dir/link", "./x/../y"));
     }
 
     #[test]

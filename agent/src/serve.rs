@@ -16,6 +16,7 @@ use tracing::{debug, info, info_span, Instrument};
 use crate::apply::{Applier, TreeUpdate};
 use crate::control::Link;
 use crate::filter::Filter;
+use crate::lock::{SessionLock, LOCK_WAIT};
 use crate::manifest::Record;
 use crate::protocol::{self, Applied, Chmod, Frame, FrameReader, FrameWriter, FromAgent, ProtocolError, ToAgent};
 use crate::walk::{self, Tree};
@@ -40,6 +41,8 @@ pub enum ServeError {
     Root { root: PathBuf, source: io::Error },
     #[error("the client's exclude patterns are invalid: {0}")]
     Excludes(#[from] crate::filter::FilterError),
+    #[error("another devloop session (agent pid {pid}) serves {root} and did not end within {waited:?}; two sessions on one root would undo each other's work")]
+    Busy { root: PathBuf, pid: String, waited: std::time::Duration },
 }
 
 /// Serves one session. Returns when the client says `Bye` or the stream closes.
@@ -103,7 +106,13 @@ async fn session<R: AsyncRead + Unpin>(
     let root = options.root.clone();
     let root_err = |source| ServeError::Root { root: root.clone(), source };
     fs::create_dir_all(&root).map_err(root_err)?;
-    let mut applier = Applier::new(&root, options.max_file_size).map_err(root_err)?;
+    // One session per root at a time: a reconnect may race the exec of the session it replaces,
+    // which ends as soon as its stream closes. Until then this one waits.
+    let _lock = match SessionLock::acquire(&root, LOCK_WAIT).await.map_err(root_err)? {
+        Ok(lock) => lock,
+        Err(pid) => return Err(ServeError::Busy { root: root.clone(), pid, waited: LOCK_WAIT }),
+    };
+    let mut applier = Some(Applier::new(&root, options.max_file_size).map_err(root_err)?);
     let filter = Arc::new(Filter::new(&root, excludes)?);
 
     let _ = out.send(FromAgent::Welcome { agent: env!("CARGO_PKG_VERSION").into(), root: root.display().to_string() });
@@ -154,7 +163,7 @@ async fn batches<R: AsyncRead + Unpin>(
     frames: &mut FrameReader<R>,
     out: &Out,
     options: &ServeOptions,
-    applier: &mut Applier,
+    applier: &mut Option<Applier>,
     tree: &mut Tree,
 ) -> Result<(), ServeError> {
     loop {
@@ -208,14 +217,15 @@ async fn batches<R: AsyncRead + Unpin>(
 /// Streams the batch's data frames into a blocking apply task, bounded to a few chunks in flight.
 async fn receive_batch<R: AsyncRead + Unpin>(
     frames: &mut FrameReader<R>,
-    applier: &mut Applier,
+    applier: &mut Option<Applier>,
     id: u64,
     deletes: Vec<String>,
     chmods: Vec<Chmod>,
 ) -> Result<(Applied, Option<String>, Vec<TreeUpdate>), ServeError> {
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+    // At most this many data frames wait for the apply task (each at most MAX_DATA_FRAME).
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
     // The applier moves into the blocking task and comes back with the result.
-    let mut moved = std::mem::replace(applier, Applier::placeholder());
+    let mut moved = applier.take().expect("the applier is back after every batch");
     let task = tokio::task::spawn_blocking(move || {
         let reader = ChannelReader { rx, current: Vec::new(), pos: 0 };
         let result = moved.apply(id, &deletes, &chmods, reader);
@@ -238,7 +248,7 @@ async fn receive_batch<R: AsyncRead + Unpin>(
     // Let the apply task finish what arrived whole before the session reports anything.
     drop(tx);
     let (result, moved) = task.await.expect("apply task panicked");
-    *applier = moved;
+    *applier = Some(moved);
     streamed.map(|()| result)
 }
 

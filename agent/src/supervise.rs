@@ -19,6 +19,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::probe::Probe;
 use crate::protocol::{RestartReport, Stream};
 use crate::reap::{self, ExitCode, Reaper};
+use crate::units::MAX_DURATION;
 
 /// Longest build output kept for a `BuildFailed` report (the tail is what matters).
 const BUILD_OUTPUT_MAX: usize = 64 << 10;
@@ -195,7 +196,7 @@ impl Actor {
         let Some(probe) = self.options.ready.clone() else {
             return RestartReport::Restarted { pid, stop_ms, start_ms, ready_ms: None };
         };
-        let deadline = started + self.options.ready_timeout;
+        let deadline = started.checked_add(self.options.ready_timeout).unwrap_or(started + MAX_DURATION);
         let mut pause = Duration::from_micros(500);
         loop {
             let last = match probe.check().await {
@@ -233,7 +234,7 @@ impl Actor {
         let started = Instant::now();
         let pgid = app.pid;
         reap::signal_group(pgid, signal);
-        let grace_end = started + self.options.grace;
+        let grace_end = started.checked_add(self.options.grace).unwrap_or(started + MAX_DURATION);
         if !wait_group_gone(pgid, grace_end).await {
             warn!(pid = pgid, grace = ?self.options.grace, "the app ignored SIGTERM; killing its process group");
             reap::signal_group(pgid, libc::SIGKILL);

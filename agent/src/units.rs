@@ -2,7 +2,11 @@
 
 use std::time::Duration;
 
-/// `5s`, `300ms`, `2m`, or plain seconds.
+/// The longest duration accepted anywhere (grace periods, timeouts): a week. Longer ones are
+/// mistakes, and deadlines computed from them would overflow the clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// `5s`, `300ms`, `2m`, or plain seconds; at most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
         Some(i) => (&text[..i], &text[i..]),
@@ -15,7 +19,8 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "m" => value * 60.0,
         _ => return None,
     };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    let duration = Duration::try_from_secs_f64(secs).ok()?;
+    (duration <= MAX_DURATION).then_some(duration)
 }
 
 #[cfg(test)]
@@ -31,5 +36,15 @@ mod tests {
         assert_eq!(parse_duration("soon"), None);
         assert_eq!(parse_duration("5h"), None);
         assert_eq!(parse_duration(""), None);
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration("7d"), None);
+        assert_eq!(parse_duration("604800s"), Some(MAX_DURATION));
+    }
+
+    #[test]
+    fn huge_durations_are_refused_not_a_panic() {
+        for text in ["99999999999999999999s", "9999999999999999999s", "1e300", "inf", "NaN", "604801s"] {
+            assert_eq!(parse_duration(text), None, "{text}");
+        }
     }
 }

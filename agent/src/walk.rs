@@ -11,6 +11,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ignore::{WalkBuilder, WalkState};
 use serde::{Deserialize, Serialize};
@@ -20,24 +21,49 @@ use crate::manifest::{Digest, Entry, Manifest};
 use crate::protocol::Problem;
 
 /// What the stat cache compares. A file whose key is unchanged keeps its digest.
+///
+/// ctime is part of the key: `touch -r`, `cp -p` or a same-size rewrite that restores the mtime
+/// cannot restore the ctime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatKey {
     pub size: u64,
     pub mtime_ns: i64,
+    pub ctime_ns: i64,
     pub ino: u64,
 }
+
+/// How long after its last change a file's stat is trusted to stand for its content. A file
+/// rewritten within one timestamp tick of being hashed keeps its size, mtime and ctime, so a stat
+/// read that close to the change is not cached: the next scan hashes the file again (git's "racy
+/// clean" rule). Linux file systems stamp nanoseconds from a clock that ticks every few
+/// milliseconds; timestamps in whole seconds (FAT, HFS+, some network file systems) get
+/// [`RACY_WINDOW_COARSE`].
+pub const RACY_WINDOW: Duration = Duration::from_millis(100);
+pub const RACY_WINDOW_COARSE: Duration = Duration::from_secs(2);
 
 impl StatKey {
     pub fn of(meta: &Metadata) -> StatKey {
         StatKey {
             size: meta.len(),
             mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
+            ctime_ns: meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec()),
             ino: meta.ino(),
         }
     }
+
+    /// The key to cache for content read at `read_at` (taken before the read began), or `None`
+    /// while the file changed too recently for its stat to be trusted.
+    pub fn settled(self, read_at: SystemTime) -> Option<StatKey> {
+        let read_at = read_at.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        let coarse = self.mtime_ns % 1_000_000_000 == 0 && self.ctime_ns % 1_000_000_000 == 0;
+        let window = if coarse { RACY_WINDOW_COARSE } else { RACY_WINDOW };
+        let changed = self.mtime_ns.max(self.ctime_ns);
+        (changed.saturating_add(window.as_nanos() as i64) < read_at).then_some(self)
+    }
 }
 
-/// One scanned path: its entry, and for regular files the stat it was hashed at.
+/// One scanned path: its entry, and for regular files the stat it was hashed at (`None` while
+/// the file is too fresh for its stat to be trusted, see [`RACY_WINDOW`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scanned {
     pub entry: Entry,
@@ -338,10 +364,12 @@ pub fn read_entry(
             return Ok(Some(Scanned { entry: Entry::File { hash: *hash, size: *size, exec }, stat: Some(stat) }));
         }
     }
+    let read_at = SystemTime::now();
     let (hash, size) = hash_file(abs)?;
     stats.hashed_files += 1;
     stats.hashed_bytes += size;
-    Ok(Some(Scanned { entry: Entry::File { hash, size, exec }, stat: Some(stat) }))
+    // The stat was read before the content: a change in between shows as a new stat next time.
+    Ok(Some(Scanned { entry: Entry::File { hash, size, exec }, stat: stat.settled(read_at) }))
 }
 
 /// blake3 of a file's content, and its length as read.
@@ -385,26 +413,31 @@ fn remove_subtree_below(tree: &mut Tree, rel: &str) -> Vec<String> {
     keys
 }
 
-/// The stat cache on disk: files only, compact.
+/// The stat cache on disk: a format tag, then files only, compact.
 #[derive(Serialize, Deserialize)]
 struct CachedFile {
     path: String,
     size: u64,
     mtime_ns: i64,
+    ctime_ns: i64,
     ino: u64,
     exec: bool,
     hash: [u8; 32],
 }
 
+/// First bytes of a saved stat cache; a file without them (another version's) is not read.
+const CACHE_FORMAT: &[u8] = b"devloop-stat-cache-2\n";
+
 /// Reads a stat cache saved by [`save_stat_cache`]; an empty tree when there is none or it is unreadable.
 pub fn load_stat_cache(path: &Path) -> Tree {
     let Ok(bytes) = fs::read(path) else { return Tree::new() };
-    let Ok(files) = postcard::from_bytes::<Vec<CachedFile>>(&bytes) else { return Tree::new() };
+    let Some(body) = bytes.strip_prefix(CACHE_FORMAT) else { return Tree::new() };
+    let Ok(files) = postcard::from_bytes::<Vec<CachedFile>>(body) else { return Tree::new() };
     files
         .into_iter()
         .map(|f| {
             let entry = Entry::File { hash: Digest(f.hash), size: f.size, exec: f.exec };
-            let stat = StatKey { size: f.size, mtime_ns: f.mtime_ns, ino: f.ino };
+            let stat = StatKey { size: f.size, mtime_ns: f.mtime_ns, ctime_ns: f.ctime_ns, ino: f.ino };
             (f.path, Scanned { entry, stat: Some(stat) })
         })
         .collect()
@@ -419,6 +452,7 @@ pub fn save_stat_cache(path: &Path, tree: &Tree) {
                 path: p.clone(),
                 size: *size,
                 mtime_ns: stat.mtime_ns,
+                ctime_ns: stat.ctime_ns,
                 ino: stat.ino,
                 exec: *exec,
                 hash: hash.0,
@@ -426,7 +460,8 @@ pub fn save_stat_cache(path: &Path, tree: &Tree) {
             _ => None,
         })
         .collect();
-    let Ok(bytes) = postcard::to_allocvec(&files) else { return };
+    let Ok(body) = postcard::to_allocvec(&files) else { return };
+    let bytes = [CACHE_FORMAT, &body].concat();
     if let Some(parent) = path.parent() {
         let _ = fs::create_dir_all(parent);
     }
@@ -476,9 +511,15 @@ mod tests {
         assert!(out.problems.is_empty());
     }
 
+    /// Files older than the racy window, so that their stats are cached.
+    fn settle() {
+        std::thread::sleep(RACY_WINDOW + Duration::from_millis(50));
+    }
+
     #[test]
     fn stat_cache_skips_unchanged_files_and_rehashes_changed_ones() {
         let (dir, filter) = setup();
+        settle();
         let first = scan(&filter, &Tree::new());
         let again = scan(&filter, &first.tree);
         assert_eq!(again.stats.hashed_files, 0);
@@ -486,6 +527,58 @@ mod tests {
         write(dir.path(), "src/main.rs", "fn main() { changed() }");
         let third = scan(&filter, &again.tree);
         assert_eq!(third.stats.hashed_files, 1);
+    }
+
+    /// Sets a file's mtime, as `touch -d` does.
+    fn set_mtime(path: &Path, secs: u64) {
+        let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.set_modified(UNIX_EPOCH + Duration::from_secs(secs)).unwrap();
+    }
+
+    #[test]
+    fn same_size_rewrite_with_the_old_mtime_is_seen_also_through_the_saved_cache() {
+        let (dir, filter) = setup();
+        let file = dir.path().join("src/main.rs");
+        set_mtime(&file, 1_700_000_000);
+        settle();
+        let first = scan(&filter, &Tree::new());
+        assert!(first.tree["src/main.rs"].stat.is_some(), "a settled file's stat is cached");
+        let cache = dir.path().join("cache.bin");
+        save_stat_cache(&cache, &first.tree);
+        // Same size, same inode, same mtime (`cp -p`, `touch -r`, an editor that restores it):
+        // only the ctime tells.
+        fs::write(&file, "fn main(){x}").unwrap();
+        set_mtime(&file, 1_700_000_000);
+        assert_eq!(StatKey::of(&fs::metadata(&file).unwrap()).size, 12);
+        let again = scan(&filter, &first.tree);
+        assert_eq!(again.tree["src/main.rs"].entry.digest(), Some(Digest::of(b"fn main(){x}")));
+        let across_runs = scan(&filter, &load_stat_cache(&cache));
+        assert_eq!(across_runs.tree["src/main.rs"].entry.digest(), Some(Digest::of(b"fn main(){x}")));
+    }
+
+    #[test]
+    fn a_stat_read_within_a_tick_of_the_change_is_not_trusted() {
+        let now = SystemTime::now();
+        let ns = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64;
+        let key = |changed: SystemTime| StatKey { size: 1, mtime_ns: ns(changed), ctime_ns: ns(changed), ino: 1 };
+        assert_eq!(key(now).settled(now), None);
+        assert_eq!(key(now - Duration::from_millis(20)).settled(now), None);
+        let old = key(now - Duration::from_secs(1));
+        assert_eq!(old.settled(now), Some(old));
+        // Whole-second timestamps: a tick is a second or two.
+        let coarse = StatKey { size: 1, mtime_ns: 1_000_000_000_000, ctime_ns: 1_000_000_000_000, ino: 1 };
+        assert_eq!(coarse.settled(UNIX_EPOCH + Duration::from_millis(1_001_000)), None);
+        assert_eq!(coarse.settled(UNIX_EPOCH + Duration::from_secs(1_003)), Some(coarse));
+        // A file rewritten right after its hash: the fresh scan keeps no stat, the next one hashes it again.
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("f"), "aaaa").unwrap();
+        let filter = Arc::new(Filter::new(dir.path(), &[]).unwrap());
+        let first = scan(&filter, &Tree::new());
+        assert_eq!(first.tree["f"].stat, None);
+        fs::write(dir.path().join("f"), "bbbb").unwrap();
+        let second = scan(&filter, &first.tree);
+        assert_eq!(second.stats.hashed_files, 1);
+        assert_eq!(second.tree["f"].entry.digest(), Some(Digest::of(b"bbbb")));
     }
 
     #[test]

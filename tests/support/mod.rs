@@ -7,12 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use devloop_agent::filter::Filter;
-use devloop_agent::manifest::Manifest;
-use devloop_agent::walk;
 
 pub fn devloop_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_devloop"))
@@ -112,25 +107,60 @@ pub fn parse_events(stdout: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The manifest of a tree as devloop sees it (its own ignore files, the reserved folder left out).
-pub fn manifest(root: &Path, excludes: &[String]) -> Manifest {
-    let filter = Arc::new(Filter::new(root, excludes).unwrap());
-    let out = walk::scan(&filter, &walk::Tree::new());
-    walk::manifest_of(&out.tree)
-}
-
-pub fn converge(src: &Path, dst: &Path, excludes: &[String]) {
-    if let Err(report) = try_converge(src, dst, excludes, Duration::from_secs(20)) {
+pub fn converge(src: &Path, dst: &Path, skip: &[&str]) {
+    if let Err(report) = try_converge(src, dst, skip, Duration::from_secs(20)) {
         panic!("{report}");
     }
 }
 
-/// Waits until the trees are equal, or says how they differ.
-pub fn try_converge(src: &Path, dst: &Path, excludes: &[String], timeout: Duration) -> Result<(), String> {
+/// One path of a tree as this test sees it, independently of devloop's own walk, filter and
+/// hashing: raw bytes and the exec bit, a symlink's target, or a folder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Node {
+    File { bytes: Vec<u8>, exec: bool },
+    Link(PathBuf),
+    Dir,
+}
+
+/// Everything under `root` except `.git` folders, the agent's `.devloop/` and the `skip` paths
+/// (each relative to the root, a file or a whole folder), read with plain `std::fs`.
+pub fn tree(root: &Path, skip: &[&str]) -> std::collections::BTreeMap<String, Node> {
+    use std::os::unix::fs::PermissionsExt;
+    let skip: Vec<&str> = skip.iter().map(|s| s.trim_end_matches('/')).collect();
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = if rel.is_empty() { root.to_path_buf() } else { root.join(&rel) };
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let Ok(entry) = entry else { continue };
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            if name == ".git" || path == ".devloop" || skip.contains(&path.as_str()) {
+                continue;
+            }
+            let Ok(meta) = fs::symlink_metadata(entry.path()) else { continue };
+            let node = if meta.is_dir() {
+                stack.push(path.clone());
+                Node::Dir
+            } else if meta.file_type().is_symlink() {
+                Node::Link(fs::read_link(entry.path()).unwrap_or_default())
+            } else {
+                let Ok(bytes) = fs::read(entry.path()) else { continue };
+                Node::File { bytes, exec: meta.permissions().mode() & 0o111 != 0 }
+            };
+            out.insert(path, node);
+        }
+    }
+    out
+}
+
+/// Waits until the trees are equal (compared by [`tree`]), or says how they differ.
+pub fn try_converge(src: &Path, dst: &Path, skip: &[&str], timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
-        let a = manifest(src, excludes);
-        let b = manifest(dst, excludes);
+        let a = tree(src, skip);
+        let b = tree(dst, skip);
         if a == b {
             return Ok(());
         }
