@@ -31,6 +31,8 @@ pub enum ClusterError {
     NoNamespace(String),
     #[error("forbidden: {0}")]
     Forbidden(String),
+    #[error("the cluster does not accept these credentials: {0}")]
+    Unauthorized(String),
     #[error("cannot reach the cluster: {0}")]
     Unreachable(String),
     #[error("the API server said: {0}")]
@@ -48,6 +50,9 @@ impl ClusterError {
             ClusterError::NoNamespace(ns) => format!("create it (`kubectl create namespace {ns}`) or pick another with -n"),
             ClusterError::Forbidden(_) => {
                 "ask a cluster admin for a Role with that verb on that resource in this namespace, bound to your user".into()
+            }
+            ClusterError::Unauthorized(_) => {
+                "the kubeconfig's token or certificate expired or was revoked: log in again (e.g. `az aks get-credentials`), then check with `kubectl auth whoami`".into()
             }
             ClusterError::Unreachable(_) => "check the cluster is up and `kubectl cluster-info` works".into(),
             ClusterError::Api(_) => return None,
@@ -77,6 +82,13 @@ pub async fn connect(selection: &Selection) -> Result<(Client, String), ClusterE
     Ok((client, namespace))
 }
 
+impl ClusterError {
+    /// Retrying cannot help: the user has to change something (credentials, rights, names).
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, ClusterError::Unreachable(_) | ClusterError::Api(_))
+    }
+}
+
 /// What a failed API call means for the user.
 pub fn explain(err: kube::Error, namespace: &str) -> ClusterError {
     match err {
@@ -84,6 +96,17 @@ pub fn explain(err: kube::Error, namespace: &str) -> ClusterError {
             ClusterError::NoNamespace(namespace.to_string())
         }
         kube::Error::Api(status) if status.code == 403 => ClusterError::Forbidden(status.message),
+        kube::Error::Api(status) if status.code == 401 => ClusterError::Unauthorized(status.message),
+        kube::Error::UpgradeConnection(kube::client::UpgradeConnectionError::ProtocolSwitch(code))
+            if code.as_u16() == 403 =>
+        {
+            ClusterError::Forbidden(format!("the API server refused the stream ({code})"))
+        }
+        kube::Error::UpgradeConnection(kube::client::UpgradeConnectionError::ProtocolSwitch(code))
+            if code.as_u16() == 401 =>
+        {
+            ClusterError::Unauthorized(format!("the API server refused the stream ({code})"))
+        }
         kube::Error::Api(status) => ClusterError::Api(status.message),
         kube::Error::HyperError(e) => ClusterError::Unreachable(e.to_string()),
         kube::Error::Service(e) => ClusterError::Unreachable(e.to_string()),

@@ -208,8 +208,7 @@ fn limit_malloc_arenas() {
 fn init_tracing(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
-        // notify logs a warning for every watched folder that is deleted; that is routine here.
-        0 | 1 => "warn,notify=error",
+        0 | 1 => "warn",
         2 => "devloop=debug,devloop_agent=debug",
         _ => "trace",
     };

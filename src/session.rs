@@ -440,6 +440,7 @@ impl<T: Transport> Session<T> {
             tokio::time::sleep(delay).await;
             match self.connect_and_resync().await {
                 Ok(()) => return self.restart_if_owed().await,
+                Err(SessionError::Transport(e)) if e.is_permanent() => return Err(SessionError::Transport(e)),
                 Err(err) if err.is_recoverable() || matches!(err, SessionError::Transport(_)) => {
                     self.reporter.emit(Event::Disconnected { reason: err.to_string() });
                     delay = (delay * 2).min(Duration::from_secs(5));

@@ -35,6 +35,16 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// Retrying cannot help (401/403, no such namespace, no such program): a reconnect loop
+    /// says so and stops instead of trying forever.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            TransportError::Spawn { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            TransportError::Cluster(e) => e.is_permanent(),
+            TransportError::NoPod { .. } | TransportError::PodNotReady { .. } => false,
+        }
+    }
+
     pub fn hint(&self) -> Option<String> {
         match self {
             TransportError::Spawn { program, source } if source.kind() == std::io::ErrorKind::NotFound => {

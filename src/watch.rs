@@ -3,17 +3,23 @@
 //! [`Window::quiet`] without events, or at [`Window::cap`] while events keep coming.
 //!
 //! inotify watches are set per synced folder (ignored folders such as `node_modules/` cost none).
-//! When the kernel's watch limit is reached the watcher says which sysctl to raise and falls back
-//! to polling. A queue overflow turns into a full rescan.
+//! The watcher keeps its own map of watch descriptors to folders, updated in event order by the
+//! task that reads the events: a watch the kernel dropped (its folder deleted: `IN_IGNORED`) or
+//! whose folder moved (`IN_MOVE_SELF`, which takes the watches below it along) leaves the map
+//! before any later event is handed on, so a folder created again under the same name (even on the
+//! same inode number) is seen as unwatched and watched again. When the kernel's watch limit is
+//! reached the watcher says which sysctl to raise and falls back to polling. A queue overflow
+//! turns into a full rescan.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devloop_agent::walk::Tree;
-use notify::event::{AccessKind, AccessMode, EventKind};
-use notify::{ErrorKind, RecursiveMode, Watcher as _};
+use futures_util::StreamExt;
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::sync::mpsc;
 
 use crate::report::{Event, Reporter};
@@ -43,14 +49,14 @@ pub struct Hints {
 }
 
 enum Raw {
-    Paths(Vec<PathBuf>),
+    Paths(Vec<String>),
     Rescan,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     #[error("cannot watch {path}: {source}")]
-    Start { path: PathBuf, source: notify::Error },
+    Start { path: PathBuf, source: std::io::Error },
 }
 
 pub struct Watcher {
@@ -65,37 +71,87 @@ pub struct Watcher {
 }
 
 enum Backend {
-    /// One non-recursive inotify watch per synced folder, with the inode it was set on: a folder
-    /// deleted and created again under the same name (or replaced by a renamed one) is a new
-    /// inode, and the old watch went with the old one.
-    Native { watcher: notify::RecommendedWatcher, folders: HashMap<String, u64> },
+    /// One non-recursive inotify watch per synced folder.
+    Native { watches: Watches, map: Arc<Mutex<WatchMap>>, reader: tokio::task::JoinHandle<()> },
     /// No inotify: a timer asks for a full rescan (stat-cached, ignored folders skipped) at
-    /// every tick. notify's PollWatcher compares mtimes in whole seconds and misses a file
-    /// replaced twice within one; the scan compares size, mtime in nanoseconds and inode.
+    /// every tick. The scan compares size, mtime and ctime in nanoseconds and inode, so a path
+    /// replaced twice within a second is still seen.
     Poll { ticker: tokio::task::JoinHandle<()> },
+}
+
+/// Which folder each watch stands for, and back. A folder counts as watched only when both
+/// directions agree: inotify hands out one descriptor per inode, so a folder renamed within the
+/// tree and watched under its new name takes the descriptor over from its old name.
+#[derive(Default)]
+struct WatchMap {
+    by_wd: HashMap<WatchDescriptor, String>,
+    by_path: HashMap<String, WatchDescriptor>,
+}
+
+impl WatchMap {
+    fn watched(&self, path: &str) -> bool {
+        self.by_path.get(path).is_some_and(|wd| self.by_wd.get(wd).is_some_and(|p| p == path))
+    }
+
+    /// Forgets `path`; returns its descriptor when no other folder shares it (to remove it).
+    fn forget(&mut self, path: &str) -> Option<WatchDescriptor> {
+        let wd = self.by_path.remove(path)?;
+        if self.by_wd.get(&wd).is_some_and(|p| p == path) {
+            self.by_wd.remove(&wd);
+            return Some(wd);
+        }
+        None
+    }
+
+    /// Forgets `path` and every folder below it; returns the descriptors to remove.
+    fn forget_subtree(&mut self, path: &str) -> Vec<WatchDescriptor> {
+        let prefix = format!("{path}/");
+        let below: Vec<String> = self.by_path.keys().filter(|p| p.starts_with(&prefix)).cloned().collect();
+        std::iter::once(path.to_owned()).chain(below).filter_map(|p| self.forget(&p)).collect()
+    }
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        if let Backend::Poll { ticker } = &self.backend {
-            ticker.abort();
+        match &self.backend {
+            Backend::Native { reader, .. } => reader.abort(),
+            Backend::Poll { ticker } => ticker.abort(),
         }
     }
+}
+
+/// What the watches listen for. Not opens and reads; `ONLYDIR` and `DONT_FOLLOW` so that a path
+/// that is no longer a real folder is not watched at all.
+fn mask() -> WatchMask {
+    WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MODIFY
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::ATTRIB
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF
+        | WatchMask::ONLYDIR
+        | WatchMask::DONT_FOLLOW
 }
 
 /// How often the polling fallback rescans.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 impl Watcher {
-    /// Starts watching every folder of `tree` (and the root).
+    /// Starts watching every folder of `tree` (and the root). Needs a tokio runtime.
     pub fn start(root: &Path, tree: &Tree, reporter: Reporter) -> Result<Watcher, WatchError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let handler = handler(tx.clone());
-        let watcher =
-            notify::recommended_watcher(handler).map_err(|source| WatchError::Start { path: root.into(), source })?;
+        let err = |source| WatchError::Start { path: root.into(), source };
+        let inotify = Inotify::init().map_err(err)?;
+        let watches = inotify.watches();
+        let stream = inotify.into_event_stream(vec![0u8; 64 << 10]).map_err(err)?;
+        let map = Arc::new(Mutex::new(WatchMap::default()));
+        let reader = tokio::spawn(read_events(stream, watches.clone(), Arc::clone(&map), tx.clone()));
         let mut me = Watcher {
             root: root.to_path_buf(),
-            backend: Backend::Native { watcher, folders: HashMap::new() },
+            backend: Backend::Native { watches, map, reader },
             rx,
             tx,
             reporter,
@@ -119,28 +175,19 @@ impl Watcher {
 
     /// Keeps the watch set equal to the tree's folders after a targeted rescan. `changed` is what
     /// the rescan found changed; `hinted` the paths it was asked to look at: a hinted folder and
-    /// every folder under it are checked against the inode their watch was set on, since a folder
-    /// replaced under the same name is no change to the tree but a dead watch.
+    /// every folder under it are watched again if their watch is gone (the folder was replaced or
+    /// moved, which changes nothing in the tree when the new folder looks like the old one).
     ///
     /// Returns the folders newly watched: what was created in them before their watch existed
     /// raised no event, so the caller rescans them once more.
     pub fn update(&mut self, tree: &Tree, changed: &[String], hinted: &[String]) -> Result<Vec<String>, WatchError> {
-        let Backend::Native { watcher, folders } = &mut self.backend else { return Ok(Vec::new()) };
-        // Watches go before new ones are set: a folder renamed within the tree keeps its inode,
-        // and inotify hands out one watch per inode, so removing the old name's watch after the
-        // new name was watched would remove both.
-        for path in changed {
-            let is_dir = tree.get(path).is_some_and(|s| s.entry.is_dir());
-            if !is_dir && folders.remove(path).is_some() {
-                let _ = watcher.unwatch(&self.root.join(path));
-            }
+        let is_dir = |path: &str| tree.get(path).is_some_and(|s| s.entry.is_dir());
+        // Old watches go before new ones are set (see `WatchMap`).
+        for path in changed.iter().filter(|p| !is_dir(p)) {
+            self.remove_folder(path);
         }
-        let mut candidates: BTreeSet<&str> =
-            changed.iter().filter(|p| tree.get(*p).is_some_and(|s| s.entry.is_dir())).map(String::as_str).collect();
-        for path in hinted {
-            if !tree.get(path).is_some_and(|s| s.entry.is_dir()) {
-                continue;
-            }
+        let mut candidates: BTreeSet<&str> = changed.iter().map(String::as_str).filter(|p| is_dir(p)).collect();
+        for path in hinted.iter().filter(|p| is_dir(p)) {
             candidates.insert(path);
             let prefix = format!("{path}/");
             let below = tree.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix));
@@ -148,16 +195,7 @@ impl Watcher {
         }
         let mut added = Vec::new();
         for path in candidates {
-            let Backend::Native { watcher, folders } = &mut self.backend else { break };
-            match (folders.get(path), inode(&self.root.join(path))) {
-                (Some(watched), Some(now)) if *watched == now => continue,
-                (Some(_), _) => {
-                    folders.remove(path);
-                    let _ = watcher.unwatch(&self.root.join(path));
-                }
-                (None, _) => {}
-            }
-            if self.add_folder(path)? {
+            if !self.is_watched(path) && self.add_folder(path)? {
                 added.push(path.to_owned());
             }
         }
@@ -166,55 +204,63 @@ impl Watcher {
 
     /// Re-reads the watch set from a whole tree (after a full rescan).
     pub fn reset(&mut self, tree: &Tree) -> Result<(), WatchError> {
-        let Backend::Native { folders, .. } = &self.backend else { return Ok(()) };
+        let Backend::Native { map, .. } = &self.backend else { return Ok(()) };
         let wanted: HashSet<&str> = tree.iter().filter(|(_, s)| s.entry.is_dir()).map(|(p, _)| p.as_str()).collect();
-        // Gone, or no longer the inode the watch was set on.
-        let stale: Vec<String> = folders
-            .iter()
-            .filter(|(f, ino)| {
-                (!f.is_empty() && !wanted.contains(f.as_str())) || inode(&self.root.join(f.as_str())) != Some(**ino)
-            })
-            .map(|(f, _)| f.clone())
-            .collect();
-        if let Backend::Native { watcher, folders } = &mut self.backend {
-            for folder in &stale {
-                folders.remove(folder);
-                let _ = watcher.unwatch(&self.root.join(folder));
-            }
-        }
-        let missing: Vec<String> = match &self.backend {
-            Backend::Native { folders, .. } => {
-                let mut missing: Vec<String> =
-                    wanted.iter().filter(|f| !folders.contains_key(**f)).map(|f| f.to_string()).collect();
-                if !folders.contains_key("") {
-                    missing.push(String::new());
-                }
-                missing
-            }
-            Backend::Poll { .. } => Vec::new(),
+        let stale: Vec<String> = {
+            let map = map.lock().expect("watch map poisoned");
+            map.by_path.keys().filter(|f| !f.is_empty() && !wanted.contains(f.as_str())).cloned().collect()
         };
-        for folder in missing {
-            self.add_folder(&folder)?;
+        for folder in &stale {
+            self.remove_folder(folder);
+        }
+        for folder in std::iter::once("").chain(wanted) {
+            if !self.is_watched(folder) {
+                self.add_folder(folder)?;
+            }
         }
         Ok(())
+    }
+
+    fn is_watched(&self, rel: &str) -> bool {
+        match &self.backend {
+            Backend::Native { map, .. } => map.lock().expect("watch map poisoned").watched(rel),
+            Backend::Poll { .. } => true,
+        }
+    }
+
+    fn remove_folder(&mut self, rel: &str) {
+        let Backend::Native { watches, map, .. } = &mut self.backend else { return };
+        let wd = map.lock().expect("watch map poisoned").forget(rel);
+        if let Some(wd) = wd {
+            // Already gone when the folder was deleted; the kernel says so with IN_IGNORED.
+            let _ = watches.remove(wd);
+        }
     }
 
     /// Watches one folder; `false` when it is gone already (the rescan its own event triggers
     /// will see that) or the watcher fell back to polling.
     fn add_folder(&mut self, rel: &str) -> Result<bool, WatchError> {
-        let Backend::Native { watcher, folders } = &mut self.backend else { return Ok(false) };
+        let Backend::Native { watches, map, .. } = &mut self.backend else { return Ok(false) };
         let path = if rel.is_empty() { self.root.clone() } else { self.root.join(rel) };
-        // The inode is read before the watch is set: if the folder is replaced in between, the
-        // recorded inode is the old one and the next check sets the watch again (the other
-        // order could record the new inode for a watch on the old one, and never notice).
-        let Some(ino) = inode(&path) else { return Ok(false) };
-        match watcher.watch(&path, RecursiveMode::NonRecursive) {
-            Ok(()) => {
-                folders.insert(rel.to_owned(), ino);
+        // The map is locked across the add: the reader cannot see an event of the new descriptor
+        // before it knows which folder the descriptor stands for.
+        let mut map = map.lock().expect("watch map poisoned");
+        match watches.add(&path, mask()) {
+            Ok(wd) => {
+                if let Some(old) = map.by_path.insert(rel.to_owned(), wd.clone()) {
+                    if old != wd && map.by_wd.get(&old).is_some_and(|p| p == rel) {
+                        map.by_wd.remove(&old);
+                    }
+                }
+                map.by_wd.insert(wd, rel.to_owned());
                 Ok(true)
             }
-            Err(e) if matches!(e.kind, ErrorKind::MaxFilesWatch) => self.fall_back_to_polling().map(|()| false),
-            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                drop(map);
+                self.fall_back_to_polling().map(|()| false)
+            }
+            // Gone, or no longer a folder: the rescan its own event triggers will see that.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)) => Ok(false),
             Err(source) => Err(WatchError::Start { path, source }),
         }
     }
@@ -238,7 +284,9 @@ impl Watcher {
             }
         });
         // The inotify watches set so far go with the native watcher.
-        self.backend = Backend::Poll { ticker };
+        if let Backend::Native { reader, .. } = std::mem::replace(&mut self.backend, Backend::Poll { ticker }) {
+            reader.abort();
+        }
         Ok(())
     }
 
@@ -275,55 +323,74 @@ impl Watcher {
     fn absorb(&mut self, raw: Raw) {
         match raw {
             Raw::Rescan => self.gathered.rescan = true,
-            Raw::Paths(paths) => {
-                for path in paths {
-                    if let Some(rel) = relative(&self.root, &path) {
-                        self.gathered.paths.insert(rel);
-                    }
-                }
-            }
+            Raw::Paths(paths) => self.gathered.paths.extend(paths),
         }
     }
 }
 
-fn handler(tx: mpsc::UnboundedSender<Raw>) -> impl Fn(notify::Result<notify::Event>) + Send + 'static {
-    move |result| {
-        let raw = match result {
-            Ok(event) if event.need_rescan() => Raw::Rescan,
-            Ok(event) => match event.kind {
-                // Reads and opens change nothing.
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => Raw::Paths(event.paths),
-                EventKind::Access(_) => return,
-                _ => Raw::Paths(event.paths),
-            },
+/// Reads inotify events in order and turns them into hints, keeping the watch map true: a
+/// dropped or moved watch leaves the map before any later event is handed on.
+async fn read_events(
+    mut stream: inotify::EventStream<Vec<u8>>,
+    mut watches: Watches,
+    map: Arc<Mutex<WatchMap>>,
+    tx: mpsc::UnboundedSender<Raw>,
+) {
+    while let Some(event) = stream.next().await {
+        let raw = match event {
             // An error inside the watcher: trust nothing, rescan.
             Err(_) => Raw::Rescan,
+            Ok(event) if event.mask.contains(EventMask::Q_OVERFLOW) => Raw::Rescan,
+            Ok(event) => {
+                let mut map = map.lock().expect("watch map poisoned");
+                let Some(folder) = map.by_wd.get(&event.wd).cloned() else { continue };
+                if event.mask.contains(EventMask::IGNORED) {
+                    map.forget(&folder);
+                } else if event.mask.contains(EventMask::MOVE_SELF) {
+                    // The folder lives elsewhere now, with the watches below it: their events
+                    // would carry the old paths. Drop them all; the rescan watches what is there.
+                    for wd in map.forget_subtree(&folder) {
+                        let _ = watches.remove(wd);
+                    }
+                }
+                drop(map);
+                match hinted_path(&folder, event.name) {
+                    Some(path) => Raw::Paths(vec![path]),
+                    None => continue,
+                }
+            }
         };
-        let _ = tx.send(raw);
+        if tx.send(raw).is_err() {
+            return;
+        }
     }
 }
 
-/// The inode of a folder (not following a symlink), `None` when it is not a folder.
-fn inode(path: &Path) -> Option<u64> {
-    std::fs::symlink_metadata(path).ok().filter(|m| m.is_dir()).map(|m| m.ino())
+/// The relative path an event is about, or `None` for paths devloop never syncs (`.git/`,
+/// `.devloop/`) and for the root itself.
+fn hinted_path(folder: &str, name: Option<OsString>) -> Option<String> {
+    let path = match name {
+        Some(name) => {
+            let name = name.into_string().ok()?;
+            if folder.is_empty() {
+                name
+            } else {
+                format!("{folder}/{name}")
+            }
+        }
+        None => folder.to_owned(),
+    };
+    synced(&path).then_some(path)
 }
 
-/// The path relative to the root, or `None` for paths devloop never syncs (`.git/`, `.devloop/`).
-fn relative(root: &Path, path: &Path) -> Option<String> {
-    let rel = path.strip_prefix(root).ok()?.to_str()?;
+/// Whether a relative path can be part of the tree at all.
+fn synced(rel: &str) -> bool {
     let first = rel.split('/').next().unwrap_or("");
-    if first == ".git" || first == devloop_agent::RESERVED_DIR || rel.contains("/.git/") || rel.ends_with("/.git") {
-        return None;
-    }
-    Some(rel.to_owned())
-}
-
-fn is_not_found(e: &notify::Error) -> bool {
-    match &e.kind {
-        ErrorKind::PathNotFound => true,
-        ErrorKind::Io(io) => io.kind() == std::io::ErrorKind::NotFound,
-        _ => false,
-    }
+    !rel.is_empty()
+        && first != ".git"
+        && first != devloop_agent::RESERVED_DIR
+        && !rel.contains("/.git/")
+        && !rel.ends_with("/.git")
 }
 
 #[cfg(test)]
@@ -331,14 +398,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn relative_paths_skip_git_and_reserved() {
-        let root = Path::new("/src");
-        assert_eq!(relative(root, Path::new("/src/a/b.rs")).as_deref(), Some("a/b.rs"));
-        assert_eq!(relative(root, Path::new("/src")).as_deref(), Some(""));
-        assert_eq!(relative(root, Path::new("/src/.git/index.lock")), None);
-        assert_eq!(relative(root, Path::new("/src/sub/.git/HEAD")), None);
-        assert_eq!(relative(root, Path::new("/src/.devloop/x")), None);
-        assert_eq!(relative(root, Path::new("/elsewhere/x")), None);
+    fn hinted_paths_skip_git_and_reserved() {
+        let name = |n: &str| Some(OsString::from(n));
+        assert_eq!(hinted_path("a", name("b.rs")).as_deref(), Some("a/b.rs"));
+        assert_eq!(hinted_path("", name("top")).as_deref(), Some("top"));
+        assert_eq!(hinted_path("a", None).as_deref(), Some("a"));
+        assert_eq!(hinted_path("", None), None);
+        assert_eq!(hinted_path(".git", name("index.lock")), None);
+        assert_eq!(hinted_path("", name(".git")), None);
+        assert_eq!(hinted_path("sub/.git", name("HEAD")), None);
+        assert_eq!(hinted_path("", name(".devloop")), None);
+    }
+
+    #[test]
+    fn a_descriptor_taken_over_by_a_new_name_leaves_the_old_name_unwatched() {
+        let mut map = WatchMap::default();
+        // Descriptors come only from the kernel: two real ones.
+        let inotify = Inotify::init().unwrap();
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let w1 = inotify.watches().add(a.path(), mask()).unwrap();
+        let w2 = inotify.watches().add(b.path(), mask()).unwrap();
+        map.by_path.insert("d".into(), w1.clone());
+        map.by_wd.insert(w1.clone(), "d".into());
+        assert!(map.watched("d"));
+        // `mv d e`, then `e` watched: the kernel hands back d's descriptor.
+        map.by_path.insert("e".into(), w1.clone());
+        map.by_wd.insert(w1.clone(), "e".into());
+        assert!(map.watched("e") && !map.watched("d"));
+        assert_eq!(map.forget("d"), None, "e's watch stays");
+        assert!(map.watched("e"));
+        map.by_path.insert("e/x".into(), w2.clone());
+        map.by_wd.insert(w2, "e/x".into());
+        assert_eq!(map.forget_subtree("e").len(), 2);
+        assert!(map.by_path.is_empty() && map.by_wd.is_empty());
     }
 
     #[tokio::test]
