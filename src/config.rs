@@ -257,7 +257,8 @@ impl Config {
             }
             if parse_duration(&ready.timeout).is_none() {
                 let message = format!("`{}` is not a duration", ready.timeout);
-                return Err(bad(&ready.timeout, message, "write durations like 60s or 2m (at most a week)"));
+                let hint = "write durations like 60s or 2m (at most a week)";
+                return Err(err("ready.timeout", &ready.timeout, message, hint));
             }
             if self.run.is_empty() {
                 let message = "a readiness check needs the app's `run` command".into();
@@ -307,7 +308,9 @@ fn line_of(text: &str, key: &str, value: &str) -> Option<usize> {
             return Some(i + 1);
         }
     }
-    None
+    // Flow style: `ready: {tcp: 1, timeout: 5s}`.
+    let pattern = format!("{last}:");
+    text.lines().position(|l| l.contains(&pattern) && l.contains(value)).map(|i| i + 1)
 }
 
 fn is_dns_label(name: &str) -> bool {

@@ -572,6 +572,8 @@ impl<T: Transport> Session<T> {
             bytes,
         });
         let progress = self.reporter.progress(upserts.len() as u64, bytes);
+        // Deepest first, so that a folder's deletion comes in the batch after its content's.
+        deletes.sort_unstable_by(|a, b| b.cmp(a));
         let mut result = Ok(());
         let (mut deletes, mut chmods, mut upserts) = (deletes.into_iter(), chmods.into_iter(), upserts.into_iter());
         loop {

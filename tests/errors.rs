@@ -79,3 +79,22 @@ fn missing_config_hints_at_the_folder() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("devloop.yaml") && stderr.contains("hint: "), "{stderr}");
 }
+
+/// Regression: a duration beyond what the clock can add panicked (devloop) or orphaned the app
+/// (the agent's supervisor).
+#[test]
+fn huge_durations_are_clear_errors_not_panics() {
+    let fx = Fixture::new("name: demo\nrun: [sleep, '100']\ngrace: 99999999999999999999s\n");
+    let target = fx.target();
+    let (code, _, stderr) = run(&fx, &["watch", "--once", "--target", &target]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("grace") && stderr.contains("at most a week"), "{stderr}");
+    let fx = Fixture::new("name: demo\nready: {tcp: 1, timeout: 9999999999999999999s}\n");
+    let (code, _, stderr) = run(&fx, &["watch", "--once", "--target", &target]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("timeout") && !stderr.contains("panicked"), "{stderr}");
+    let agent =
+        Command::new(agent_bin()).args(["run", "--grace", "9999999999999999999s", "--", "true"]).output().unwrap();
+    assert_eq!(agent.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&agent.stderr).contains("at most a week"));
+}

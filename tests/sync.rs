@@ -368,3 +368,24 @@ fn random_storms_under_a_live_watch_converge() {
         assert_eq!(watch.stop(), Some(0), "seed {seed}");
     }
 }
+
+/// Regression: the deletion list of a 300,000-file tree was one frame above the protocol's limit,
+/// and every `--once` failed. Batches now carry at most a bounded number of entries.
+#[test]
+fn deleting_300k_files_syncs() {
+    let shm = std::path::Path::new("/dev/shm");
+    let fx = if shm.is_dir() { Fixture::new_in(CONFIG, shm) } else { Fixture::new(CONFIG) };
+    for d in 0..300 {
+        let dir = fx.dst.join(format!("d{d:03}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..1000 {
+            fs::write(dir.join(format!("file-with-a-longish-name-{f:04}.txt")), "").unwrap();
+        }
+    }
+    let run = fx.once(&[]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let deleted: u64 = run.of("applied").iter().map(|e| e["deleted"].as_u64().unwrap()).sum();
+    assert_eq!(deleted, 300 * 1000 + 300);
+    assert!(run.of("applied").len() > 1, "more than one batch");
+    fx.converge();
+}

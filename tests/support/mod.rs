@@ -29,7 +29,13 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new(config: &str) -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
+        Fixture::new_in(config, &std::env::temp_dir())
+    }
+
+    /// A fixture under `parent` (e.g. `/dev/shm` for trees of hundreds of thousands of files: the
+    /// disk file system here creates files slowly).
+    pub fn new_in(config: &str, parent: &Path) -> Fixture {
+        let dir = tempfile::tempdir_in(parent).unwrap();
         let src = dir.path().join("src");
         let dst = dir.path().join("dst");
         fs::create_dir_all(&src).unwrap();
