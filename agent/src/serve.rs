@@ -41,8 +41,8 @@ pub enum ServeError {
     Root { root: PathBuf, source: io::Error },
     #[error("the client's exclude patterns are invalid: {0}")]
     Excludes(#[from] crate::filter::FilterError),
-    #[error("another devloop session (agent pid {pid}) serves {root} and did not end within {waited:?}; two sessions on one root would undo each other's work")]
-    Busy { root: PathBuf, pid: String, waited: std::time::Duration },
+    #[error("another devloop session (agent pid {holder}) serves {root} and did not end within {waited:?}; two sessions on one root would undo each other's work")]
+    Busy { root: PathBuf, holder: crate::lock::Holder, waited: std::time::Duration },
 }
 
 /// Serves one session. Returns when the client says `Bye` or the stream closes.
@@ -59,14 +59,15 @@ where
     let (out, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_all(FrameWriter::new(writer), rx));
     let result = async {
-        let excludes = match frames.message::<ToAgent>().await? {
-            ToAgent::Hello { client, excludes } => {
-                info!(%client, root = %options.root.display(), "session");
-                excludes
+        let hello = match frames.message::<ToAgent>().await? {
+            ToAgent::Hello { client, session, excludes } => {
+                info!(%client, %session, root = %options.root.display(), "session");
+                (session, excludes)
             }
             other => return Err(unexpected("hello", &other).into()),
         };
-        session(&mut frames, &out, &options, &excludes).await
+        let (session_id, excludes) = hello;
+        session(&mut frames, &out, &options, &session_id, &excludes).await
     }
     .await;
     if let Err(err) = &result {
@@ -101,6 +102,7 @@ async fn session<R: AsyncRead + Unpin>(
     frames: &mut FrameReader<R>,
     out: &Out,
     options: &ServeOptions,
+    session_id: &str,
     excludes: &[String],
 ) -> Result<(), ServeError> {
     let root = options.root.clone();
@@ -108,9 +110,9 @@ async fn session<R: AsyncRead + Unpin>(
     fs::create_dir_all(&root).map_err(root_err)?;
     // One session per root at a time: a reconnect may race the exec of the session it replaces,
     // which ends as soon as its stream closes. Until then this one waits.
-    let _lock = match SessionLock::acquire(&root, LOCK_WAIT).await.map_err(root_err)? {
+    let _lock = match SessionLock::acquire(&root, session_id, LOCK_WAIT).await.map_err(root_err)? {
         Ok(lock) => lock,
-        Err(pid) => return Err(ServeError::Busy { root: root.clone(), pid, waited: LOCK_WAIT }),
+        Err(holder) => return Err(ServeError::Busy { root: root.clone(), holder, waited: LOCK_WAIT }),
     };
     let mut applier = Some(Applier::new(&root, options.max_file_size).map_err(root_err)?);
     let filter = Arc::new(Filter::new(&root, excludes)?);

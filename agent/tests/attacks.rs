@@ -25,6 +25,11 @@ struct Agent {
 impl Agent {
     /// Starts a session: handshake and hello, but does not read the manifest yet.
     fn start(root: &Path) -> Agent {
+        Agent::start_as(root, "")
+    }
+
+    /// Starts a connection of the session `session`.
+    fn start_as(root: &Path, session: &str) -> Agent {
         let mut child = Command::new(env!("CARGO_BIN_EXE_devloop-agent"))
             .args(["serve", "--root"])
             .arg(root)
@@ -37,7 +42,7 @@ impl Agent {
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let mut hello = MAGIC.to_vec();
         hello.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-        hello.extend(message(&ToAgent::Hello { client: "attack".into(), excludes: vec![] }));
+        hello.extend(message(&ToAgent::Hello { client: "attack".into(), session: session.into(), excludes: vec![] }));
         stdin.write_all(&hello).unwrap();
         let mut agent = Agent { child, stdin, stdout };
         let mut theirs = [0u8; 12];
@@ -327,4 +332,22 @@ fn a_second_session_on_a_root_waits_for_the_first() {
     let end = second.until(|m| matches!(m, FromAgent::ManifestEnd { .. }));
     assert!(matches!(end, FromAgent::ManifestEnd { entries: 1, .. }), "{end:?}");
     second.bye();
+}
+
+/// A reconnect of the same CLI session takes the root over from its own stale connection (an exec
+/// whose stream broke but whose agent never saw its stdin close) instead of waiting for it.
+#[test]
+fn a_new_connection_of_the_same_session_takes_over_from_a_stale_one() {
+    let (_dir, root, _outside) = setup();
+    let mut stale = Agent::start_as(&root, "cli-1");
+    stale.until(|m| matches!(m, FromAgent::ManifestEnd { .. }));
+    let started = Instant::now();
+    let mut fresh = Agent::start_as(&root, "cli-1");
+    fresh.until(|m| matches!(m, FromAgent::ManifestEnd { .. }));
+    assert!(started.elapsed() < Duration::from_secs(5), "took over at once, not after the wait");
+    let status = stale.child.wait().unwrap();
+    assert!(!status.success(), "the stale connection was stopped");
+    let applied = fresh.batch(1, &[], vec![], &Tar::new().file("a.txt", b"a").bytes());
+    assert_eq!(applied.written, 1);
+    fresh.bye();
 }

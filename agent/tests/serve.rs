@@ -28,7 +28,11 @@ async fn connect(root: &Path, max_file_size: u64) -> (Client, Vec<Record>) {
     let (mut read, mut write) = tokio::io::split(ours);
     protocol::handshake(&mut read, &mut write).await.unwrap();
     let mut client = Client { frames: FrameReader::new(read), out: FrameWriter::new(write), agent };
-    client.out.message(&ToAgent::Hello { client: "test".into(), excludes: vec!["ignored/".into()] }).await.unwrap();
+    client
+        .out
+        .message(&ToAgent::Hello { client: "test".into(), session: String::new(), excludes: vec!["ignored/".into()] })
+        .await
+        .unwrap();
     client.out.flush().await.unwrap();
     let mut records = Vec::new();
     loop {
