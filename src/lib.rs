@@ -1,21 +1,17 @@
 //! devloop: edit on your laptop, and the change is inside the running dev container within
 //! milliseconds. See ARCHITECTURE.md for the map.
 //!
-//! One round: `watch ─► scan ─► diff ─► classify ─► pack ─► transport ─► agent`.
+//! The rooms: `sync` (the core: watch ─► scan ─► diff ─► classify ─► pack ─► client ─► agent),
+//! `kubernetes` (the edge: cluster access, the exec transport, release, tunnels, lists, `up`),
+//! `prep` (project files), `cli` (flags, settings), and what all share: `config`, `report`,
+//! `error`, `commands`.
 
-pub mod classify;
 pub mod cli;
-pub mod cluster;
+pub mod commands;
 pub mod config;
-pub mod diff;
-pub mod list;
-pub mod pack;
+pub mod error;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod prep;
 pub mod report;
-pub mod scan;
-pub mod session;
-pub mod settings;
-pub mod transport;
-pub mod tunnel;
-pub mod up;
-pub mod watch;
+pub mod sync;

@@ -20,8 +20,8 @@ pub enum Event {
         url: String,
         remote_port: u16,
     },
-    Service(crate::list::ServiceRow),
-    Uri(crate::list::UriRow),
+    Service(ServiceRow),
+    Uri(UriRow),
     RolledOut {
         release: String,
         millis: u64,
@@ -120,6 +120,25 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         hint: Option<String>,
     },
+}
+
+/// One row of `list-up`: a service devloop runs in the namespace.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceRow {
+    pub name: String,
+    pub status: String,
+    pub restarts: i32,
+    pub image: String,
+    pub last_sync: String,
+}
+
+/// One row of `list-uris`.
+#[derive(Clone, Debug, Serialize)]
+pub struct UriRow {
+    pub name: String,
+    pub url: String,
+    /// `public` (an ingress) or `tunnel` (a running `devloop up` on this machine).
+    pub kind: String,
 }
 
 #[derive(Clone)]

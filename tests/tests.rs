@@ -8,6 +8,7 @@ mod support;
 
 mod container;
 mod errors;
+#[cfg(feature = "kubernetes")]
 mod kubernetes;
 mod prep;
 mod supervise;

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tracing::debug;
@@ -26,7 +26,15 @@ impl Drop for Tunnel {
 }
 
 /// Opens a tunnel on `preferred` when it is free, else on any free port.
-pub async fn open(pods: Api<Pod>, selector: String, preferred: u16, remote: u16) -> std::io::Result<Tunnel> {
+/// Listens on `127.0.0.1:preferred` (or any free port when taken) and forwards each connection to
+/// port `remote` of service `name`'s Ready pod of that moment.
+pub async fn open(
+    pods: Api<Pod>,
+    namespace: String,
+    name: String,
+    preferred: u16,
+    remote: u16,
+) -> std::io::Result<Tunnel> {
     let listener = match TcpListener::bind(("127.0.0.1", preferred)).await {
         Ok(listener) => listener,
         Err(_) => TcpListener::bind(("127.0.0.1", 0)).await?,
@@ -34,10 +42,9 @@ pub async fn open(pods: Api<Pod>, selector: String, preferred: u16, remote: u16)
     let local = listener.local_addr()?.port();
     let task = tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
-            let pods = pods.clone();
-            let selector = selector.clone();
+            let (pods, namespace, name) = (pods.clone(), namespace.clone(), name.clone());
             tokio::spawn(async move {
-                if let Err(e) = forward(&pods, &selector, remote, &mut conn).await {
+                if let Err(e) = forward(&pods, &namespace, &name, remote, &mut conn).await {
                     debug!(error = %e, "tunnel connection");
                 }
             });
@@ -46,15 +53,15 @@ pub async fn open(pods: Api<Pod>, selector: String, preferred: u16, remote: u16)
     Ok(Tunnel { local, remote, task })
 }
 
-async fn forward(pods: &Api<Pod>, selector: &str, remote: u16, conn: &mut tokio::net::TcpStream) -> anyhow::Result<()> {
-    let list = pods.list(&ListParams::default().labels(selector)).await?;
-    let pod = list
-        .items
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .find(|p| crate::transport::pod_is_ready(p))
-        .and_then(|p| p.metadata.name.clone())
-        .ok_or_else(|| anyhow::anyhow!("no Ready pod labelled {selector}"))?;
+async fn forward(
+    pods: &Api<Pod>,
+    namespace: &str,
+    name: &str,
+    remote: u16,
+    conn: &mut tokio::net::TcpStream,
+) -> anyhow::Result<()> {
+    let pod = super::pods::ready(pods, namespace, name).await?;
+    let pod = pod.metadata.name.unwrap_or_default();
     let mut forwarder = pods.portforward(&pod, &[remote]).await?;
     let mut stream = forwarder.take_stream(remote).ok_or_else(|| anyhow::anyhow!("no stream for port {remote}"))?;
     tokio::io::copy_bidirectional(conn, &mut stream).await?;
@@ -63,7 +70,6 @@ async fn forward(pods: &Api<Pod>, selector: &str, remote: u16, conn: &mut tokio:
     Ok(())
 }
 
-/// What a running `up` leaves for `list-uris`: `~/.cache/devloop/sessions/NAMESPACE.NAME.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SessionRecord {
     pub name: String,

@@ -9,29 +9,28 @@
 //! Architecture invariant: the baseline (what the target holds) advances only from an `Applied`
 //! acknowledgement, by what the batch carried minus what the agent refused.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devloop_agent::filter::{Filter, FilterError};
+use devloop_agent::filter::Filter;
 use devloop_agent::manifest::{Entry, Manifest};
-use devloop_agent::protocol::{
-    self, Applied, Chmod, FrameReader, FrameWriter, FromAgent, ProtocolError, RestartReport, ToAgent, DATA_CHUNK,
-};
+use devloop_agent::protocol::{self, Chmod, RestartReport, ToAgent};
 use devloop_agent::walk::Tree;
-use tokio::io::BufWriter;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
-use tracing::{debug, info_span, Instrument};
+use tokio::sync::watch;
+use tracing::{info_span, Instrument};
 
-use crate::classify::{classify, classify_resync, Plan, Rules};
-use crate::diff::{diff, diff_paths, Change};
-use crate::pack::{self, ChunkWriter, PackError};
+use super::baseline::{self, Refused, Sent};
+use super::classify::{classify, classify_resync, Plan, Rules};
+use super::client::{AgentClient, Greeting};
+use super::diff::{diff, diff_paths, Change};
+use super::pack;
+use super::scan;
+use super::transport::Transport;
+use super::watch::{Hints, Watcher, Window};
+use super::SessionError;
 use crate::report::{Event, Reporter};
-use crate::scan;
-use crate::transport::{Transport, TransportError, Writer};
-use crate::watch::{WatchError, Watcher, Window};
 
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
@@ -54,77 +53,14 @@ pub enum Outcome {
     RebuildNeeded { path: String, pattern: String },
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    #[error("talking to the agent: {0}")]
-    Protocol(#[from] ProtocolError),
-    #[error("the agent stopped: {0}")]
-    Agent(String),
-    #[error("the agent did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("{0}")]
-    App(String),
-    #[error(transparent)]
-    Watch(#[from] WatchError),
-    #[error(transparent)]
-    Filter(#[from] FilterError),
-    #[error(transparent)]
-    Pack(#[from] PackError),
-}
-
-impl SessionError {
-    /// Worth a reconnect: the stream broke, the agent went away or stalled.
-    pub fn is_recoverable(&self) -> bool {
-        match self {
-            SessionError::Protocol(e) => e.is_disconnect(),
-            SessionError::Pack(_) | SessionError::Timeout(_) => true,
-            SessionError::Agent(_)
-            | SessionError::App(_)
-            | SessionError::Transport(_)
-            | SessionError::Watch(_)
-            | SessionError::Filter(_) => false,
-        }
-    }
-
-    pub fn hint(&self) -> Option<String> {
-        match self {
-            SessionError::Protocol(ProtocolError::VersionMismatch { .. }) => Some(
-                "the agent and this devloop come from different versions: rebuild the dev image (or put the matching devloop-agent on the target)".into(),
-            ),
-            SessionError::Protocol(ProtocolError::NoPeer { .. } | ProtocolError::NoHandshake { .. }) => Some(
-                "the target did not start `devloop-agent serve`: check that the agent is installed there (Dockerfile.develop copies it into the dev image; rebuild the image) and that the command is right".into(),
-            ),
-            SessionError::Transport(e) => e.hint(),
-            SessionError::App(_) => Some("the app's own output above says why; fix it and run again".into()),
-            _ => None,
-        }
-    }
-}
-
 /// Most entries (deletions, exec-bit changes, files) one batch carries: every message stays far
 /// below the frame limit (a deletion list of 300,000 paths would not fit in one), and so does the
 /// agent's answer, which names each refused path.
 const BATCH_ENTRIES: usize = 16 * 1024;
 
-/// An open session with the agent.
-struct Live {
-    out: FrameWriter<BufWriter<Writer>>,
-    rx: mpsc::UnboundedReceiver<Result<FromAgent, ProtocolError>>,
-    reader: JoinHandle<()>,
-    child: Option<tokio::process::Child>,
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-pub struct Session<T: Transport> {
+pub struct Session {
     config: SessionConfig,
-    transport: T,
+    transport: Box<dyn Transport>,
     reporter: Reporter,
     filter: Arc<Filter>,
     /// The local tree as last scanned.
@@ -134,8 +70,8 @@ pub struct Session<T: Transport> {
     /// Paths to diff again next round (vanished or unreadable while packing).
     pending: BTreeSet<String>,
     /// Paths the agent refused, with the local entry it refused: not resent until it changes.
-    refused: HashMap<String, Entry>,
-    live: Option<Live>,
+    refused: Refused,
+    live: Option<AgentClient>,
     round: u64,
     /// How the last restart went (for `--once`).
     last_restart: Option<RestartReport>,
@@ -146,8 +82,12 @@ pub struct Session<T: Transport> {
     id: String,
 }
 
-impl<T: Transport> Session<T> {
-    pub fn new(config: SessionConfig, transport: T, reporter: Reporter) -> Result<Session<T>, SessionError> {
+impl Session {
+    pub fn new(
+        config: SessionConfig,
+        transport: Box<dyn Transport>,
+        reporter: Reporter,
+    ) -> Result<Session, SessionError> {
         let filter = Arc::new(Filter::new(&config.root, &config.excludes)?);
         Ok(Session {
             config,
@@ -157,7 +97,7 @@ impl<T: Transport> Session<T> {
             local: Tree::new(),
             baseline: Manifest::new(),
             pending: BTreeSet::new(),
-            refused: HashMap::new(),
+            refused: Refused::new(),
             live: None,
             round: 0,
             last_restart: None,
@@ -223,7 +163,12 @@ impl<T: Transport> Session<T> {
                     Some(hints) => self.round(watcher, hints).await,
                     None => return Ok(Outcome::Stopped),
                 },
-                message = live.rx.recv() => self.unsolicited(message),
+                // Between batches the agent speaks only for the app (shown by the client); anything
+                // else is logged, a broken stream is an error.
+                message = live.next() => message.map(|other| {
+                    tracing::debug!(?other, "unexpected message between batches");
+                    None
+                }),
             };
             let step = match step {
                 // Ask for the restart once the burst is over: no hint waiting to be read.
@@ -245,36 +190,12 @@ impl<T: Transport> Session<T> {
         }
     }
 
-    fn unsolicited(
-        &mut self,
-        message: Option<Result<FromAgent, ProtocolError>>,
-    ) -> Result<Option<Outcome>, SessionError> {
-        match message {
-            None => Err(ProtocolError::Truncated.into()),
-            Some(Err(e)) => Err(e.into()),
-            Some(Ok(FromAgent::Fatal { message })) => Err(SessionError::Agent(message)),
-            Some(Ok(message)) => {
-                if let Some(other) = self.app_message(message) {
-                    debug!(?other, "unexpected message between batches");
-                }
-                Ok(None)
-            }
-        }
-    }
-
-    fn app_message(&self, message: FromAgent) -> Option<FromAgent> {
-        app_message(&self.reporter, message)
-    }
-
     /// `--once`: the app must be running and ready. Asks the agent when no restart happened.
     async fn ready_verdict(&mut self) -> Result<(), SessionError> {
         let report = match self.last_restart.take() {
             Some(report) => report,
             None => {
-                let live = self.live.as_mut().expect("connected");
-                live.out.message(&ToAgent::Ready).await?;
-                live.out.flush().await?;
-                let report = self.await_restart().await?;
+                let report = self.live.as_mut().expect("connected").restart(ToAgent::Ready).await?;
                 self.report_restart(&report);
                 report
             }
@@ -293,25 +214,6 @@ impl<T: Transport> Session<T> {
         }
     }
 
-    /// Waits for the agent's restart report, showing app output meanwhile.
-    async fn await_restart(&mut self) -> Result<RestartReport, SessionError> {
-        loop {
-            let live = self.live.as_mut().expect("connected");
-            let message = live.rx.recv().await;
-            match message {
-                Some(Ok(FromAgent::Restart(report))) => return Ok(report),
-                Some(Ok(FromAgent::Fatal { message })) => return Err(SessionError::Agent(message)),
-                Some(Ok(other)) => {
-                    if let Some(other) = self.app_message(other) {
-                        debug!(?other, "message while waiting for the restart");
-                    }
-                }
-                Some(Err(e)) => return Err(e.into()),
-                None => return Err(ProtocolError::Truncated.into()),
-            }
-        }
-    }
-
     fn report_restart(&self, report: &RestartReport) {
         let event = match report {
             RestartReport::Restarted { pid, stop_ms, start_ms, ready_ms } => {
@@ -326,11 +228,7 @@ impl<T: Transport> Session<T> {
     }
 
     /// One watch round: rescan what the hints point at, classify, sync.
-    async fn round(
-        &mut self,
-        watcher: &mut Watcher,
-        hints: crate::watch::Hints,
-    ) -> Result<Option<Outcome>, SessionError> {
+    async fn round(&mut self, watcher: &mut Watcher, hints: Hints) -> Result<Option<Outcome>, SessionError> {
         let rules_changed = hints.paths.iter().any(|p| Filter::is_rule_file(p));
         let changed: Vec<String> = if hints.rescan || rules_changed {
             if rules_changed {
@@ -392,10 +290,7 @@ impl<T: Transport> Session<T> {
         if !self.restart_owed {
             return Ok(());
         }
-        let live = self.live.as_mut().expect("connected");
-        live.out.message(&ToAgent::Restart).await?;
-        live.out.flush().await?;
-        let report = self.await_restart().await?;
+        let report = self.live.as_mut().expect("connected").restart(ToAgent::Restart).await?;
         self.restart_owed = false;
         self.report_restart(&report);
         self.last_restart = Some(report);
@@ -461,20 +356,21 @@ impl<T: Transport> Session<T> {
         self.resync(connected).await
     }
 
-    async fn connect_timed(&self) -> Result<(Live, Manifest, String), SessionError> {
+    async fn connect_timed(&self) -> Result<(AgentClient, Greeting), SessionError> {
         let timeout = self.config.connect_timeout;
-        tokio::time::timeout(timeout, self.connect()).await.map_err(|_| SessionError::Timeout(timeout))?
+        let connecting = AgentClient::connect(self.transport.as_ref(), &self.id, &self.config.excludes, &self.reporter);
+        tokio::time::timeout(timeout, connecting).await.map_err(|_| SessionError::Timeout(timeout))?
     }
 
     /// Takes the agent's manifest as the baseline and sends what differs from the local tree.
-    async fn resync(&mut self, (live, manifest, agent): (Live, Manifest, String)) -> Result<(), SessionError> {
-        self.live = Some(live);
+    async fn resync(&mut self, (client, greeting): (AgentClient, Greeting)) -> Result<(), SessionError> {
+        self.live = Some(client);
         let filter = Arc::clone(&self.filter);
         self.baseline =
-            manifest.into_iter().filter(|(path, entry)| !filter.is_excluded(path, entry.is_dir())).collect();
+            greeting.manifest.into_iter().filter(|(path, entry)| !filter.is_excluded(path, entry.is_dir())).collect();
         self.reporter.emit(Event::Connected {
             target: self.transport.describe(),
-            agent,
+            agent: greeting.agent,
             entries: self.baseline.len() as u64,
         });
         self.pending.clear();
@@ -492,59 +388,6 @@ impl<T: Transport> Session<T> {
         }
         self.restart_owed |= restart;
         self.sync(changes).await
-    }
-
-    async fn connect(&self) -> Result<(Live, Manifest, String), SessionError> {
-        let connection = self.transport.connect().await?;
-        let mut reader = connection.reader;
-        let mut writer = BufWriter::with_capacity(DATA_CHUNK + 1024, connection.writer);
-        protocol::handshake(&mut reader, &mut writer).await?;
-        let mut frames = FrameReader::new(reader);
-        let mut out = FrameWriter::new(writer);
-        let hello = ToAgent::Hello {
-            client: format!("devloop {}", env!("CARGO_PKG_VERSION")),
-            session: self.id.clone(),
-            excludes: self.config.excludes.clone(),
-        };
-        out.message(&hello).await?;
-        out.flush().await?;
-        let mut manifest = Manifest::new();
-        let mut agent = String::new();
-        loop {
-            match frames.message::<FromAgent>().await? {
-                FromAgent::Welcome { agent: version, .. } => agent = version,
-                FromAgent::Manifest { records } => manifest.extend(records.into_iter().map(|r| (r.path, r.entry))),
-                FromAgent::ManifestEnd { problems, .. } => {
-                    for p in problems {
-                        self.reporter.emit(Event::Problem { path: format!("(target) {}", p.path), message: p.message });
-                    }
-                    break;
-                }
-                FromAgent::Fatal { message } => return Err(SessionError::Agent(message)),
-                FromAgent::Output { stream, line } => self.reporter.emit(Event::Output { stream, line }),
-                FromAgent::Exited { pid, code } => self.reporter.emit(Event::Exited { pid, code }),
-                FromAgent::Applied(_) | FromAgent::Restart(_) => {
-                    return Err(
-                        ProtocolError::Unexpected { expected: "the manifest", got: "a batch answer".into() }.into()
-                    )
-                }
-            }
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(async move {
-            loop {
-                let message = match frames.next().await {
-                    Ok(Some(frame)) => frame.decode::<FromAgent>(),
-                    Ok(None) => Err(ProtocolError::Truncated),
-                    Err(e) => Err(e),
-                };
-                let stop = message.is_err();
-                if tx.send(message).is_err() || stop {
-                    break;
-                }
-            }
-        });
-        Ok((Live { out, rx, reader, child: connection.child }, manifest, agent))
     }
 
     /// Sends `changes` in batches of at most [`BATCH_ENTRIES`] entries and folds what each
@@ -607,33 +450,14 @@ impl<T: Transport> Session<T> {
         self.round += 1;
         let round = self.round;
         let started = Instant::now();
-        let (applied, packed) = self
-            .send_batch(round, deletes.clone(), chmods.clone(), upserts, progress)
+        let client = self.live.as_mut().expect("connected");
+        let root = self.config.root.clone();
+        let (applied, packed) = client
+            .batch(round, deletes.clone(), chmods.clone(), upserts, root, progress)
             .instrument(info_span!("sync", round))
             .await?;
-
-        let refused: HashMap<&str, &protocol::Problem> = applied.refused.iter().map(|p| (p.path.as_str(), p)).collect();
-        for path in &deletes {
-            if !refused.contains_key(path.as_str()) {
-                self.baseline.remove(path);
-            }
-        }
-        for chmod in &chmods {
-            if refused.contains_key(chmod.path.as_str()) {
-                continue;
-            }
-            if let Some(Entry::File { exec, .. }) = self.baseline.get_mut(&chmod.path) {
-                *exec = chmod.exec;
-            }
-        }
-        for (path, entry) in packed.sent {
-            if refused.contains_key(path.as_str()) {
-                self.refused.insert(path, entry);
-            } else {
-                self.refused.remove(&path);
-                self.baseline.insert(path, entry);
-            }
-        }
+        let sent = Sent { deletes: &deletes, chmods: &chmods, upserts: packed.sent };
+        baseline::fold(&mut self.baseline, &mut self.refused, sent, &applied);
         for problem in packed.skipped {
             self.pending.insert(problem.path.clone());
             self.reporter.emit(Event::Problem { path: problem.path, message: problem.message });
@@ -655,77 +479,12 @@ impl<T: Transport> Session<T> {
         Ok(())
     }
 
-    async fn send_batch(
-        &mut self,
-        id: u64,
-        deletes: Vec<String>,
-        chmods: Vec<Chmod>,
-        upserts: Vec<pack::Upsert>,
-        progress: crate::report::Progress,
-    ) -> Result<(Applied, pack::Packed), SessionError> {
-        let live = self.live.as_mut().expect("connected");
-        live.out.message(&ToAgent::Batch { id, deletes, chmods }).await?;
-
-        // Pack on a blocking thread; chunks flow through a small channel into data frames.
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
-        let root = self.config.root.clone();
-        let packer = tokio::task::spawn_blocking(move || {
-            let sink = ChunkWriter::new(DATA_CHUNK, |chunk| {
-                tx.blocking_send(chunk).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "session gone"))
-            });
-            pack::pack(&root, &upserts, sink, &|n| progress.inc(n))
-        });
-        let mut send_error = None;
-        while let Some(chunk) = rx.recv().await {
-            if let Err(e) = live.out.data(&chunk).await {
-                send_error = Some(e);
-                break;
-            }
-        }
-        drop(rx);
-        let packed = packer.await.expect("pack task panicked");
-        if let Some(e) = send_error {
-            return Err(e.into());
-        }
-        let packed = packed?;
-        live.out.data_end().await?;
-        live.out.flush().await?;
-
-        loop {
-            match live.rx.recv().await {
-                Some(Ok(FromAgent::Applied(applied))) if applied.id == id => return Ok((applied, packed)),
-                Some(Ok(FromAgent::Fatal { message })) => return Err(SessionError::Agent(message)),
-                Some(Ok(other)) => {
-                    if let Some(other) = app_message(&self.reporter, other) {
-                        debug!(?other, "message while waiting for the batch's acknowledgement");
-                    }
-                }
-                Some(Err(e)) => return Err(e.into()),
-                None => return Err(ProtocolError::Truncated.into()),
-            }
-        }
-    }
-
     /// Says goodbye, lets the transport wind down, and keeps the stat cache for the next run.
     async fn close(&mut self) {
         scan::save_cache(scan::cache_path(&self.config.root), std::mem::take(&mut self.local)).await;
-        let Some(mut live) = self.live.take() else { return };
-        let _ = live.out.message(&ToAgent::Bye).await;
-        let _ = live.out.flush().await;
-        // The agent ends its side once it read the goodbye: wait for that, so that the goodbye
-        // is not lost with this process (a transport may not close the agent's stdin).
-        let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = live.rx.recv().await {} })
-            .await;
-        if let Some(mut child) = live.child.take() {
-            if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_err() {
-                let _ = child.kill().await;
-            }
+        if let Some(client) = self.live.take() {
+            client.close().await;
         }
-    }
-
-    /// The baseline (for tests and benchmarks).
-    pub fn baseline(&self) -> &Manifest {
-        &self.baseline
     }
 }
 
@@ -733,21 +492,6 @@ impl<T: Transport> Session<T> {
 fn session_id() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{}-{:x}", std::process::id(), nanos % (1 << 40))
-}
-
-/// Shows the app's output and exits; gives back any other message.
-fn app_message(reporter: &Reporter, message: FromAgent) -> Option<FromAgent> {
-    match message {
-        FromAgent::Output { stream, line } => {
-            reporter.emit(Event::Output { stream, line });
-            None
-        }
-        FromAgent::Exited { pid, code } => {
-            reporter.emit(Event::Exited { pid, code });
-            None
-        }
-        other => Some(other),
-    }
 }
 
 /// Returns freed heap pages to the OS. A big sync or rescan leaves megabytes of freed buffers that

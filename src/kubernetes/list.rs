@@ -4,36 +4,20 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, ListParams};
-use serde::Serialize;
 
-use crate::cluster::{explain, ClusterError};
-use crate::tunnel::SessionRecord;
+use super::access::{explain, ClusterError};
+use super::pods;
+use super::tunnel::SessionRecord;
+use crate::report::{ServiceRow, UriRow};
 
 /// The label on everything devloop's charts create (helm sets app.kubernetes.io/managed-by itself).
 pub const MANAGED: &str = "devloop.dev/managed=true";
 /// Annotation on a Deployment: when devloop last synced into its pod (RFC 3339).
 pub const LAST_SYNC: &str = "devloop.dev/last-sync";
 
-#[derive(Clone, Debug, Serialize)]
-pub struct ServiceRow {
-    pub name: String,
-    pub status: String,
-    pub restarts: i32,
-    pub image: String,
-    pub last_sync: String,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct UriRow {
-    pub name: String,
-    pub url: String,
-    /// `public` (an ingress) or `tunnel` (a running `devloop up` on this machine).
-    pub kind: String,
-}
-
 pub async fn services(client: &kube::Client, namespace: &str) -> Result<Vec<ServiceRow>, ClusterError> {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let list = deployments.list(&ListParams::default().labels(MANAGED)).await.map_err(|e| explain(e, namespace))?;
     let mut rows = Vec::new();
     for deployment in list.items {
@@ -42,7 +26,7 @@ pub async fn services(client: &kube::Client, namespace: &str) -> Result<Vec<Serv
             .metadata
             .labels
             .as_ref()
-            .and_then(|l| l.get("app.kubernetes.io/name").cloned())
+            .and_then(|l| l.get(pods::NAME_LABEL).cloned())
             .unwrap_or_else(|| name.clone());
         let image = deployment
             .spec
@@ -58,10 +42,7 @@ pub async fn services(client: &kube::Client, namespace: &str) -> Result<Vec<Serv
             .as_ref()
             .and_then(|a| a.get(LAST_SYNC).cloned())
             .unwrap_or_else(|| "-".into());
-        let selector = format!("app.kubernetes.io/name={label}");
-        let mut found =
-            pods.list(&ListParams::default().labels(&selector)).await.map_err(|e| explain(e, namespace))?.items;
-        found.sort_by_key(|p| std::cmp::Reverse(p.metadata.creation_timestamp.clone()));
+        let found = pods::of_service(&pod_api, namespace, &label).await?;
         let restarts = found
             .iter()
             .flat_map(|p| p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()))
@@ -69,8 +50,8 @@ pub async fn services(client: &kube::Client, namespace: &str) -> Result<Vec<Serv
             .sum();
         let status = match found.first() {
             None => "no pod".to_string(),
-            Some(pod) if crate::transport::pod_is_ready(pod) => "Running".to_string(),
-            Some(pod) => crate::transport::not_ready_reason(pod),
+            Some(pod) if pods::is_ready(pod) => "Running".to_string(),
+            Some(pod) => pods::not_ready_reason(pod),
         };
         rows.push(ServiceRow { name, status, restarts, image, last_sync });
     }

@@ -1,4 +1,6 @@
-//! Command-line definitions only; [`crate::settings`] turns them into validated settings.
+//! Command-line definitions only; [`settings`] turns them into validated settings.
+
+pub mod settings;
 
 use std::path::PathBuf;
 

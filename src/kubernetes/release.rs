@@ -1,17 +1,20 @@
-//! `devloop up` and `devloop down`: deploy the service's chart with the real helm CLI (values files
-//! included, their `secrets:` turned into environment variables through a Secret), wait for the
-//! rollout saying what is not ready and why, then hand over to the sync session.
+//! The service's Helm release: deployed with the real helm CLI (values files included, their
+//! `secrets:` turned into environment variables through a Secret), removed, and waited for until
+//! it has rolled out, saying what is not ready and why.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
+use kube::runtime::wait::await_condition;
 use serde_yaml_ng::Value;
 
+use super::access::ClusterError;
+use super::pods;
 use crate::config::Config;
 
 /// Default separator between nested keys: what .NET configuration binds (`urls__producer`).
@@ -31,7 +34,7 @@ pub enum UpError {
     #[error("the rollout of {release} did not finish within {timeout:?}: {why}")]
     Rollout { release: String, timeout: Duration, why: String },
     #[error(transparent)]
-    Cluster(#[from] crate::cluster::ClusterError),
+    Cluster(#[from] ClusterError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -185,37 +188,35 @@ async fn helm(
 /// Waits until the release's Deployment has rolled out; on timeout says why its pods are not Ready.
 pub async fn wait_rollout(client: &kube::Client, release: &Release, timeout: Duration) -> Result<(), UpError> {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &release.namespace);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &release.namespace);
-    let explain = |e| UpError::Cluster(crate::cluster::explain(e, &release.namespace));
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(deployment) = deployments.get_opt(&release.name).await.map_err(explain)? {
-            let wanted = deployment.spec.replicas.unwrap_or(1);
-            let generation = deployment.metadata.generation.unwrap_or(0);
-            if let Some(status) = &deployment.status {
-                let current = status.observed_generation.unwrap_or(0) >= generation;
-                let updated = status.updated_replicas.unwrap_or(0) >= wanted;
-                let available = status.available_replicas.unwrap_or(0) >= wanted;
-                if current && updated && available {
-                    return Ok(());
+    let rolled_out = await_condition(deployments, &release.name, is_rolled_out);
+    match tokio::time::timeout(timeout, rolled_out).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(UpError::Rollout { release: release.name.clone(), timeout, why: e.to_string() }),
+        Err(_) => {
+            let pods: Api<Pod> = Api::namespaced(client.clone(), &release.namespace);
+            let found = pods::of_service(&pods, &release.namespace, &release.name).await.map_err(UpError::Cluster)?;
+            let why = match found.first() {
+                Some(pod) => {
+                    format!("pod {}: {}", pod.metadata.name.as_deref().unwrap_or("?"), pods::not_ready_reason(pod))
                 }
-            }
-        }
-        if Instant::now() >= deadline {
-            let selector = format!("app.kubernetes.io/name={}", release.name);
-            let list = pods.list(&ListParams::default().labels(&selector)).await.map_err(explain)?;
-            let why = match list.items.first() {
-                Some(pod) => format!(
-                    "pod {}: {}",
-                    pod.metadata.name.as_deref().unwrap_or("?"),
-                    crate::transport::not_ready_reason(pod)
-                ),
                 None => "no pod was created (check the ReplicaSet's events: quota, admission)".into(),
             };
-            return Err(UpError::Rollout { release: release.name.clone(), timeout, why });
+            Err(UpError::Rollout { release: release.name.clone(), timeout, why })
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// A Deployment whose controller saw its latest spec and whose replicas are all updated and
+/// available (what `kubectl rollout status` waits for).
+fn is_rolled_out(deployment: Option<&Deployment>) -> bool {
+    let Some(deployment) = deployment else { return false };
+    let wanted = deployment.spec.replicas.unwrap_or(1);
+    let generation = deployment.metadata.generation.unwrap_or(0);
+    deployment.status.as_ref().is_some_and(|status| {
+        status.observed_generation.unwrap_or(0) >= generation
+            && status.updated_replicas.unwrap_or(0) >= wanted
+            && status.available_replicas.unwrap_or(0) >= wanted
+    })
 }
 
 #[cfg(test)]

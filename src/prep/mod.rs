@@ -130,14 +130,10 @@ pub fn dns_name(name: &str) -> String {
 pub fn files(stack: &Stack, name: &str, options: &PrepOptions) -> Vec<(PathBuf, String)> {
     let port = options.port.unwrap_or_else(|| stack.default_port());
     let (dockerfile, develop) = match stack {
-        Stack::Dotnet { .. } => {
-            (include_str!("prep/dotnet.Dockerfile"), include_str!("prep/dotnet.Dockerfile.develop"))
-        }
-        Stack::Node => (include_str!("prep/node.Dockerfile"), include_str!("prep/node.Dockerfile.develop")),
-        Stack::Python { .. } => {
-            (include_str!("prep/python.Dockerfile"), include_str!("prep/python.Dockerfile.develop"))
-        }
-        Stack::Go => (include_str!("prep/go.Dockerfile"), include_str!("prep/go.Dockerfile.develop")),
+        Stack::Dotnet { .. } => (include_str!("dotnet.Dockerfile"), include_str!("dotnet.Dockerfile.develop")),
+        Stack::Node => (include_str!("node.Dockerfile"), include_str!("node.Dockerfile.develop")),
+        Stack::Python { .. } => (include_str!("python.Dockerfile"), include_str!("python.Dockerfile.develop")),
+        Stack::Go => (include_str!("go.Dockerfile"), include_str!("go.Dockerfile.develop")),
     };
     let (project, assembly, main) = match stack {
         Stack::Dotnet { project, assembly } => (project.as_str(), assembly.as_str(), ""),
@@ -158,12 +154,12 @@ pub fn files(stack: &Stack, name: &str, options: &PrepOptions) -> Vec<(PathBuf, 
         ("Dockerfile".into(), fill(dockerfile)),
         ("Dockerfile.develop".into(), fill(develop)),
         (".dockerignore".into(), dockerignore(stack)),
-        (chart.join("Chart.yaml"), fill(include_str!("prep/chart/Chart.yaml"))),
-        (chart.join("values.yaml"), fill(include_str!("prep/chart/values.yaml"))),
-        (chart.join("templates/deployment.yaml"), fill(include_str!("prep/chart/templates/deployment.yaml"))),
-        (chart.join("templates/service.yaml"), fill(include_str!("prep/chart/templates/service.yaml"))),
-        (chart.join("templates/secret.yaml"), fill(include_str!("prep/chart/templates/secret.yaml"))),
-        (chart.join("templates/ingress.yaml"), fill(include_str!("prep/chart/templates/ingress.yaml"))),
+        (chart.join("Chart.yaml"), fill(include_str!("chart/Chart.yaml"))),
+        (chart.join("values.yaml"), fill(include_str!("chart/values.yaml"))),
+        (chart.join("templates/deployment.yaml"), fill(include_str!("chart/templates/deployment.yaml"))),
+        (chart.join("templates/service.yaml"), fill(include_str!("chart/templates/service.yaml"))),
+        (chart.join("templates/secret.yaml"), fill(include_str!("chart/templates/secret.yaml"))),
+        (chart.join("templates/ingress.yaml"), fill(include_str!("chart/templates/ingress.yaml"))),
         ("devloop.yaml".into(), devloop_yaml(stack, name, port, options.public)),
     ]
 }
@@ -206,6 +202,25 @@ fn devloop_yaml(stack: &Stack, name: &str, port: u16, public: bool) -> String {
     text.push_str(&format!("ready: {{tcp: {port}}}\n"));
     text.push_str(&format!("# The Kubernetes side (devloop up): chart, port, public ingress.\nchart: charts/{name}\nport: {port}\npublic: {public}\n"));
     text
+}
+
+/// `devloop prep`: detects the stack of the current folder and writes its files.
+pub fn run(args: &crate::cli::PrepArgs, reporter: &crate::report::Reporter) -> Result<(), PrepError> {
+    use crate::report::Event;
+    let dir = std::env::current_dir().map_err(|source| PrepError::Read { path: ".".into(), source })?;
+    let (stack, name) = detect(&dir)?;
+    let options = PrepOptions { public: args.public, port: args.port, force: args.force };
+    let files = files(&stack, &name, &options);
+    for (path, outcome) in write(&dir, &files, args.force)? {
+        let outcome = match outcome {
+            Outcome::Written => "wrote",
+            Outcome::Overwritten => "rewrote",
+            Outcome::Skipped => "skipped",
+        };
+        reporter.emit(Event::File { path: path.display().to_string(), outcome: outcome.into() });
+    }
+    reporter.emit(Event::Prepared { stack: stack.label().into(), name });
+    Ok(())
 }
 
 /// Writes the files under `dir`; existing ones are kept unless `force`.

@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::classify::Rules;
 use crate::config::{Config, ConfigError, Globs};
-use crate::session::SessionConfig;
-use crate::watch::Window;
+use crate::sync::classify::Rules;
+use crate::sync::session::SessionConfig;
+use crate::sync::watch::Window;
 
 /// Where the agent runs.
 #[derive(Clone, Debug, PartialEq, Eq)]

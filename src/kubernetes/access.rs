@@ -1,7 +1,5 @@
 //! Reaching a Kubernetes cluster the way kubectl does (kubeconfig, `--context`, `-n`), and
 //! turning what the API server says into errors a user can act on.
-//!
-//! Only this module and the Kubernetes transport (to come) know about Kubernetes.
 
 use std::path::PathBuf;
 

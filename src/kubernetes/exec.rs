@@ -1,0 +1,76 @@
+//! The Kubernetes transport: one kube-rs exec of `devloop-agent serve` into the Ready pod of a
+//! service, per connection.
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::AttachParams;
+
+use super::access::explain;
+use super::pods::{self, PodError};
+use crate::sync::transport::{ConnectFuture, Connection, Transport, TransportError};
+
+/// The folder the code lives in inside the dev container (where `Dockerfile.develop` puts it).
+pub const CONTAINER_ROOT: &str = "/app";
+
+/// An exec session into the Ready pod of a service, running `devloop-agent serve`.
+///
+/// One exec per connection. The pod is watched while the session lasts: when it is deleted,
+/// replaced or stops being Ready, the stream ends, and the session reconnects to the new pod and
+/// resyncs by itself.
+pub struct KubeTransport {
+    pods: kube::Api<Pod>,
+    namespace: String,
+    name: String,
+}
+
+impl KubeTransport {
+    /// The pods of service `name` (see [`pods::selector`]).
+    pub fn new(client: kube::Client, namespace: &str, name: &str) -> KubeTransport {
+        KubeTransport { pods: kube::Api::namespaced(client, namespace), namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl From<PodError> for TransportError {
+    fn from(e: PodError) -> TransportError {
+        let permanent = matches!(&e, PodError::Cluster(c) if c.is_permanent());
+        TransportError::Unavailable { message: e.to_string(), hint: e.hint(), permanent }
+    }
+}
+
+impl Transport for KubeTransport {
+    fn connect(&self) -> ConnectFuture<'_> {
+        Box::pin(async move {
+            let pod = pods::ready(&self.pods, &self.namespace, &self.name).await?;
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            let params = AttachParams::default().stdin(true).stdout(true).stderr(false);
+            let command = ["devloop-agent", "serve", "--root", CONTAINER_ROOT];
+            let mut attached = self
+                .pods
+                .exec(&name, command, &params)
+                .await
+                .map_err(|e| PodError::Cluster(explain(e, &self.namespace)))?;
+            let (mut exec_out, mut exec_in) = (attached.stdout().expect("stdout"), attached.stdin().expect("stdin"));
+            // The session talks to one end of a pipe; a task joins the other end to the exec and
+            // closes it when the pod goes away.
+            let (ours, theirs) = tokio::io::duplex(DUPLEX_BUFFER);
+            let (mut from_session, mut to_session) = tokio::io::split(theirs);
+            let watched = self.pods.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::io::copy(&mut exec_out, &mut to_session) => {}
+                    _ = tokio::io::copy(&mut from_session, &mut exec_in) => {}
+                    _ = pods::gone(watched, &name, &uid) => {}
+                }
+                attached.abort();
+            });
+            let (reader, writer) = tokio::io::split(ours);
+            Ok(Connection { reader: Box::new(reader), writer: Box::new(writer), child: None })
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("pod {} in {}", pods::selector(&self.name), self.namespace)
+    }
+}
+
+const DUPLEX_BUFFER: usize = 1 << 20;

@@ -1,0 +1,210 @@
+//! The CLI's side of one agent session: handshake and manifest, batches (packed on a blocking
+//! thread, streamed as data frames), restart requests, goodbye. It knows the protocol, not the
+//! sync state: what to send is the session's business.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use devloop_agent::manifest::Manifest;
+use devloop_agent::protocol::{
+    self, Applied, Chmod, FrameReader, FrameWriter, FromAgent, ProtocolError, RestartReport, ToAgent, DATA_CHUNK,
+};
+use tokio::io::BufWriter;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use super::pack::{self, ChunkWriter, Packed};
+use super::transport::{Transport, Writer};
+use super::SessionError;
+use crate::report::{Event, Progress, Reporter};
+
+/// An open session with the agent. Messages the agent sends on its own (the app's output and
+/// exits) are shown as they come, whatever the client is waiting for.
+pub struct AgentClient {
+    out: FrameWriter<BufWriter<Writer>>,
+    rx: mpsc::UnboundedReceiver<Result<FromAgent, ProtocolError>>,
+    reader: JoinHandle<()>,
+    child: Option<tokio::process::Child>,
+    reporter: Reporter,
+}
+
+/// What the agent said first: its version and the tree it holds.
+pub struct Greeting {
+    pub agent: String,
+    pub manifest: Manifest,
+}
+
+impl Drop for AgentClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl AgentClient {
+    /// Opens the transport, shakes hands, says hello (`session` names this CLI process across
+    /// reconnects; `excludes` what the agent leaves out of its manifest) and reads the manifest.
+    pub async fn connect(
+        transport: &dyn Transport,
+        session: &str,
+        excludes: &[String],
+        reporter: &Reporter,
+    ) -> Result<(AgentClient, Greeting), SessionError> {
+        let connection = transport.connect().await?;
+        let mut reader = connection.reader;
+        let mut writer = BufWriter::with_capacity(DATA_CHUNK + 1024, connection.writer);
+        protocol::handshake(&mut reader, &mut writer).await?;
+        let mut frames = FrameReader::new(reader);
+        let mut out = FrameWriter::new(writer);
+        let hello = ToAgent::Hello {
+            client: format!("devloop {}", env!("CARGO_PKG_VERSION")),
+            session: session.to_string(),
+            excludes: excludes.to_vec(),
+        };
+        out.message(&hello).await?;
+        out.flush().await?;
+        let mut greeting = Greeting { agent: String::new(), manifest: Manifest::new() };
+        loop {
+            match frames.message::<FromAgent>().await? {
+                FromAgent::Welcome { agent, .. } => greeting.agent = agent,
+                FromAgent::Manifest { records } => {
+                    greeting.manifest.extend(records.into_iter().map(|r| (r.path, r.entry)))
+                }
+                FromAgent::ManifestEnd { problems, .. } => {
+                    for p in problems {
+                        reporter.emit(Event::Problem { path: format!("(target) {}", p.path), message: p.message });
+                    }
+                    break;
+                }
+                FromAgent::Fatal { message } => return Err(SessionError::Agent(message)),
+                other @ (FromAgent::Output { .. } | FromAgent::Exited { .. }) => {
+                    show_app_message(reporter, other);
+                }
+                FromAgent::Applied(_) | FromAgent::Restart(_) => {
+                    return Err(
+                        ProtocolError::Unexpected { expected: "the manifest", got: "a batch answer".into() }.into()
+                    )
+                }
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            loop {
+                let message = match frames.next().await {
+                    Ok(Some(frame)) => frame.decode::<FromAgent>(),
+                    Ok(None) => Err(ProtocolError::Truncated),
+                    Err(e) => Err(e),
+                };
+                let stop = message.is_err();
+                if tx.send(message).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let client = AgentClient { out, rx, reader, child: connection.child, reporter: reporter.clone() };
+        Ok((client, greeting))
+    }
+
+    /// Sends one batch: deletions and exec-bit changes in the message, the upserts packed from
+    /// `root` into the tar stream. Returns the agent's answer and what was packed.
+    pub async fn batch(
+        &mut self,
+        id: u64,
+        deletes: Vec<String>,
+        chmods: Vec<Chmod>,
+        upserts: Vec<pack::Upsert>,
+        root: PathBuf,
+        progress: Progress,
+    ) -> Result<(Applied, Packed), SessionError> {
+        self.out.message(&ToAgent::Batch { id, deletes, chmods }).await?;
+        // Pack on a blocking thread; chunks flow through a small channel into data frames.
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+        let packer = tokio::task::spawn_blocking(move || {
+            let sink = ChunkWriter::new(DATA_CHUNK, |chunk| {
+                tx.blocking_send(chunk).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "session gone"))
+            });
+            pack::pack(&root, &upserts, sink, &|n| progress.inc(n))
+        });
+        let mut send_error = None;
+        while let Some(chunk) = rx.recv().await {
+            if let Err(e) = self.out.data(&chunk).await {
+                send_error = Some(e);
+                break;
+            }
+        }
+        drop(rx);
+        let packed = packer.await.expect("pack task panicked");
+        if let Some(e) = send_error {
+            return Err(e.into());
+        }
+        let packed = packed?;
+        self.out.data_end().await?;
+        self.out.flush().await?;
+        loop {
+            match self.next().await? {
+                FromAgent::Applied(applied) if applied.id == id => return Ok((applied, packed)),
+                other => debug!(?other, "message while waiting for the batch's acknowledgement"),
+            }
+        }
+    }
+
+    /// Asks for a restart (`ToAgent::Restart`) or for the app to be running and ready
+    /// (`ToAgent::Ready`), and waits for the report.
+    pub async fn restart(&mut self, request: ToAgent) -> Result<RestartReport, SessionError> {
+        self.out.message(&request).await?;
+        self.out.flush().await?;
+        loop {
+            match self.next().await? {
+                FromAgent::Restart(report) => return Ok(report),
+                other => debug!(?other, "message while waiting for the restart"),
+            }
+        }
+    }
+
+    /// The next message that is not the app's own (shown on the way); a fatal message or a
+    /// broken stream is an error.
+    pub async fn next(&mut self) -> Result<FromAgent, SessionError> {
+        loop {
+            match self.rx.recv().await {
+                None => return Err(ProtocolError::Truncated.into()),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(FromAgent::Fatal { message })) => return Err(SessionError::Agent(message)),
+                Some(Ok(message)) => {
+                    if let Some(other) = show_app_message(&self.reporter, message) {
+                        return Ok(other);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Says goodbye and lets the transport wind down.
+    pub async fn close(mut self) {
+        let _ = self.out.message(&ToAgent::Bye).await;
+        let _ = self.out.flush().await;
+        // The agent ends its side once it read the goodbye: wait for that, so that the goodbye
+        // is not lost with this process (a transport may not close the agent's stdin).
+        let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = self.rx.recv().await {} })
+            .await;
+        if let Some(mut child) = self.child.take() {
+            if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
+        }
+    }
+}
+
+/// Shows the app's output and exits; gives back any other message.
+fn show_app_message(reporter: &Reporter, message: FromAgent) -> Option<FromAgent> {
+    match message {
+        FromAgent::Output { stream, line } => {
+            reporter.emit(Event::Output { stream, line });
+            None
+        }
+        FromAgent::Exited { pid, code } => {
+            reporter.emit(Event::Exited { pid, code });
+            None
+        }
+        other => Some(other),
+    }
+}
