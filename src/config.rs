@@ -187,15 +187,19 @@ impl Config {
     }
 
     fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
-        let err = |key: &str, value: &str, message: String, hint: &str| ConfigError {
-            file: path.to_path_buf(),
-            line: line_of(text, key, value),
-            key: Some(key.to_string()),
-            message,
-            hint: Some(hint.to_string()),
-        };
+        let at = Locator { path, text };
+        self.validate_patterns(&at)?;
+        self.validate_commands(&at)?;
+        if let Some(ready) = &self.ready {
+            self.validate_ready(ready, &at)?;
+        }
+        Ok(())
+    }
+
+    /// The name, the globs and the exclude patterns.
+    fn validate_patterns(&self, at: &Locator) -> Result<(), ConfigError> {
         if !is_dns_label(&self.name) {
-            return Err(err(
+            return Err(at.error(
                 "name",
                 &self.name,
                 format!("`{}` is not a valid service name", self.name),
@@ -205,69 +209,73 @@ impl Config {
         for (key, globs) in [("rebuild", &self.rebuild), ("no_restart", &self.no_restart)] {
             for pattern in globs {
                 if let Err(e) = glob(pattern) {
-                    return Err(err(
-                        key,
-                        pattern,
-                        format!("bad glob `{pattern}`: {}", e.kind()),
-                        "globs look like `src/**/*.cs` or `Dockerfile*`",
-                    ));
+                    let message = format!("bad glob `{pattern}`: {}", e.kind());
+                    return Err(at.error(key, pattern, message, "globs look like `src/**/*.cs` or `Dockerfile*`"));
                 }
             }
         }
         for pattern in &self.sync.exclude {
             let mut builder = ignore::gitignore::GitignoreBuilder::new("/");
             if let Err(e) = builder.add_line(None, pattern) {
-                return Err(err(
-                    "sync.exclude",
-                    pattern,
-                    format!("bad pattern `{pattern}`: {e}"),
-                    "patterns follow .gitignore syntax, e.g. `bin/` or `*.log`",
-                ));
+                let hint = "patterns follow .gitignore syntax, e.g. `bin/` or `*.log`";
+                return Err(at.error("sync.exclude", pattern, format!("bad pattern `{pattern}`: {e}"), hint));
             }
         }
+        Ok(())
+    }
+
+    /// The app's command lines, how it stops, how secrets are named.
+    fn validate_commands(&self, at: &Locator) -> Result<(), ConfigError> {
         for (key, argv) in [("run", &self.run), ("build", &self.build)] {
             if argv.iter().any(|a| a.is_empty()) {
                 let hint = "write the command as a list: run: [dotnet, run]";
-                return Err(err(key, "", "an argument of the command is empty".into(), hint));
-            }
-        }
-        if self.secret_separator.is_empty() || self.secret_separator.contains(|c: char| c == '=' || c.is_whitespace()) {
-            let message = format!("`{}` cannot join environment variable names", self.secret_separator);
-            return Err(err("secret_separator", &self.secret_separator, message, "use `__` (what .NET binds) or `_`"));
-        }
-        if parse_duration(&self.grace).is_none() {
-            let message = format!("`{}` is not a duration", self.grace);
-            return Err(err("grace", &self.grace, message, "write durations like 5s, 300ms or 2m (at most a week)"));
-        }
-        if let Some(ready) = &self.ready {
-            let bad = |value: &str, message: String, hint: &str| err("ready", value, message, hint);
-            match (&ready.http, &ready.tcp) {
-                (Some(_), Some(_)) | (None, None) => {
-                    let hint = "ready: {tcp: 8080} or ready: {http: /health, port: 8080}";
-                    return Err(bad("", "give exactly one of `http` and `tcp`".into(), hint));
-                }
-                (Some(url), None) if !url.starts_with('/') && !url.starts_with("http://") => {
-                    let hint = "ready: {http: /health, port: 8080} or {http: http://127.0.0.1:8080/health}";
-                    return Err(bad(url, format!("`{url}` is neither a path nor an http:// URL"), hint));
-                }
-                (Some(url), None) if url.starts_with('/') && ready.port.is_none() => {
-                    return Err(bad(url, "a path needs the app's `port`".into(), "ready: {http: /health, port: 8080}"));
-                }
-                _ => {}
-            }
-            if parse_duration(&ready.timeout).is_none() {
-                let message = format!("`{}` is not a duration", ready.timeout);
-                let hint = "write durations like 60s or 2m (at most a week)";
-                return Err(err("ready.timeout", &ready.timeout, message, hint));
-            }
-            if self.run.is_empty() {
-                let message = "a readiness check needs the app's `run` command".into();
-                return Err(bad("", message, "add run: [your, command]"));
+                return Err(at.error(key, "", "an argument of the command is empty".into(), hint));
             }
         }
         if !self.build.is_empty() && self.run.is_empty() {
             let message = "a build needs the app's `run` command".into();
-            return Err(err("build", "", message, "add run: [your, command]"));
+            return Err(at.error("build", "", message, "add run: [your, command]"));
+        }
+        if self.secret_separator.is_empty() || self.secret_separator.contains(|c: char| c == '=' || c.is_whitespace()) {
+            let message = format!("`{}` cannot join environment variable names", self.secret_separator);
+            let hint = "use `__` (what .NET binds) or `_`";
+            return Err(at.error("secret_separator", &self.secret_separator, message, hint));
+        }
+        if parse_duration(&self.grace).is_none() {
+            let message = format!("`{}` is not a duration", self.grace);
+            return Err(at.error(
+                "grace",
+                &self.grace,
+                message,
+                "write durations like 5s, 300ms or 2m (at most a week)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_ready(&self, ready: &Ready, at: &Locator) -> Result<(), ConfigError> {
+        let bad = |value: &str, message: String, hint: &str| at.error("ready", value, message, hint);
+        match (&ready.http, &ready.tcp) {
+            (Some(_), Some(_)) | (None, None) => {
+                let hint = "ready: {tcp: 8080} or ready: {http: /health, port: 8080}";
+                return Err(bad("", "give exactly one of `http` and `tcp`".into(), hint));
+            }
+            (Some(url), None) if !url.starts_with('/') && !url.starts_with("http://") => {
+                let hint = "ready: {http: /health, port: 8080} or {http: http://127.0.0.1:8080/health}";
+                return Err(bad(url, format!("`{url}` is neither a path nor an http:// URL"), hint));
+            }
+            (Some(url), None) if url.starts_with('/') && ready.port.is_none() => {
+                return Err(bad(url, "a path needs the app's `port`".into(), "ready: {http: /health, port: 8080}"));
+            }
+            _ => {}
+        }
+        if parse_duration(&ready.timeout).is_none() {
+            let message = format!("`{}` is not a duration", ready.timeout);
+            let hint = "write durations like 60s or 2m (at most a week)";
+            return Err(at.error("ready.timeout", &ready.timeout, message, hint));
+        }
+        if self.run.is_empty() {
+            return Err(bad("", "a readiness check needs the app's `run` command".into(), "add run: [your, command]"));
         }
         Ok(())
     }
@@ -294,6 +302,24 @@ fn hint_for(message: &str) -> Option<String> {
 
 /// The first line mentioning both the key's last segment and the value (best effort for errors
 /// found after parsing).
+/// Locates a bad value in its file for the error.
+struct Locator<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn error(&self, key: &str, value: &str, message: String, hint: &str) -> ConfigError {
+        ConfigError {
+            file: self.path.to_path_buf(),
+            line: line_of(self.text, key, value),
+            key: Some(key.to_string()),
+            message,
+            hint: Some(hint.to_string()),
+        }
+    }
+}
+
 fn line_of(text: &str, key: &str, value: &str) -> Option<usize> {
     let last = key.rsplit('.').next().unwrap_or(key);
     let mut in_key = false;

@@ -255,6 +255,52 @@ impl Reporter {
     fn human(&self, event: &Event) -> Option<String> {
         let tag = style("devloop").bold();
         Some(match event {
+            Event::Scanned { .. }
+            | Event::Connected { .. }
+            | Event::SyncStarted { .. }
+            | Event::Applied { .. }
+            | Event::UpToDate { .. } => return self.sync_text(event),
+            Event::Tunnel { url, remote_port } => {
+                format!("{tag} tunnel {} → the pod's port {remote_port}", style(url).cyan().underlined())
+            }
+            Event::Service(_) | Event::Uri(_) => return None,
+            Event::Deploying { release, namespace } => {
+                format!("{tag} deploying {} to namespace {namespace} (helm upgrade --install)", style(release).cyan())
+            }
+            Event::RolledOut { release, millis } => format!("{tag} {} rolled out in {millis} ms", style(release).cyan()),
+            Event::Removed { release, namespace } => {
+                format!("{tag} removed release {} from namespace {namespace}", style(release).cyan())
+            }
+            Event::Prepared { stack, name } => format!("{tag} prepared {} ({stack})", style(name).cyan()),
+            Event::File { path, outcome } => match outcome.as_str() {
+                "skipped" => format!("{tag} {} {path} (it exists; --force rewrites it)", style("kept").yellow()),
+                other => format!("{tag} {} {path}", style(other).green()),
+            },
+            Event::Restarted { .. }
+            | Event::BuildFailed { .. }
+            | Event::NotReady { .. }
+            | Event::RestartFailed { .. }
+            | Event::Exited { .. } => return app_text(event),
+            Event::Output { .. } => return None,
+            Event::Problem { path, message } => format!("{tag} {} {path}: {message}", style("problem").yellow()),
+            Event::Watching { root, mode } => format!("{tag} watching {root} ({mode}); Ctrl+C to stop"),
+            Event::RebuildNeeded { path, pattern } => format!(
+                "{tag} {} `{path}` changed (matches rebuild rule `{pattern}`): the dev image must be rebuilt\nhint: rebuild and redeploy the image, then run devloop again; or remove the rule from `rebuild:` in devloop.yaml",
+                style("rebuild needed:").red().bold()
+            ),
+            Event::Disconnected { reason } => format!("{tag} {} {reason}", style("disconnected:").yellow()),
+            Event::Reconnecting { attempt, delay_ms } => {
+                format!("{tag} reconnecting in {delay_ms} ms (attempt {attempt})")
+            }
+            Event::Warning { message, hint } => with_hint(format!("{tag} {} {message}", style("warning:").yellow()), hint),
+            Event::Error { message, hint } => with_hint(format!("{} {message}", style("error:").red().bold()), hint),
+        })
+    }
+
+    /// The lines of a sync round.
+    fn sync_text(&self, event: &Event) -> Option<String> {
+        let tag = style("devloop").bold();
+        Some(match event {
             Event::Scanned { entries, hashed_files, millis } => {
                 if !self.inner.verbose {
                     return None;
@@ -282,51 +328,7 @@ impl Reporter {
                 s
             }
             Event::UpToDate { .. } => format!("{tag} {}", style("up to date").green()),
-            Event::Tunnel { url, remote_port } => {
-                format!("{tag} tunnel {} → the pod's port {remote_port}", style(url).cyan().underlined())
-            }
-            Event::Service(_) | Event::Uri(_) => return None,
-            Event::Deploying { release, namespace } => {
-                format!("{tag} deploying {} to namespace {namespace} (helm upgrade --install)", style(release).cyan())
-            }
-            Event::RolledOut { release, millis } => format!("{tag} {} rolled out in {millis} ms", style(release).cyan()),
-            Event::Removed { release, namespace } => {
-                format!("{tag} removed release {} from namespace {namespace}", style(release).cyan())
-            }
-            Event::Prepared { stack, name } => format!("{tag} prepared {} ({stack})", style(name).cyan()),
-            Event::File { path, outcome } => match outcome.as_str() {
-                "skipped" => format!("{tag} {} {path} (it exists; --force rewrites it)", style("kept").yellow()),
-                other => format!("{tag} {} {path}", style(other).green()),
-            },
-            Event::Restarted { pid, stop_ms, start_ms, ready_ms } => {
-                let mut s = format!("{tag} {} pid {pid} (stop {stop_ms:.1} ms, start {start_ms:.1} ms", style("restarted").green());
-                if let Some(ready) = ready_ms {
-                    s.push_str(&format!(", ready after {ready:.1} ms"));
-                }
-                s.push(')');
-                s
-            }
-            Event::BuildFailed { code, output } => format!(
-                "{tag} {} (exit code {code}); the previous version keeps running\n{}",
-                style("build failed").red().bold(),
-                output.trim_end()
-            ),
-            Event::NotReady { pid, message } => format!("{tag} {} pid {pid}: {message}", style("not ready:").red()),
-            Event::RestartFailed { message } => format!("{tag} {} {message}", style("restart failed:").red()),
-            Event::Exited { pid, code } => format!("{tag} {} pid {pid} exited with code {code}; the next change restarts it", style("app").yellow()),
-            Event::Output { .. } => return None,
-            Event::Problem { path, message } => format!("{tag} {} {path}: {message}", style("problem").yellow()),
-            Event::Watching { root, mode } => format!("{tag} watching {root} ({mode}); Ctrl+C to stop"),
-            Event::RebuildNeeded { path, pattern } => format!(
-                "{tag} {} `{path}` changed (matches rebuild rule `{pattern}`): the dev image must be rebuilt\nhint: rebuild and redeploy the image, then run devloop again; or remove the rule from `rebuild:` in devloop.yaml",
-                style("rebuild needed:").red().bold()
-            ),
-            Event::Disconnected { reason } => format!("{tag} {} {reason}", style("disconnected:").yellow()),
-            Event::Reconnecting { attempt, delay_ms } => {
-                format!("{tag} reconnecting in {delay_ms} ms (attempt {attempt})")
-            }
-            Event::Warning { message, hint } => with_hint(format!("{tag} {} {message}", style("warning:").yellow()), hint),
-            Event::Error { message, hint } => with_hint(format!("{} {message}", style("error:").red().bold()), hint),
+            _ => return None,
         })
     }
 
@@ -364,6 +366,33 @@ impl Progress {
             bar.inc(bytes);
         }
     }
+}
+
+/// The lines about the app: restarts, failed builds, exits.
+fn app_text(event: &Event) -> Option<String> {
+    let tag = style("devloop").bold();
+    Some(match event {
+        Event::Restarted { pid, stop_ms, start_ms, ready_ms } => {
+            let mut s =
+                format!("{tag} {} pid {pid} (stop {stop_ms:.1} ms, start {start_ms:.1} ms", style("restarted").green());
+            if let Some(ready) = ready_ms {
+                s.push_str(&format!(", ready after {ready:.1} ms"));
+            }
+            s.push(')');
+            s
+        }
+        Event::BuildFailed { code, output } => format!(
+            "{tag} {} (exit code {code}); the previous version keeps running\n{}",
+            style("build failed").red().bold(),
+            output.trim_end()
+        ),
+        Event::NotReady { pid, message } => format!("{tag} {} pid {pid}: {message}", style("not ready:").red()),
+        Event::RestartFailed { message } => format!("{tag} {} {message}", style("restart failed:").red()),
+        Event::Exited { pid, code } => {
+            format!("{tag} {} pid {pid} exited with code {code}; the next change restarts it", style("app").yellow())
+        }
+        _ => return None,
+    })
 }
 
 fn with_hint(mut text: String, hint: &Option<String>) -> String {

@@ -144,8 +144,15 @@ impl Applier {
             }
         }
 
+        let incomplete = self.apply_entries(tar, &mut report, &mut updates);
+        report.micros = started.elapsed().as_micros() as u64;
+        (report, incomplete, updates)
+    }
+
+    /// Applies the entries of the batch's tar stream in order; says why when the stream broke off.
+    fn apply_entries(&mut self, tar: impl Read, report: &mut Applied, updates: &mut Vec<TreeUpdate>) -> Option<String> {
         let mut archive = tar::Archive::new(crate::targuard::Guard::new(tar));
-        let incomplete = match archive.entries() {
+        match archive.entries() {
             Ok(entries) => {
                 let mut broke = None;
                 for entry in entries {
@@ -181,9 +188,7 @@ impl Applier {
                 broke
             }
             Err(e) => Some(format!("the batch's tar stream is unreadable: {e}")),
-        };
-        report.micros = started.elapsed().as_micros() as u64;
-        (report, incomplete, updates)
+        }
     }
 
     /// Removes one path; `Ok(false)` when it was already gone.

@@ -2,11 +2,11 @@
 FROM mcr.microsoft.com/dotnet/sdk:8.0 AS build
 WORKDIR /src
 COPY . .
-RUN dotnet publish "{{project}}" -c Release -o /app/publish
+RUN ["dotnet", "publish", {{project_json}}, "-c", "Release", "-o", "/app/publish"]
 
 FROM mcr.microsoft.com/dotnet/aspnet:8.0
 WORKDIR /app
 COPY --from=build /app/publish .
 ENV ASPNETCORE_HTTP_PORTS={{port}}
 EXPOSE {{port}}
-ENTRYPOINT ["dotnet", "{{assembly}}.dll"]
+ENTRYPOINT ["dotnet", {{assembly_dll_json}}]

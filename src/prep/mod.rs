@@ -140,14 +140,19 @@ pub fn files(stack: &Stack, name: &str, options: &PrepOptions) -> Vec<(PathBuf, 
         Stack::Python { main } => ("", "", main.as_str()),
         _ => ("", "", ""),
     };
+    // Names from the project (a .csproj file name may hold spaces, commas, quotes) enter the
+    // Dockerfiles only as JSON strings of exec-form arrays, and command lines only shell-quoted.
+    let json = |text: &str| serde_json::to_string(text).expect("strings serialize");
+    let dotnet_build = shell_words::join(["dotnet", "build", project]);
     let fill = |template: &str| {
         template
             .replace("{{name}}", name)
             .replace("{{port}}", &port.to_string())
             .replace("{{public}}", if options.public { "true" } else { "false" })
-            .replace("{{project}}", project)
-            .replace("{{assembly}}", assembly)
-            .replace("{{main}}", main)
+            .replace("{{project_json}}", &json(project))
+            .replace("{{dotnet_build_json}}", &json(&dotnet_build))
+            .replace("{{assembly_dll_json}}", &json(&format!("{assembly}.dll")))
+            .replace("{{main_json}}", &json(main))
     };
     let chart = PathBuf::from("charts").join(name);
     vec![
@@ -176,32 +181,63 @@ fn dockerignore(stack: &Stack) -> String {
     lines.iter().map(|l| format!("{l}\n")).collect()
 }
 
+/// devloop.yaml as prep writes it, serialized (never assembled as text: names are quoted as
+/// YAML needs them).
+#[derive(serde::Serialize)]
+struct PreparedConfig<'a> {
+    name: &'a str,
+    sync: PreparedSync,
+    rebuild: Vec<&'a str>,
+    no_restart: Vec<&'a str>,
+    run: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    build: Option<Vec<String>>,
+    ready: PreparedReady,
+    chart: String,
+    port: u16,
+    public: bool,
+}
+
+#[derive(serde::Serialize)]
+struct PreparedSync {
+    exclude: Vec<String>,
+}
+
+#[derive(serde::Serialize)]
+struct PreparedReady {
+    tcp: u16,
+}
+
 fn devloop_yaml(stack: &Stack, name: &str, port: u16, public: bool) -> String {
+    let argv = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
     let (run, build, no_restart) = match stack {
         Stack::Dotnet { project, .. } => (
-            format!("[dotnet, run, --no-build, --project, {project}]"),
-            Some(format!("[dotnet, build, {project}]")),
-            "[\"wwwroot/**\"]",
+            argv(&["dotnet", "run", "--no-build", "--project", project]),
+            Some(argv(&["dotnet", "build", project])),
+            "wwwroot/**",
         ),
-        Stack::Node => ("[npm, start]".to_string(), None, "[\"public/**\"]"),
-        Stack::Python { main } => (format!("[python, {main}]"), None, "[\"static/**\"]"),
-        Stack::Go => ("[/tmp/app]".to_string(), Some("[go, build, -o, /tmp/app, .]".to_string()), "[\"static/**\"]"),
+        Stack::Node => (argv(&["npm", "start"]), None, "public/**"),
+        Stack::Python { main } => (argv(&["python", main]), None, "static/**"),
+        Stack::Go => (argv(&["/tmp/app"]), Some(argv(&["go", "build", "-o", "/tmp/app", "."])), "static/**"),
     };
-    let mut text = format!(
+    let config = PreparedConfig {
+        name,
+        sync: PreparedSync { exclude: Vec::new() },
+        rebuild: crate::config::DEFAULT_REBUILD.to_vec(),
+        no_restart: vec![no_restart],
+        run,
+        build,
+        ready: PreparedReady { tcp: port },
+        chart: format!("charts/{name}"),
+        port,
+        public,
+    };
+    let body = serde_yaml_ng::to_string(&config).expect("the config serializes");
+    format!(
         "# devloop.yaml for {name} ({stack}), written by `devloop prep`.\n\
-         name: {name}\n\
-         sync:\n  exclude: []\n\
-         rebuild: [\"Dockerfile*\", \"charts/**\", \"devloop.yaml\"]\n\
-         no_restart: {no_restart}\n\
-         run: {run}\n",
+         # chart, port and public are the Kubernetes side (devloop up).\n{body}",
         stack = stack.label()
-    );
-    if let Some(build) = build {
-        text.push_str(&format!("build: {build}\n"));
-    }
-    text.push_str(&format!("ready: {{tcp: {port}}}\n"));
-    text.push_str(&format!("# The Kubernetes side (devloop up): chart, port, public ingress.\nchart: charts/{name}\nport: {port}\npublic: {public}\n"));
-    text
+    )
 }
 
 /// `devloop prep`: detects the stack of the current folder and writes its files.
@@ -289,7 +325,33 @@ mod tests {
             assert!(config.public);
             let (_, develop) = files.iter().find(|(p, _)| p == Path::new("Dockerfile.develop")).unwrap();
             assert!(develop.contains("ENTRYPOINT [\"devloop-agent\", \"run\""), "{develop}");
-            assert!(!develop.contains("{{port}}"));
+            assert!(!develop.contains("{{"), "{develop}");
+        }
+    }
+
+    /// A project file named with spaces, commas, quotes and YAML punctuation stays one argument
+    /// everywhere: in devloop.yaml's lists and in the Dockerfiles' exec-form arrays.
+    #[test]
+    fn unusual_project_names_are_quoted_not_spliced() {
+        let project = "My App, \"v2\": [x].csproj";
+        let stack = Stack::Dotnet { project: project.into(), assembly: "My App".into() };
+        let files = files(&stack, "my-app", &PrepOptions { public: false, port: None, force: false });
+        let get = |name: &str| files.iter().find(|(p, _)| p == Path::new(name)).unwrap().1.clone();
+        let config = crate::config::Config::parse(Path::new("devloop.yaml"), &get("devloop.yaml")).unwrap();
+        assert_eq!(config.run, ["dotnet", "run", "--no-build", "--project", project]);
+        assert_eq!(config.build, ["dotnet", "build", project]);
+        let develop = get("Dockerfile.develop");
+        let entrypoint = develop.lines().find(|l| l.starts_with("ENTRYPOINT ")).unwrap();
+        let argv: Vec<String> = serde_json::from_str(&entrypoint["ENTRYPOINT ".len()..]).unwrap();
+        let build = &argv[argv.iter().position(|a| a == "--build").unwrap() + 1];
+        assert_eq!(shell_words::split(build).unwrap(), ["dotnet", "build", project]);
+        let cmd = develop.lines().find(|l| l.starts_with("CMD ")).unwrap();
+        let argv: Vec<String> = serde_json::from_str(&cmd["CMD ".len()..]).unwrap();
+        assert_eq!(argv.last().unwrap(), project);
+        let production = get("Dockerfile");
+        for line in production.lines().filter(|l| l.starts_with("RUN [") || l.starts_with("ENTRYPOINT [")) {
+            let json = &line[line.find('[').unwrap()..];
+            serde_json::from_str::<Vec<String>>(json).unwrap_or_else(|e| panic!("{line}: {e}"));
         }
     }
 

@@ -6,4 +6,4 @@ RUN if [ -f requirements.txt ]; then pip install --no-cache-dir -r requirements.
 COPY . .
 ENV PORT={{port}} PYTHONUNBUFFERED=1
 EXPOSE {{port}}
-CMD ["python", "{{main}}"]
+CMD ["python", {{main_json}}]
