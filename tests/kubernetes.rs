@@ -20,14 +20,14 @@ use kube::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// kwok's port-forward target and the shared log file make these tests one-at-a-time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-struct Cluster {
-    kubeconfig: PathBuf,
-    state: PathBuf,
+pub(crate) struct Cluster {
+    pub(crate) kubeconfig: PathBuf,
+    pub(crate) state: PathBuf,
 }
 
-fn cluster() -> Cluster {
+pub(crate) fn cluster() -> Cluster {
     match (std::env::var_os("DEVLOOP_TEST_KUBECONFIG"), std::env::var_os("DEVLOOP_CLUSTER_STATE")) {
         (Some(kubeconfig), Some(state)) => Cluster { kubeconfig: kubeconfig.into(), state: state.into() },
         _ => panic!(
@@ -37,7 +37,7 @@ fn cluster() -> Cluster {
 }
 
 /// A client as the admin, or as `restricted` (a user with no RBAC rights at all).
-async fn client(cluster: &Cluster, user: &str) -> (Client, String) {
+pub(crate) async fn client(cluster: &Cluster, user: &str) -> (Client, String) {
     let kubeconfig = match user {
         "admin" => cluster.kubeconfig.clone(),
         other => cluster.state.join(format!("{other}.kubeconfig")),
@@ -47,13 +47,13 @@ async fn client(cluster: &Cluster, user: &str) -> (Client, String) {
 }
 
 /// A fresh namespace, deleted afterwards.
-struct Scratch {
+pub(crate) struct Scratch {
     client: Client,
-    name: String,
+    pub(crate) name: String,
 }
 
 impl Scratch {
-    async fn new(client: &Client) -> Scratch {
+    pub(crate) async fn new(client: &Client) -> Scratch {
         let name = format!("devloop-test-{}", std::process::id() ^ rand_u32());
         let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
         Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();

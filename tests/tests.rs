@@ -10,6 +10,8 @@ mod container;
 mod errors;
 #[cfg(feature = "kubernetes")]
 mod kubernetes;
+#[cfg(feature = "kubernetes")]
+mod node;
 mod prep;
 mod supervise;
 mod sync;

@@ -1,0 +1,180 @@
+//! The real-node tier: a real kubelet with containerd, runc and the CNI bridge, joined to the
+//! control plane by tests/cluster/node-up. Pods here run real containers: the image
+//! `devloop.local/devbase:1` (busybox, the static agent, the static stand-in app), imported into
+//! the node's image store and run with `imagePullPolicy: Never`.
+//!
+//! `#[ignore]`d for a plain `cargo test`; tests/run runs them, and they fail without the node.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams};
+use kube::Client;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::kubernetes::{client, cluster, Scratch, SERIAL};
+use crate::support::{self, Fixture};
+
+const NODE: &str = "devloop-node";
+
+/// A Deployment of one replica on the real node: `devloop-agent run` as the container's main
+/// process, supervising the stand-in app (started on the first sync) on port 8080.
+async fn deploy_on_the_real_node(client: &Client, ns: &str, name: &str) -> Pod {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    assert!(
+        nodes.get_opt(NODE).await.unwrap().is_some(),
+        "the real node {NODE} is not joined: tests/cluster/up joins it (unless DEVLOOP_REAL_NODE=0)"
+    );
+    let deployment: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+            "template": {
+                "metadata": {"labels": {"app.kubernetes.io/name": name}},
+                "spec": {
+                    "nodeSelector": {"devloop.dev/real-node": "true"},
+                    "tolerations": [{"key": "devloop.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}],
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": [{
+                        "name": "app",
+                        "image": "devloop.local/devbase:1",
+                        "imagePullPolicy": "Never",
+                        "command": ["devloop-agent", "run", "--root", "/app", "--grace", "2s", "--wait",
+                                    "--ready", "tcp:8080", "--", "standin", "--port", "8080", "--file", "message.txt"],
+                        "ports": [{"containerPort": 8080}]
+                    }]
+                }
+            }
+        }
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(client.clone(), ns).create(&PostParams::default(), &deployment).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = format!("app.kubernetes.io/name={name}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let list = pods.list(&ListParams::default().labels(&selector)).await.unwrap();
+        if let Some(pod) = list.items.into_iter().find(devloop::kubernetes::pods::is_ready) {
+            assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some(NODE));
+            return pod;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let list = pods.list(&ListParams::default().labels(&selector)).await.unwrap();
+            let why: Vec<String> = list.items.iter().map(devloop::kubernetes::pods::not_ready_reason).collect();
+            panic!("no Ready pod on the real node within 90s: {why:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The host pid of the process whose command line contains all of `words` (the container's
+/// processes are the host's, in their own namespaces).
+fn host_pid(words: &[&str]) -> i32 {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let args: Vec<String> = cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if words.iter().all(|w| args.iter().any(|a| a == w)) {
+            return pid;
+        }
+    }
+    panic!("no process with {words:?}");
+}
+
+/// GET / of pod port 8080 through the API server's port-forward (kube-rs), read by Content-Length.
+async fn get_through_port_forward(pods: &Api<Pod>, pod: &str) -> String {
+    let mut forwarder = pods.portforward(pod, &[8080]).await.unwrap();
+    let mut stream = forwarder.take_stream(8080).unwrap();
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let body = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "the stream ended before the body: {}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize =
+                head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).unwrap().trim().parse().unwrap();
+            if body.len() >= length {
+                break body[..length].to_string();
+            }
+        }
+    };
+    drop(stream);
+    forwarder.abort();
+    body
+}
+
+/// `devloop watch --once` against the service's pod (no `--target`), off the async runtime.
+async fn once(fx: &Fixture, kubeconfig: &str, ns: &str) -> support::Run {
+    let (src, cache) = (fx.src.clone(), fx.dir.path().join("cache"));
+    let args: Vec<String> =
+        ["--kubeconfig", kubeconfig, "-n", ns, "--json", "watch", "--once"].iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || once_blocking(&src, &cache, &args)).await.unwrap()
+}
+
+fn once_blocking(src: &std::path::Path, cache: &std::path::Path, args: &[String]) -> support::Run {
+    let output = std::process::Command::new(support::devloop_bin())
+        .current_dir(src)
+        .args(args)
+        .env("XDG_CACHE_HOME", cache)
+        .output()
+        .unwrap();
+    support::Run {
+        code: output.status.code(),
+        events: support::parse_events(&String::from_utf8_lossy(&output.stdout)),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the real node: tests/run starts it and runs the ignored tests"]
+async fn a_real_container_runs_the_agent_as_pid_1_takes_50_mb_through_exec_and_serves_through_port_forward() {
+    let cluster = cluster();
+    let _serial = SERIAL.lock().await;
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+    let pod = deploy_on_the_real_node(&client, &scratch.name, "realapp").await;
+    let pod_name = pod.metadata.name.clone().unwrap();
+
+    // The agent is the container's main process: PID 1 in its own PID namespace.
+    let agent = host_pid(&["devloop-agent", "run", "/app", "standin"]);
+    let status = std::fs::read_to_string(format!("/proc/{agent}/status")).unwrap();
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert_eq!(nspid.split_whitespace().last(), Some("1"), "{nspid}");
+
+    // ≥ 50 MB through one real exec (containerd's exec stdin is known to drop partial 32 KiB
+    // blocks when the command does not answer; the agent answers).
+    let fx = Fixture::new("name: realapp\n");
+    fx.write("message.txt", "hello from a real container");
+    for i in 0..50u32 {
+        let body: Vec<u8> = (0..1u32 << 20).map(|j| (j.wrapping_mul(2654435761).wrapping_add(i) >> 13) as u8).collect();
+        let path = fx.src.join(format!("blobs/blob{i:02}.bin"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, body).unwrap();
+    }
+    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+    let run = once(&fx, &kubeconfig, &scratch.name).await;
+    assert_eq!(run.code, Some(0), "{}\n{:?}", run.stderr, run.events);
+    let bytes: u64 = run.of("applied").iter().map(|e| e["bytes"].as_u64().unwrap()).sum();
+    assert!(bytes >= 50 << 20, "{bytes} bytes applied");
+    // Compared byte for byte through the container's own root, read from the host.
+    let app = PathBuf::from(format!("/proc/{agent}/root/app"));
+    support::converge(&fx.src, &app, &[]);
+
+    // The app restarted on the sync and serves the synced file, through the API server.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+    assert_eq!(get_through_port_forward(&pods, &pod_name).await, "hello from a real container");
+
+    // An edit: synced, the app restarted (its whole process tree), the new content served.
+    fx.write("message.txt", "edited on the laptop");
+    let run = once(&fx, &kubeconfig, &scratch.name).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.of("applied")[0]["files"], 1, "{:?}", run.events);
+    assert_eq!(run.of("restarted").len(), 1, "{:?}", run.events);
+    assert_eq!(get_through_port_forward(&pods, &pod_name).await, "edited on the laptop");
+}
