@@ -56,6 +56,51 @@ pub struct Config {
     /// Joins nested keys of `secrets:` into environment variable names (`urls__producer`).
     #[serde(default = "default_separator")]
     pub secret_separator: String,
+    /// How `devloop up` builds the dev image in the cluster when `image:` is not set.
+    #[serde(default)]
+    pub builder: Builder,
+}
+
+/// The in-cluster builder: BuildKit next to a node's containerd.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Builder {
+    /// The BuildKit image the builder pod runs.
+    #[serde(default = "default_builder_image")]
+    pub image: String,
+    /// The node to build on (the service's pod is pinned there); default: the only node, or
+    /// the one labelled `devloop.dev/builder=true`.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The node's containerd socket.
+    #[serde(default = "default_containerd")]
+    pub containerd: String,
+    /// BuildKit's state on the node (a host folder that must be a shared mount).
+    #[serde(default = "default_builder_root")]
+    pub root: String,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            image: default_builder_image(),
+            node: None,
+            containerd: default_containerd(),
+            root: default_builder_root(),
+        }
+    }
+}
+
+fn default_builder_image() -> String {
+    "moby/buildkit:v0.34.2".into()
+}
+
+fn default_containerd() -> String {
+    "/run/containerd/containerd.sock".into()
+}
+
+fn default_builder_root() -> String {
+    "/var/lib/devloop/buildkit".into()
 }
 
 fn default_separator() -> String {
@@ -103,11 +148,13 @@ impl Config {
         }
     }
 
-    /// What sync leaves out on top of the ignore files: `sync.exclude`, and the values files
-    /// (anchored at the root, whatever `.gitignore` says about them).
+    /// What sync leaves out on top of the ignore files: `sync.exclude`, the values files
+    /// (anchored at the root, whatever `.gitignore` says about them), and the agent binary that
+    /// the in-cluster build puts at the root of the build context (the image's copy is left alone).
     pub fn sync_excludes(&self) -> Vec<String> {
         let values = self.values_files().into_iter().map(|v| format!("/{}", v.trim_start_matches("./")));
-        self.sync.exclude.iter().cloned().chain(values).collect()
+        let agent = std::iter::once("/devloop-agent".to_string());
+        self.sync.exclude.iter().cloned().chain(values).chain(agent).collect()
     }
 }
 

@@ -19,6 +19,9 @@ pub enum Error {
     #[cfg(feature = "kubernetes")]
     #[error(transparent)]
     Release(#[from] crate::kubernetes::UpError),
+    #[cfg(feature = "kubernetes")]
+    #[error(transparent)]
+    Build(#[from] crate::kubernetes::build::BuildError),
     #[error("{message}")]
     Other { message: String, hint: Option<String> },
 }
@@ -34,6 +37,8 @@ impl Error {
             Error::Cluster(e) => e.hint(),
             #[cfg(feature = "kubernetes")]
             Error::Release(e) => e.hint(),
+            #[cfg(feature = "kubernetes")]
+            Error::Build(e) => e.hint(),
             Error::Other { hint, .. } => hint.clone(),
         }
     }

@@ -34,6 +34,31 @@ pub enum Event {
         stack: String,
         name: String,
     },
+    /// The build context is in the builder: what travelled to bring it up to date.
+    ContextSynced {
+        files: u64,
+        bytes: u64,
+        millis: u64,
+    },
+    /// One step of an in-cluster image build, as BuildKit reports it.
+    BuildStep {
+        step: String,
+        status: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        secs: Option<f64>,
+    },
+    Built {
+        image: String,
+        millis: u64,
+    },
+    /// The image for these build inputs is on the node already.
+    BuildSkipped {
+        image: String,
+    },
+    Rebuilding {
+        path: String,
+        reason: String,
+    },
     File {
         path: String,
         outcome: String,
@@ -154,6 +179,8 @@ struct Inner {
     service: std::sync::OnceLock<String>,
     json: bool,
     verbose: bool,
+    /// Tells only the observer (a sync whose events are summed by its caller).
+    silent: bool,
     stdout: Mutex<std::io::Stdout>,
     bar: Mutex<Option<ProgressBar>>,
 }
@@ -174,10 +201,25 @@ impl Reporter {
                 service: std::sync::OnceLock::new(),
                 json,
                 verbose,
+                silent: false,
                 stdout: Mutex::new(std::io::stdout()),
                 bar: Mutex::new(None),
             }),
         }
+    }
+
+    /// A reporter that shows nothing: its events reach only its observer.
+    pub fn silent() -> Reporter {
+        let inner = Inner {
+            observer: std::sync::OnceLock::new(),
+            service: std::sync::OnceLock::new(),
+            json: true,
+            verbose: false,
+            silent: true,
+            stdout: Mutex::new(std::io::stdout()),
+            bar: Mutex::new(None),
+        };
+        Reporter { inner: Arc::new(inner) }
     }
 
     /// Sets the observer of all events (once).
@@ -208,6 +250,9 @@ impl Reporter {
     pub fn emit(&self, event: Event) {
         if let Some(observer) = self.inner.observer.get() {
             observer(&event);
+        }
+        if self.inner.silent {
+            return;
         }
         if self.inner.json {
             let mut line = serde_json::to_vec(&event).expect("events serialize");
@@ -272,6 +317,20 @@ impl Reporter {
                 format!("{tag} removed release {} from namespace {namespace}", style(release).cyan())
             }
             Event::Prepared { stack, name } => format!("{tag} prepared {} ({stack})", style(name).cyan()),
+            Event::ContextSynced { files, bytes, millis } => {
+                format!("{tag} build context in the builder: {files} files, {} sent in {millis} ms", human_bytes(*bytes))
+            }
+            Event::BuildStep { step, status, secs } => match secs {
+                Some(secs) => format!("{tag} {} {step} ({secs:.1}s)", style(status).dim()),
+                None => format!("{tag} {} {step}", style(status).dim()),
+            },
+            Event::Built { image, millis } => format!("{tag} {} {} in {millis} ms", style("built").green(), style(image).cyan()),
+            Event::BuildSkipped { image } => {
+                format!("{tag} {} is on the node already: nothing to build", style(image).cyan())
+            }
+            Event::Rebuilding { path, reason } => {
+                format!("{tag} {} {path} changed ({reason})", style("rebuilding:").yellow().bold())
+            }
             Event::File { path, outcome } => match outcome.as_str() {
                 "skipped" => format!("{tag} {} {path} (it exists; --force rewrites it)", style("kept").yellow()),
                 other => format!("{tag} {} {path}", style(other).green()),

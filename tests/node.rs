@@ -142,7 +142,7 @@ async fn a_real_container_runs_the_agent_as_pid_1_takes_50_mb_through_exec_and_s
     let pod_name = pod.metadata.name.clone().unwrap();
 
     // The agent is the container's main process: PID 1 in its own PID namespace.
-    let agent = host_pid(&["devloop-agent", "run", "/app", "standin"]);
+    let agent = host_pid(&["devloop-agent", "run", "/app", "--wait", "standin"]);
     let status = std::fs::read_to_string(format!("/proc/{agent}/status")).unwrap();
     let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
     assert_eq!(nspid.split_whitespace().last(), Some("1"), "{nspid}");
@@ -177,4 +177,100 @@ async fn a_real_container_runs_the_agent_as_pid_1_takes_50_mb_through_exec_and_s
     assert_eq!(run.of("applied")[0]["files"], 1, "{:?}", run.events);
     assert_eq!(run.of("restarted").len(), 1, "{:?}", run.events);
     assert_eq!(get_through_port_forward(&pods, &pod_name).await, "edited on the laptop");
+}
+
+/// A service folder as `prep` leaves it, with a dev image the real node can build offline:
+/// FROM the busybox base image, the agent that devloop puts into the context, the code.
+fn built_service(state: &std::path::Path) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("built");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("requirements.txt"), "").unwrap();
+    let prep = std::process::Command::new(support::devloop_bin())
+        .current_dir(&src)
+        .args(["prep", "--port", "8080"])
+        .output()
+        .unwrap();
+    assert!(prep.status.success(), "{}", String::from_utf8_lossy(&prep.stderr));
+    // A line of its own per run: the node may hold the images of earlier runs.
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    std::fs::write(
+        src.join("Dockerfile.develop"),
+        format!("# run {run}\n") + "FROM devloop.local/devbase:1\nCOPY devloop-agent /bin/devloop-agent\nCOPY . /app\nWORKDIR /app\n\
+         ENTRYPOINT [\"devloop-agent\", \"run\", \"--root\", \"/app\", \"--grace\", \"2s\", \"--ready\", \"tcp:8080\", \"--\"]\n\
+         CMD [\"standin\", \"--port\", \"8080\", \"--file\", \"message.txt\", \"--bind\", \"0.0.0.0\"]\n",
+    )
+    .unwrap();
+    std::fs::write(src.join("message.txt"), "built in the cluster").unwrap();
+    let config = format!(
+        "name: built\nchart: charts/built\nport: 8080\n\
+         builder: {{node: {NODE}, containerd: {}, root: {}}}\n",
+        state.join("containerd/containerd.sock").display(),
+        state.join("buildkit").display()
+    );
+    std::fs::write(src.join("devloop.yaml"), config).unwrap();
+    (dir, src)
+}
+
+async fn up_once(src: &std::path::Path, kubeconfig: &str, ns: &str) -> support::Run {
+    let (src, cache) = (src.to_path_buf(), src.parent().unwrap().join("cache"));
+    let args: Vec<String> =
+        ["--kubeconfig", kubeconfig, "-n", ns, "--json", "up", "--once"].iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || once_blocking(&src, &cache, &args)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the real node: tests/run starts it and runs the ignored tests"]
+async fn up_builds_the_dev_image_in_the_cluster_and_only_when_its_inputs_change() {
+    let cluster = cluster();
+    let _serial = SERIAL.lock().await;
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+    let (_dir, src) = built_service(&cluster.state);
+
+    let first = up_once(&src, &kubeconfig, &scratch.name).await;
+    assert_eq!(first.code, Some(0), "{}\n{:#?}", first.stderr, first.events);
+    let built = first.of("built");
+    assert_eq!(built.len(), 1, "{:?}", first.events);
+    let image = built[0]["image"].as_str().unwrap().to_string();
+    assert!(image.starts_with("devloop.local/built:"), "{image}");
+    assert!(!first.of("build_step").is_empty(), "the build's steps are streamed");
+    assert!(first.of("context_synced")[0]["bytes"].as_u64().unwrap() > 0);
+
+    // The pod runs that image from the node's store, never pulled, on the builder's node.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+    let list = pods.list(&ListParams::default().labels("app.kubernetes.io/name=built")).await.unwrap();
+    let pod = list.items.iter().find(|p| devloop::kubernetes::pods::is_ready(p)).expect("a Ready pod");
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some(NODE));
+    assert_eq!(spec.containers[0].image.as_deref(), Some(image.as_str()));
+    assert_eq!(spec.containers[0].image_pull_policy.as_deref(), Some("Never"));
+    let pod_name = pod.metadata.name.clone().unwrap();
+    assert_eq!(get_through_port_forward(&pods, &pod_name).await, "built in the cluster");
+
+    // Nothing changed: nothing is built.
+    let second = up_once(&src, &kubeconfig, &scratch.name).await;
+    assert_eq!(second.code, Some(0), "{}", second.stderr);
+    assert!(second.of("built").is_empty(), "{:?}", second.events);
+    assert_eq!(second.of("build_skipped")[0]["image"], image.as_str());
+
+    // A source edit is a sync, not a build input: still nothing to build.
+    std::fs::write(src.join("message.txt"), "edited").unwrap();
+    let third = up_once(&src, &kubeconfig, &scratch.name).await;
+    assert_eq!(third.code, Some(0), "{}", third.stderr);
+    assert!(third.of("built").is_empty());
+
+    // One build input changed: a new image, and only that file travels to the builder.
+    let dockerfile = src.join("Dockerfile.develop");
+    let mut text = std::fs::read_to_string(&dockerfile).unwrap();
+    text.push_str("# a comment changes the build inputs\n");
+    std::fs::write(&dockerfile, &text).unwrap();
+    let fourth = up_once(&src, &kubeconfig, &scratch.name).await;
+    assert_eq!(fourth.code, Some(0), "{}\n{:#?}", fourth.stderr, fourth.events);
+    assert_eq!(fourth.of("built").len(), 1);
+    assert_ne!(fourth.of("built")[0]["image"], image.as_str());
+    let context = fourth.of("context_synced")[0];
+    assert_eq!(context["files"], 2, "Dockerfile.develop and message.txt: {context}");
+    assert!(context["bytes"].as_u64().unwrap() <= text.len() as u64 + 16, "{context}");
 }

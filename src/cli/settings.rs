@@ -68,7 +68,11 @@ pub fn watch(file: &Path, target: Option<&str>, once: bool) -> Result<WatchSetti
     let session = SessionConfig {
         root,
         excludes: config.sync_excludes(),
-        rules: Rules { rebuild: Globs::new(&config.rebuild), no_restart: Globs::new(&config.no_restart) },
+        // The values files never sync, yet a change to them redeploys.
+        rules: Rules {
+            rebuild: Globs::new(&[config.rebuild.clone(), config.values_files()].concat()),
+            no_restart: Globs::new(&config.no_restart),
+        },
         window: Window::default(),
         connect_timeout: Duration::from_secs(60),
     };

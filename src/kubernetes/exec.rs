@@ -19,13 +19,51 @@ pub const CONTAINER_ROOT: &str = "/app";
 pub struct KubeTransport {
     pods: kube::Api<Pod>,
     namespace: String,
-    name: String,
+    target: Target,
+    command: Vec<String>,
+}
+
+enum Target {
+    /// The newest Ready pod of a service.
+    Service(String),
+    /// One pod by name (the builder).
+    Pod(String),
 }
 
 impl KubeTransport {
-    /// The pods of service `name` (see [`pods::selector`]).
+    /// The pods of service `name` (see [`pods::selector`]), the agent serving the app's folder.
     pub fn new(client: kube::Client, namespace: &str, name: &str) -> KubeTransport {
-        KubeTransport { pods: kube::Api::namespaced(client, namespace), namespace: namespace.into(), name: name.into() }
+        let command = ["devloop-agent", "serve", "--root", CONTAINER_ROOT].map(String::from).to_vec();
+        KubeTransport {
+            pods: kube::Api::namespaced(client, namespace),
+            namespace: namespace.into(),
+            target: Target::Service(name.into()),
+            command,
+        }
+    }
+
+    /// Pod `pod`, running `command` (an agent serving some folder of it).
+    pub fn pod(client: kube::Client, namespace: &str, pod: &str, command: Vec<String>) -> KubeTransport {
+        KubeTransport {
+            pods: kube::Api::namespaced(client, namespace),
+            namespace: namespace.into(),
+            target: Target::Pod(pod.into()),
+            command,
+        }
+    }
+
+    async fn ready_pod(&self) -> Result<Pod, PodError> {
+        match &self.target {
+            Target::Service(name) => pods::ready(&self.pods, &self.namespace, name).await,
+            Target::Pod(name) => {
+                let pod = self.pods.get(name).await.map_err(|e| PodError::Cluster(explain(e, &self.namespace)))?;
+                if pods::is_ready(&pod) {
+                    Ok(pod)
+                } else {
+                    Err(PodError::NotReady { pod: name.clone(), why: pods::not_ready_reason(&pod) })
+                }
+            }
+        }
     }
 }
 
@@ -39,14 +77,13 @@ impl From<PodError> for TransportError {
 impl Transport for KubeTransport {
     fn connect(&self) -> ConnectFuture<'_> {
         Box::pin(async move {
-            let pod = pods::ready(&self.pods, &self.namespace, &self.name).await?;
+            let pod = self.ready_pod().await?;
             let name = pod.metadata.name.clone().unwrap_or_default();
             let uid = pod.metadata.uid.clone().unwrap_or_default();
             let params = AttachParams::default().stdin(true).stdout(true).stderr(false);
-            let command = ["devloop-agent", "serve", "--root", CONTAINER_ROOT];
             let mut attached = self
                 .pods
-                .exec(&name, command, &params)
+                .exec(&name, self.command.clone(), &params)
                 .await
                 .map_err(|e| PodError::Cluster(explain(e, &self.namespace)))?;
             let (mut exec_out, mut exec_in) = (attached.stdout().expect("stdout"), attached.stdin().expect("stdin"));
@@ -69,7 +106,10 @@ impl Transport for KubeTransport {
     }
 
     fn describe(&self) -> String {
-        format!("pod {} in {}", pods::selector(&self.name), self.namespace)
+        match &self.target {
+            Target::Service(name) => format!("pod {} in {}", pods::selector(name), self.namespace),
+            Target::Pod(name) => format!("pod {name} in {}", self.namespace),
+        }
     }
 }
 

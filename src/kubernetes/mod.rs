@@ -6,6 +6,7 @@
 //! built only with the `kubernetes` feature (on by default).
 
 pub mod access;
+pub mod build;
 pub mod exec;
 pub mod list;
 pub mod pods;

@@ -129,11 +129,25 @@ fn flatten(value: &Value, prefix: &str, separator: &str, out: &mut BTreeMap<Stri
 }
 
 /// `helm upgrade --install`, the secrets passed in a private temporary values file that is
-/// removed right after; helm's output is redacted of every secret value.
-pub async fn deploy(release: &Release, kubeconfig: Option<&Path>, context: Option<&str>) -> Result<(), UpError> {
+/// removed right after; helm's output is redacted of every secret value. With a `dev` image
+/// built in the cluster, the same file pins the pod to the builder's node and runs the image
+/// without ever pulling it.
+pub async fn deploy(
+    release: &Release,
+    dev: Option<&super::build::DevImage>,
+    kubeconfig: Option<&Path>,
+    context: Option<&str>,
+) -> Result<(), UpError> {
     let env = secrets_env(&release.values, &release.separator)?;
     let secrets_file = tempfile::Builder::new().prefix("devloop-secrets-").suffix(".yaml").tempfile()?;
-    let document = serde_yaml_ng::to_string(&BTreeMap::from([("env", &env)])).map_err(std::io::Error::other)?;
+    let mut values = serde_json::json!({"env": env});
+    if let Some(dev) = dev {
+        let (repository, tag) = dev.image.rsplit_once(':').expect("built images are tagged");
+        values["image"] = serde_json::json!({"repository": repository, "tag": tag, "pullPolicy": "Never"});
+        values["nodeSelector"] = serde_json::json!({"kubernetes.io/hostname": dev.node});
+        values["tolerations"] = serde_json::Value::Array(dev.tolerations.clone());
+    }
+    let document = serde_yaml_ng::to_string(&values).map_err(std::io::Error::other)?;
     std::fs::write(secrets_file.path(), document)?;
     let mut args: Vec<String> = vec!["upgrade".into(), "--install".into(), release.name.clone()];
     args.push(release.chart.display().to_string());

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use super::access::{self, Selection};
 use super::exec::KubeTransport;
 use super::release::{self, Release};
-use super::{list, tunnel};
+use super::{build, list, tunnel};
 use crate::cli::settings::{self, WatchSettings};
 use crate::cli::Global;
 use crate::error::Error;
@@ -25,23 +25,92 @@ pub fn selection(global: &Global) -> Selection {
     }
 }
 
-/// `devloop up [--once]`.
+/// `devloop up [--once]`: the dev image built in the cluster (unless `image:` names one),
+/// the release deployed and rolled out, a localhost tunnel, then the sync session on the pod.
+/// While it runs, a change to a build input rebuilds the image and upgrades the release, a chart
+/// or values change upgrades it, a devloop.yaml change reloads it; a failed build or upgrade
+/// leaves the running pod serving and the loop watching.
 pub async fn up(global: &Global, once: bool, reporter: Reporter) -> Result<Outcome, Error> {
     let settings = settings::watch(&global.file, None, once)?;
     reporter.set_service(&settings.config.name);
     let (client, namespace) = access::connect(&selection(global)).await?;
-    let release = Release::new(&settings.config, &settings.session.root, &namespace)?;
-    reporter.emit(Event::Deploying { release: release.name.clone(), namespace: namespace.clone() });
-    let started = Instant::now();
-    release::deploy(&release, global.kubeconfig.as_deref(), global.context.as_deref()).await?;
-    release::wait_rollout(&client, &release, ROLLOUT_TIMEOUT).await?;
-    reporter.emit(Event::RolledOut { release: release.name.clone(), millis: started.elapsed().as_millis() as u64 });
-    mark_syncs(&reporter, &client, &namespace, &release.name);
-    let transport = KubeTransport::new(client.clone(), &namespace, &settings.config.name);
+    deploy(global, &client, &namespace, &settings, &reporter).await?;
+    mark_syncs(&reporter, &client, &namespace, &settings.config.name);
     // While `up` runs: a localhost tunnel to the app, recorded for `list-uris`.
-    let _tunnel =
-        if settings.once { None } else { Some(open_tunnel(&settings, &client, &namespace, &reporter).await?) };
-    crate::sync::run(settings, Box::new(transport), reporter).await
+    let _tunnel = if once { None } else { Some(open_tunnel(&settings, &client, &namespace, &reporter).await?) };
+    let mut current = Some(settings);
+    loop {
+        let settings = match current.take() {
+            Some(settings) => settings,
+            // A broken devloop.yaml keeps the loop waiting for a fix (the error says what is wrong).
+            None => match settings::watch(&global.file, None, once) {
+                Ok(settings) => settings,
+                Err(e) => {
+                    reporter.emit(Event::Error { message: e.to_string(), hint: e.hint() });
+                    wait_for_a_change(&global.file).await;
+                    continue;
+                }
+            },
+        };
+        let transport = KubeTransport::new(client.clone(), &namespace, &settings.config.name);
+        let outcome = crate::sync::run(settings, Box::new(transport), reporter.clone()).await?;
+        let Outcome::RebuildNeeded { path, .. } = &outcome else { return Ok(outcome) };
+        if once {
+            return Ok(outcome);
+        }
+        let config = settings::load_config(&global.file).map(|(c, _)| c).ok();
+        reporter.emit(Event::Rebuilding { path: path.clone(), reason: trigger_reason(config.as_ref(), path).into() });
+        let Ok(settings) = settings::watch(&global.file, None, once) else { continue };
+        if let Err(e) = deploy(global, &client, &namespace, &settings, &reporter).await {
+            // The running pod keeps serving; the next change tries again.
+            reporter.emit(Event::Error { message: e.to_string(), hint: e.hint() });
+        }
+        current = Some(settings);
+    }
+}
+
+/// Builds the dev image when the config names none, deploys the release, waits for the rollout.
+async fn deploy(
+    global: &Global,
+    client: &kube::Client,
+    namespace: &str,
+    settings: &WatchSettings,
+    reporter: &Reporter,
+) -> Result<(), Error> {
+    let release = Release::new(&settings.config, &settings.session.root, namespace)?;
+    let dev = match release.image {
+        Some(_) => None,
+        None => Some(build::dev_image(client, namespace, &settings.config, &settings.session.root, reporter).await?),
+    };
+    reporter.emit(Event::Deploying { release: release.name.clone(), namespace: namespace.to_string() });
+    let started = Instant::now();
+    release::deploy(&release, dev.as_ref(), global.kubeconfig.as_deref(), global.context.as_deref()).await?;
+    release::wait_rollout(client, &release, ROLLOUT_TIMEOUT).await?;
+    reporter.emit(Event::RolledOut { release: release.name.clone(), millis: started.elapsed().as_millis() as u64 });
+    Ok(())
+}
+
+/// Why a changed path needs more than a sync.
+fn trigger_reason(config: Option<&crate::config::Config>, path: &str) -> &'static str {
+    if path == crate::config::FILE_NAME {
+        return "reloading the config";
+    }
+    let Some(config) = config else { return "rebuilding the image" };
+    let chart = config.chart.as_deref().map(|c| format!("{}/", c.trim_end_matches('/')));
+    if chart.is_some_and(|c| path.starts_with(&c)) || config.values_files().iter().any(|v| v == path) {
+        "upgrading the release"
+    } else {
+        "a build input: rebuilding the image"
+    }
+}
+
+/// Waits until the config file changes (after an error in it).
+async fn wait_for_a_change(file: &std::path::Path) {
+    let stamp = |f: &std::path::Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+    let before = stamp(file);
+    while stamp(file) == before {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The tunnel and its record; both end when dropped.

@@ -229,6 +229,15 @@ impl Session {
 
     /// One watch round: rescan what the hints point at, classify, sync.
     async fn round(&mut self, watcher: &mut Watcher, hints: Hints) -> Result<Option<Outcome>, SessionError> {
+        // Rebuild triggers that never sync (the values files) are seen by their events alone.
+        let silent_trigger = hints.paths.iter().find_map(|p| {
+            let pattern = self.config.rules.rebuild.first_match(p)?;
+            self.filter.is_excluded(p, false).then(|| (p.clone(), pattern.to_string()))
+        });
+        if let Some((path, pattern)) = silent_trigger {
+            self.reporter.emit(Event::RebuildNeeded { path: path.clone(), pattern: pattern.clone() });
+            return Ok(Some(Outcome::RebuildNeeded { path, pattern }));
+        }
         let rules_changed = hints.paths.iter().any(|p| Filter::is_rule_file(p));
         let changed: Vec<String> = if hints.rescan || rules_changed {
             if rules_changed {

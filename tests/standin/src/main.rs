@@ -3,7 +3,8 @@
 //! Killing only the parent leaves the child holding the port — the bug a supervisor must avoid.
 //!
 //! ```text
-//! standin --port P --file F [--ignore-term] [--term-exit CODE]
+//! standin --port P --file F [--bind ADDR] [--ignore-term] [--term-exit CODE]
+//!   --bind ADDR      listen on ADDR (default 127.0.0.1; 0.0.0.0 in a pod, for the kubelet's probe)
 //!   --ignore-term    the child ignores SIGTERM (only SIGKILL stops it)
 //!   --term-exit N    the parent exits with code N on SIGTERM
 //! ```
@@ -44,7 +45,8 @@ fn main() {
         unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
     }
     let content = std::fs::read_to_string(&file).unwrap_or_else(|e| format!("(cannot read {file}: {e})"));
-    let listener = match TcpListener::bind(("127.0.0.1", port)) {
+    let address = value("--bind").unwrap_or_else(|| "127.0.0.1".into());
+    let listener = match TcpListener::bind((address.as_str(), port)) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("app {}: cannot listen on {port}: {e}", std::process::id());

@@ -1,0 +1,606 @@
+//! The in-cluster build: BuildKit next to a node's containerd, in a pod devloop creates on first
+//! use, building `Dockerfile.develop` straight into the node's image store (no registry); the
+//! service's pod then runs the image with `imagePullPolicy: Never`, pinned to that node.
+//!
+//! ```text
+//! static agent ─► Secret (chunks) ─► builder pod: init copies it to /tools
+//! service folder ─► (content-hash sync, an agent serving /context/NAME) ─► builder
+//! tag = blake3(build inputs) ─► on the node already? ─► nothing to build
+//!                             └► buildctl build (progress streamed) ─► NAME:TAG in k8s.io
+//! ```
+//!
+//! The build context lives in the builder between builds and is kept current by the same sync as
+//! the app: after the first build, a one-file change sends one file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::ByteString;
+use kube::api::{Api, AttachParams, DeleteParams, PostParams};
+use kube::runtime::wait::await_condition;
+use tokio::io::AsyncBufReadExt;
+
+use super::access::{explain, ClusterError};
+use super::exec::KubeTransport;
+use super::pods;
+use crate::config::{Builder as BuilderConfig, Config, Globs};
+use crate::report::{Event, Reporter};
+use crate::sync::classify::Rules;
+use crate::sync::session::{Session, SessionConfig};
+use crate::sync::watch::Window;
+
+/// The builder pod's name (one per namespace).
+pub const BUILDER: &str = "devloop-builder";
+/// Where the agent binary lands in the builder, and where build contexts live.
+const TOOLS: &str = "/tools";
+const CONTEXTS: &str = "/contexts";
+const BUILDKIT_SOCKET: &str = "unix:///run/buildkit/buildkitd.sock";
+/// A Secret holds at most 1 MiB: the agent travels in several, one chunk each, projected into
+/// one folder of the builder pod.
+const CHUNK: usize = 900 << 10;
+/// Repository of the images devloop builds (never pulled: they exist only on the node).
+pub const REPOSITORY_PREFIX: &str = "devloop.local";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("no static devloop-agent to put into the image (looked for {looked})")]
+    NoStaticAgent { looked: String },
+    #[error("cannot choose the node to build on: {0}")]
+    NoNode(String),
+    #[error("the builder pod did not become ready: {0}")]
+    Builder(String),
+    #[error("the build context did not reach the builder: {0}")]
+    Context(String),
+    #[error("the image build failed{}:\n{output}", step.as_ref().map(|s| format!(" at {s}")).unwrap_or_default())]
+    Failed { step: Option<String>, output: String },
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl BuildError {
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            BuildError::NoStaticAgent { .. } => "build it: `rustup target add x86_64-unknown-linux-musl && cargo build -p devloop-agent --profile agent --target x86_64-unknown-linux-musl`, or point DEVLOOP_STATIC_AGENT at one".into(),
+            BuildError::NoNode(_) => "name it in devloop.yaml (`builder: {node: NAME}`), or label one node devloop.dev/builder=true".into(),
+            BuildError::Builder(_) => format!("`kubectl describe pod {BUILDER}` and `kubectl logs {BUILDER}` say more; the builder needs a privileged pod and the node's containerd socket (`builder.containerd`)"),
+            BuildError::Context(_) => return None,
+            BuildError::Failed { .. } => "fix the Dockerfile step above; the running pod keeps serving meanwhile".into(),
+            BuildError::Cluster(e) => return e.hint(),
+            BuildError::Io(_) => return None,
+        })
+    }
+}
+
+/// The CLI's own agent, built static (it runs in any image).
+pub struct StaticAgent {
+    pub bytes: Vec<u8>,
+    pub digest: String,
+}
+
+impl StaticAgent {
+    /// `$DEVLOOP_STATIC_AGENT`, else the musl build next to this executable's target folder
+    /// (`target/x86_64-unknown-linux-musl/agent/devloop-agent` beside `target/release/devloop`),
+    /// else `devloop-agent.static` next to the executable.
+    pub fn find() -> Result<StaticAgent, BuildError> {
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if let Some(path) = std::env::var_os("DEVLOOP_STATIC_AGENT") {
+            candidates.push(path.into());
+        }
+        if let Ok(exe) = std::env::current_exe() {
+            if let Some(dir) = exe.parent() {
+                candidates.push(dir.join("devloop-agent.static"));
+                if let Some(target) = dir.parent() {
+                    candidates.push(target.join("x86_64-unknown-linux-musl/agent/devloop-agent"));
+                }
+            }
+        }
+        for path in &candidates {
+            if let Ok(bytes) = std::fs::read(path) {
+                let digest = blake3::hash(&bytes).to_hex()[..16].to_string();
+                return Ok(StaticAgent { bytes, digest });
+            }
+        }
+        let looked = candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        Err(BuildError::NoStaticAgent { looked })
+    }
+}
+
+/// A ready builder pod on its node.
+pub struct Builder {
+    client: kube::Client,
+    namespace: String,
+    pub node: String,
+}
+
+/// Creates the builder on first use (or when it runs another agent), and waits until it is ready.
+pub async fn ensure(
+    client: &kube::Client,
+    namespace: &str,
+    config: &BuilderConfig,
+    agent: &StaticAgent,
+) -> Result<Builder, BuildError> {
+    let node = choose_node(client, config).await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let mut secret_names = Vec::new();
+    for (i, chunk) in agent.bytes.chunks(CHUNK).enumerate() {
+        let name = format!("devloop-agent-{}-{i}", agent.digest);
+        if secrets.get_opt(&name).await.map_err(|e| explain(e, namespace))?.is_none() {
+            let secret: Secret = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "labels": {"devloop.dev/part": "agent"}},
+            }))
+            .expect("a valid secret");
+            let data = BTreeMap::from([(format!("agent.{i:02}"), ByteString(chunk.to_vec()))]);
+            let secret = Secret { data: Some(data), ..secret };
+            secrets.create(&PostParams::default(), &secret).await.map_err(|e| explain(e, namespace))?;
+        }
+        secret_names.push(name);
+    }
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    if let Some(existing) = pods_api.get_opt(BUILDER).await.map_err(|e| explain(e, namespace))? {
+        let same_agent =
+            existing.metadata.annotations.as_ref().and_then(|a| a.get("devloop.dev/agent")) == Some(&agent.digest);
+        let same_node = existing.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str());
+        let alive = existing.metadata.deletion_timestamp.is_none()
+            && !matches!(existing.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded"));
+        if same_agent && same_node && alive {
+            wait_ready(&pods_api, namespace).await?;
+            return Ok(Builder { client: client.clone(), namespace: namespace.into(), node });
+        }
+        pods_api.delete(BUILDER, &DeleteParams::default().grace_period(0)).await.map_err(|e| explain(e, namespace))?;
+        let gone = await_condition(pods_api.clone(), BUILDER, kube::runtime::conditions::is_deleted(""));
+        let _ = tokio::time::timeout(Duration::from_secs(60), gone).await;
+    }
+    let pod = builder_pod(config, &node, &secret_names, &agent.digest);
+    pods_api.create(&PostParams::default(), &pod).await.map_err(|e| explain(e, namespace))?;
+    wait_ready(&pods_api, namespace).await?;
+    Ok(Builder { client: client.clone(), namespace: namespace.into(), node })
+}
+
+async fn wait_ready(pods_api: &Api<Pod>, namespace: &str) -> Result<(), BuildError> {
+    let ready = await_condition(pods_api.clone(), BUILDER, |pod: Option<&Pod>| pod.is_some_and(pods::is_ready));
+    match tokio::time::timeout(Duration::from_secs(120), ready).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(BuildError::Builder(e.to_string())),
+        Err(_) => {
+            let pod = pods_api.get(BUILDER).await.map_err(|e| explain(e, namespace))?;
+            Err(BuildError::Builder(pods::not_ready_reason(&pod)))
+        }
+    }
+}
+
+/// The node named in the config, else the only node, else the one labelled devloop.dev/builder.
+async fn choose_node(client: &kube::Client, config: &BuilderConfig) -> Result<String, BuildError> {
+    if let Some(node) = &config.node {
+        return Ok(node.clone());
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    let list = nodes.list(&Default::default()).await.map_err(|e| explain(e, ""))?;
+    let labelled: Vec<&Node> = list
+        .items
+        .iter()
+        .filter(|n| n.metadata.labels.as_ref().and_then(|l| l.get("devloop.dev/builder")).is_some_and(|v| v == "true"))
+        .collect();
+    let pick = match (list.items.as_slice(), labelled.as_slice()) {
+        ([only], _) => only,
+        (_, [only]) => *only,
+        (all, _) => return Err(BuildError::NoNode(format!("the cluster has {} nodes", all.len()))),
+    };
+    Ok(pick.metadata.name.clone().unwrap_or_default())
+}
+
+/// The builder pod: buildkitd on the node's containerd (namespace k8s.io), privileged, with the
+/// mounts it needs there; an init container assembles the CLI's agent from the Secret.
+fn builder_pod(config: &BuilderConfig, node: &str, secrets: &[String], agent_digest: &str) -> Pod {
+    let socket_dir = Path::new(&config.containerd).parent().map(|p| p.display().to_string()).unwrap_or_default();
+    let sources: Vec<serde_json::Value> = secrets.iter().map(|s| serde_json::json!({"secret": {"name": s}})).collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": BUILDER,
+            "labels": {"app.kubernetes.io/name": BUILDER, "devloop.dev/part": "builder"},
+            "annotations": {"devloop.dev/agent": agent_digest}
+        },
+        "spec": {
+            "nodeName": node,
+            "tolerations": [{"operator": "Exists"}],
+            "terminationGracePeriodSeconds": 5,
+            "initContainers": [{
+                "name": "agent",
+                "image": config.image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["sh", "-c", format!("cat /chunks/agent.* > {TOOLS}/devloop-agent && chmod 755 {TOOLS}/devloop-agent")],
+                "volumeMounts": [{"name": "chunks", "mountPath": "/chunks"}, {"name": "tools", "mountPath": TOOLS}]
+            }],
+            "containers": [{
+                "name": "buildkitd",
+                "image": config.image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["buildkitd", "--oci-worker=false", "--containerd-worker=true",
+                            "--containerd-worker-addr", config.containerd, "--containerd-worker-namespace", "k8s.io",
+                            "--root", config.root, "--addr", BUILDKIT_SOCKET],
+                "securityContext": {"privileged": true},
+                "readinessProbe": {"exec": {"command": ["buildctl", "--addr", BUILDKIT_SOCKET, "debug", "workers"]},
+                                   "periodSeconds": 1, "initialDelaySeconds": 0},
+                "volumeMounts": [
+                    {"name": "tools", "mountPath": TOOLS},
+                    {"name": "contexts", "mountPath": CONTEXTS},
+                    {"name": "containerd", "mountPath": socket_dir},
+                    {"name": "fifo", "mountPath": "/run/containerd/fifo"},
+                    {"name": "root", "mountPath": config.root, "mountPropagation": "Bidirectional"}
+                ]
+            }],
+            "volumes": [
+                {"name": "chunks", "projected": {"sources": sources}},
+                {"name": "tools", "emptyDir": {}},
+                {"name": "contexts", "emptyDir": {}},
+                {"name": "containerd", "hostPath": {"path": socket_dir}},
+                {"name": "fifo", "hostPath": {"path": "/run/containerd/fifo", "type": "DirectoryOrCreate"}},
+                {"name": "root", "hostPath": {"path": config.root, "type": "DirectoryOrCreate"}}
+            ]
+        }
+    }))
+    .expect("a valid pod")
+}
+
+/// The image tag of a set of build inputs: a digest of the context's manifest (paths, contents,
+/// exec bits, links), the Dockerfile's name and the agent's digest.
+pub fn tag(context: &devloop_agent::manifest::Manifest, dockerfile: &str, agent_digest: &str) -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(dockerfile.as_bytes());
+    hasher.update(b"\0");
+    hasher.update(agent_digest.as_bytes());
+    for (path, entry) in context {
+        hasher.update(b"\0");
+        hasher.update(path.as_bytes());
+        hasher.update(serde_json::to_string(entry).expect("entries serialize").as_bytes());
+    }
+    hasher.finalize().to_hex()[..20].to_string()
+}
+
+impl Builder {
+    /// Brings `/contexts/NAME` in the builder up to date with the service folder (what the build
+    /// context holds: the sync's own filter), then puts the agent beside it. Returns the manifest
+    /// that was synced (for the tag).
+    pub async fn sync_context(
+        &self,
+        config: &Config,
+        root: &Path,
+        agent: &StaticAgent,
+        reporter: &Reporter,
+    ) -> Result<devloop_agent::manifest::Manifest, BuildError> {
+        let context = format!("{CONTEXTS}/{}", config.name);
+        let command = vec![format!("{TOOLS}/devloop-agent"), "serve".into(), "--root".into(), context.clone()];
+        let transport = KubeTransport::pod(self.client.clone(), &self.namespace, BUILDER, command);
+        // The agent binary is put there by the builder, not synced: left alone by the sync.
+        let excludes = config.sync_excludes();
+        let session = SessionConfig {
+            root: root.to_path_buf(),
+            excludes: excludes.clone(),
+            rules: Rules { rebuild: Globs::new(&[]), no_restart: Globs::new(&[]) },
+            window: Window::default(),
+            connect_timeout: Duration::from_secs(60),
+        };
+        // The context sync reports only its sum; its own events would read as the app's.
+        let quiet = Reporter::silent();
+        let totals = Arc::new(std::sync::Mutex::new((0u64, 0u64)));
+        {
+            let totals = Arc::clone(&totals);
+            quiet.observe(move |event| {
+                if let Event::Applied { files, bytes, .. } = event {
+                    let mut t = totals.lock().expect("totals");
+                    t.0 += files;
+                    t.1 += bytes;
+                }
+            });
+        }
+        let started = Instant::now();
+        let session =
+            Session::new(session, Box::new(transport), quiet).map_err(|e| BuildError::Context(e.to_string()))?;
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        session.run(true, shutdown).await.map_err(|e| BuildError::Context(e.to_string()))?;
+        let (files, bytes) = *totals.lock().expect("totals");
+        reporter.emit(Event::ContextSynced { files, bytes, millis: started.elapsed().as_millis() as u64 });
+        self.exec_ok(vec!["cp".into(), format!("{TOOLS}/devloop-agent"), format!("{context}/devloop-agent")]).await?;
+        let filter = Arc::new(
+            devloop_agent::filter::Filter::new(root, &excludes).map_err(|e| BuildError::Context(e.to_string()))?,
+        );
+        let scanned = tokio::task::spawn_blocking(move || devloop_agent::walk::scan(&filter, &Default::default()))
+            .await
+            .expect("scan task");
+        let mut manifest = devloop_agent::walk::manifest_of(&scanned.tree);
+        manifest.insert(
+            "devloop-agent".into(),
+            devloop_agent::manifest::Entry::File {
+                hash: devloop_agent::manifest::Digest(*blake3::hash(&agent.bytes).as_bytes()),
+                size: agent.bytes.len() as u64,
+                exec: true,
+            },
+        );
+        Ok(manifest)
+    }
+
+    /// Whether `image` was built for service `name` by this builder (recorded on the pod), or is
+    /// in the node's image store as the kubelet reports it.
+    pub async fn built(&self, name: &str, image: &str) -> Result<bool, BuildError> {
+        let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let pod = pods_api.get(BUILDER).await.map_err(|e| explain(e, &self.namespace))?;
+        let recorded = pod.metadata.annotations.as_ref().and_then(|a| a.get(&format!("devloop.dev/built-{name}")));
+        if recorded.is_some_and(|r| r == image) {
+            return Ok(true);
+        }
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node = nodes.get(&self.node).await.map_err(|e| explain(e, ""))?;
+        let images = node.status.and_then(|s| s.images).unwrap_or_default();
+        Ok(images
+            .iter()
+            .flat_map(|i| i.names.iter().flatten())
+            .any(|n| n == image || n.ends_with(&format!("/{image}"))))
+    }
+
+    /// Records that `image` is built for service `name` (an annotation of the builder pod).
+    async fn record(&self, name: &str, image: &str) -> Result<(), BuildError> {
+        use kube::api::{Patch, PatchParams};
+        let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let patch = serde_json::json!({"metadata": {"annotations": {format!("devloop.dev/built-{name}"): image}}});
+        pods_api
+            .patch(BUILDER, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| explain(e, &self.namespace))?;
+        Ok(())
+    }
+
+    /// Tolerations for the node's taints.
+    async fn tolerations(&self) -> Result<Vec<serde_json::Value>, BuildError> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node = nodes.get(&self.node).await.map_err(|e| explain(e, ""))?;
+        let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
+        Ok(taints.iter().map(|t| serde_json::json!({"key": t.key, "operator": "Exists", "effect": t.effect})).collect())
+    }
+
+    /// Builds `dockerfile` of the context of service `name` into `image` in the node's image
+    /// store, streaming BuildKit's steps as events.
+    pub async fn build(
+        &self,
+        name: &str,
+        dockerfile: &str,
+        image: &str,
+        reporter: &Reporter,
+    ) -> Result<(), BuildError> {
+        let context = format!("{CONTEXTS}/{name}");
+        let command: Vec<String> = [
+            "buildctl",
+            "--addr",
+            BUILDKIT_SOCKET,
+            "build",
+            "--frontend",
+            "dockerfile.v0",
+            "--local",
+            &format!("context={context}"),
+            "--local",
+            &format!("dockerfile={context}"),
+            "--opt",
+            &format!("filename={dockerfile}"),
+            "--opt",
+            "image-resolve-mode=local",
+            "--output",
+            &format!("type=image,name={image},unpack=true"),
+            "--progress",
+            "plain",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let started = Instant::now();
+        let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let params = AttachParams::default().container("buildkitd").stdout(true).stderr(true).stdin(false);
+        let mut attached = pods_api.exec(BUILDER, command, &params).await.map_err(|e| explain(e, &self.namespace))?;
+        let stderr = attached.stderr().expect("stderr");
+        let status = attached.take_status().expect("status");
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut progress = Progress::default();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(event) = progress.line(&line) {
+                reporter.emit(event);
+            }
+        }
+        let status = status.await;
+        let _ = attached.join().await;
+        let ok = status.as_ref().is_some_and(|s| s.status.as_deref() == Some("Success"));
+        if !ok {
+            return Err(BuildError::Failed { step: progress.failing_step(), output: progress.failing_output() });
+        }
+        reporter.emit(Event::Built { image: image.to_string(), millis: started.elapsed().as_millis() as u64 });
+        Ok(())
+    }
+
+    async fn exec_ok(&self, command: Vec<String>) -> Result<(), BuildError> {
+        let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let params = AttachParams::default().container("buildkitd").stdout(true).stderr(true).stdin(false);
+        let shown = command.join(" ");
+        let mut attached = pods_api.exec(BUILDER, command, &params).await.map_err(|e| explain(e, &self.namespace))?;
+        let status = attached.take_status().expect("status");
+        let mut out = String::new();
+        if let Some(stderr) = attached.stderr() {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        let status = status.await;
+        if status.as_ref().is_some_and(|s| s.status.as_deref() == Some("Success")) {
+            Ok(())
+        } else {
+            Err(BuildError::Context(format!("`{shown}` failed in the builder: {}", out.trim())))
+        }
+    }
+}
+
+/// BuildKit's plain progress (`#5 [2/3] RUN make`, `#5 0.312 output`, `#5 DONE 0.4s`,
+/// `#5 CACHED`, `#5 ERROR: ...`) turned into step events, with each step's output kept for the
+/// error of a failed build.
+#[derive(Default)]
+struct Progress {
+    names: BTreeMap<String, String>,
+    output: BTreeMap<String, Vec<String>>,
+    failed: Option<String>,
+    tail: Vec<String>,
+}
+
+impl Progress {
+    fn line(&mut self, line: &str) -> Option<Event> {
+        self.tail.push(line.to_string());
+        if self.tail.len() > 60 {
+            self.tail.remove(0);
+        }
+        let rest = line.strip_prefix('#')?;
+        let (id, text) = rest.split_once(' ')?;
+        let id = id.to_string();
+        let is_status = matches!(text.split_whitespace().next(), Some("DONE" | "CACHED" | "ERROR:" | "ERROR"));
+        let is_output = text.starts_with(|c: char| c.is_ascii_digit());
+        let names_a_step = text.starts_with('[') || (!self.names.contains_key(&id) && !is_output);
+        if names_a_step && !is_status {
+            self.names.insert(id.clone(), text.to_string());
+            return Some(Event::BuildStep { step: text.to_string(), status: "running".into(), secs: None });
+        }
+        let step = self.names.get(&id).cloned().unwrap_or_else(|| format!("#{id}"));
+        let mut words = text.split_whitespace();
+        match words.next() {
+            Some("DONE") => {
+                let secs = words.next().and_then(|s| s.trim_end_matches('s').parse().ok());
+                Some(Event::BuildStep { step, status: "done".into(), secs })
+            }
+            Some("CACHED") => Some(Event::BuildStep { step, status: "cached".into(), secs: None }),
+            Some(w) if w.starts_with("ERROR") => {
+                self.failed.get_or_insert(id);
+                Some(Event::BuildStep { step, status: "error".into(), secs: None })
+            }
+            _ => {
+                self.output.entry(id).or_default().push(text.to_string());
+                None
+            }
+        }
+    }
+
+    fn failing_step(&self) -> Option<String> {
+        self.failed.as_ref().and_then(|id| self.names.get(id).cloned())
+    }
+
+    fn failing_output(&self) -> String {
+        match self.failed.as_ref().and_then(|id| self.output.get(id)) {
+            Some(lines) if !lines.is_empty() => {
+                lines.iter().rev().take(40).rev().cloned().collect::<Vec<_>>().join("\n")
+            }
+            _ => self.tail.join("\n"),
+        }
+    }
+}
+
+/// The Dockerfile of the dev image.
+pub const DOCKERFILE: &str = "Dockerfile.develop";
+
+/// The dev image a release runs: built on `node`, never pulled.
+#[derive(Clone, Debug)]
+pub struct DevImage {
+    pub image: String,
+    pub node: String,
+    /// The node's taints, tolerated (the builder's node may be reserved for such pods).
+    pub tolerations: Vec<serde_json::Value>,
+}
+
+/// The build inputs of a service: the files its `rebuild:` rules name, without what only
+/// deploys (the chart, the values files) or reconfigures (devloop.yaml).
+pub fn build_inputs(config: &Config, root: &Path) -> Result<devloop_agent::manifest::Manifest, BuildError> {
+    let filter = devloop_agent::filter::Filter::new(root, &config.sync_excludes())
+        .map_err(|e| BuildError::Context(e.to_string()))?;
+    let scanned = devloop_agent::walk::scan(&Arc::new(filter), &Default::default());
+    let rules = Globs::new(&config.rebuild);
+    let chart = config.chart.as_deref().map(|c| format!("{}/", c.trim_end_matches('/')));
+    Ok(devloop_agent::walk::manifest_of(&scanned.tree)
+        .into_iter()
+        .filter(|(path, entry)| !entry.is_dir() && rules.first_match(path).is_some())
+        .filter(|(path, _)| path != crate::config::FILE_NAME)
+        .filter(|(path, _)| !chart.as_ref().is_some_and(|c| path.starts_with(c.as_str())))
+        .collect())
+}
+
+/// Makes sure the dev image of the service's current build inputs is on the builder's node:
+/// builds it (context synced first) unless that tag was built already.
+pub async fn dev_image(
+    client: &kube::Client,
+    namespace: &str,
+    config: &Config,
+    root: &Path,
+    reporter: &Reporter,
+) -> Result<DevImage, BuildError> {
+    let agent = StaticAgent::find()?;
+    let inputs = {
+        let (config, root) = (config.clone(), root.to_path_buf());
+        tokio::task::spawn_blocking(move || build_inputs(&config, &root)).await.expect("scan task")?
+    };
+    let image = image_ref(&config.name, &tag(&inputs, DOCKERFILE, &agent.digest));
+    let builder = ensure(client, namespace, &config.builder, &agent).await?;
+    if builder.built(&config.name, &image).await? {
+        reporter.emit(Event::BuildSkipped { image: image.clone() });
+    } else {
+        builder.sync_context(config, root, &agent, reporter).await?;
+        builder.build(&config.name, DOCKERFILE, &image, reporter).await?;
+        builder.record(&config.name, &image).await?;
+    }
+    let tolerations = builder.tolerations().await?;
+    Ok(DevImage { image, node: builder.node.clone(), tolerations })
+}
+
+/// The image reference a service's build gets.
+pub fn image_ref(name: &str, tag: &str) -> String {
+    format!("{REPOSITORY_PREFIX}/{name}:{tag}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_become_steps_and_a_failure_keeps_its_output() {
+        let mut p = Progress::default();
+        let lines = [
+            "#1 [internal] load build definition from Dockerfile.develop",
+            "#1 DONE 0.0s",
+            "#5 [2/3] COPY . /app",
+            "#5 CACHED",
+            "#6 [3/3] RUN false",
+            "#6 0.120 something went wrong",
+            "#6 ERROR: process \"/bin/sh -c false\" did not complete successfully: exit code: 1",
+        ];
+        let events: Vec<Event> = lines.iter().filter_map(|l| p.line(l)).collect();
+        let statuses: Vec<String> = events
+            .iter()
+            .map(|e| match e {
+                Event::BuildStep { status, .. } => status.clone(),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(statuses, ["running", "done", "running", "cached", "running", "error"]);
+        assert_eq!(p.failing_step().as_deref(), Some("[3/3] RUN false"));
+        assert!(p.failing_output().contains("something went wrong"), "{}", p.failing_output());
+    }
+
+    #[test]
+    fn tags_follow_the_build_inputs_only() {
+        use devloop_agent::manifest::{Digest, Entry, Manifest};
+        let file =
+            |b: &[u8]| Entry::File { hash: Digest(*blake3::hash(b).as_bytes()), size: b.len() as u64, exec: false };
+        let a: Manifest =
+            [("Dockerfile.develop".to_string(), file(b"FROM x")), ("app.py".to_string(), file(b"1"))].into();
+        let mut b = a.clone();
+        assert_eq!(tag(&a, "Dockerfile.develop", "agent1"), tag(&b, "Dockerfile.develop", "agent1"));
+        b.insert("app.py".into(), file(b"2"));
+        assert_ne!(tag(&a, "Dockerfile.develop", "agent1"), tag(&b, "Dockerfile.develop", "agent1"));
+        assert_ne!(tag(&a, "Dockerfile.develop", "agent1"), tag(&a, "Dockerfile.develop", "agent2"));
+        assert_eq!(tag(&a, "Dockerfile.develop", "agent1").len(), 20);
+    }
+}
