@@ -693,7 +693,7 @@ impl Drop for Supervisor {
 
 /// GET / reading the body by its Content-Length, as browsers and curl do: through kube-rs
 /// port-forward the server closing its side does not reach the client as EOF.
-fn get_by_length(port: u16) -> Option<String> {
+pub(crate) fn get_by_length(port: u16) -> Option<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;

@@ -274,3 +274,116 @@ async fn up_builds_the_dev_image_in_the_cluster_and_only_when_its_inputs_change(
     assert_eq!(context["files"], 2, "Dockerfile.develop and message.txt: {context}");
     assert!(context["bytes"].as_u64().unwrap() <= text.len() as u64 + 16, "{context}");
 }
+
+/// The body of GET / through a running `up`'s localhost tunnel, once it equals `want`.
+fn served_through_the_tunnel(watch: &support::Watch, want: &str, timeout: Duration) -> Result<(), String> {
+    let url = watch.seen.iter().find(|e| e["event"] == "tunnel").and_then(|e| e["url"].as_str()).unwrap().to_string();
+    let port: u16 = url.trim_start_matches("http://localhost:").trim_end_matches('/').parse().unwrap();
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        last = crate::kubernetes::get_by_length(port);
+        if last.as_deref() == Some(want) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!("the tunnel served {last:?}, not {want:?}"))
+}
+
+/// `up` running on the real node: edits sync and restart, a Dockerfile edit rebuilds and rolls
+/// out a new pod without `up` exiting, a broken Dockerfile leaves the old pod serving and shows
+/// the failing step, the fix recovers, a values edit upgrades without a build, a deleted pod is
+/// followed.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the real node: tests/run starts it and runs the ignored tests"]
+async fn up_rebuilds_on_a_dockerfile_edit_and_a_broken_build_keeps_the_old_pod_serving() {
+    let cluster = cluster();
+    let _serial = SERIAL.lock().await;
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+    let (_dir, src) = built_service(&cluster.state);
+    let first = up_once(&src, &kubeconfig, &scratch.name).await;
+    assert_eq!(first.code, Some(0), "{}\n{:#?}", first.stderr, first.events);
+
+    let ns = scratch.name.clone();
+    let mut watch = tokio::task::spawn_blocking(move || {
+        let args = ["--kubeconfig", kubeconfig.as_str(), "-n", ns.as_str(), "--json", "up"];
+        support::Watch::start(&src.clone(), &args)
+    })
+    .await
+    .unwrap();
+    let src = {
+        let tunnel = watch.seen.iter().any(|e| e["event"] == "tunnel");
+        assert!(tunnel, "{:?}", watch.seen);
+        _dir.path().join("built")
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+    let watch = tokio::task::spawn_blocking(move || {
+        served_through_the_tunnel(&watch, "built in the cluster", Duration::from_secs(20)).unwrap();
+
+        // A source edit: synced, restarted, served.
+        std::fs::write(src.join("message.txt"), "edited while up runs").unwrap();
+        watch.wait_for("restarted", Duration::from_secs(20));
+        served_through_the_tunnel(&watch, "edited while up runs", Duration::from_secs(20)).unwrap();
+
+        // A Dockerfile edit: rebuilt, a new pod rolled out, served; `up` goes on.
+        let dockerfile = src.join("Dockerfile.develop");
+        let good = std::fs::read_to_string(&dockerfile).unwrap();
+        let with_run = good.replace("WORKDIR /app\n", "WORKDIR /app\nRUN echo a RUN step > /built.txt\n");
+        std::fs::write(&dockerfile, &with_run).unwrap();
+        let rebuilding = watch.wait_for("rebuilding", Duration::from_secs(20));
+        assert_eq!(rebuilding["path"], "Dockerfile.develop");
+        watch.wait_for("built", Duration::from_secs(120));
+        watch.wait_for("rolled_out", Duration::from_secs(120));
+        watch.wait_for("connected", Duration::from_secs(60));
+        served_through_the_tunnel(&watch, "edited while up runs", Duration::from_secs(30)).unwrap();
+
+        // A broken Dockerfile: the failing step is shown, the running pod keeps serving.
+        std::fs::write(&dockerfile, with_run.replace("RUN echo a RUN step", "RUN echo about to fail && false &&"))
+            .unwrap();
+        watch.wait_for("rebuilding", Duration::from_secs(20));
+        let error = watch.wait_for("error", Duration::from_secs(120));
+        assert!(error["message"].as_str().unwrap().contains("failed"), "{error}");
+        assert!(error["message"].as_str().unwrap().contains("about to fail"), "the step's output: {error}");
+        watch.wait_for("connected", Duration::from_secs(60));
+        served_through_the_tunnel(&watch, "edited while up runs", Duration::from_secs(10)).unwrap();
+
+        // Fixed: it recovers.
+        std::fs::write(&dockerfile, &good).unwrap();
+        watch.wait_for("rebuilding", Duration::from_secs(20));
+        watch.wait_for("rolled_out", Duration::from_secs(120));
+        watch.wait_for("connected", Duration::from_secs(60));
+        served_through_the_tunnel(&watch, "edited while up runs", Duration::from_secs(30)).unwrap();
+
+        // A values edit: the release is upgraded, nothing built.
+        let mark = watch.seen.len();
+        std::fs::write(src.join("values.dev.yaml"), "replicaCount: 1\nsecrets:\n  greeting: hi\n").unwrap();
+        let rebuilding = watch.wait_for("rebuilding", Duration::from_secs(20));
+        assert_eq!(rebuilding["path"], "values.dev.yaml");
+        watch.wait_for("rolled_out", Duration::from_secs(120));
+        watch.wait_for("connected", Duration::from_secs(60));
+        assert!(watch.seen[mark..].iter().all(|e| e["event"] != "built"), "{:?}", &watch.seen[mark..]);
+        assert!(watch.seen[mark..].iter().any(|e| e["event"] == "build_skipped"));
+        watch
+    })
+    .await
+    .unwrap();
+
+    // The pod deleted: `up` follows its replacement and resyncs.
+    let list = pods.list(&ListParams::default().labels("app.kubernetes.io/name=built")).await.unwrap();
+    for pod in list.items {
+        pods.delete(&pod.metadata.name.unwrap(), &Default::default()).await.unwrap();
+    }
+    let mut watch = watch;
+    let watch = tokio::task::spawn_blocking(move || {
+        watch.wait_for("reconnecting", Duration::from_secs(30));
+        watch.wait_for("connected", Duration::from_secs(90));
+        served_through_the_tunnel(&watch, "edited while up runs", Duration::from_secs(30)).unwrap();
+        watch
+    })
+    .await
+    .unwrap();
+    assert_eq!(watch.stop(), Some(0));
+}

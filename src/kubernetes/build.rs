@@ -41,6 +41,8 @@ const BUILDKIT_SOCKET: &str = "unix:///run/buildkit/buildkitd.sock";
 /// A Secret holds at most 1 MiB: the agent travels in several, one chunk each, projected into
 /// one folder of the builder pod.
 const CHUNK: usize = 900 << 10;
+/// Annotation of the builder pod: a digest of its spec (a changed spec replaces the pod).
+const SPEC_ANNOTATION: &str = "devloop.dev/spec";
 /// Repository of the images devloop builds (never pulled: they exist only on the node).
 pub const REPOSITORY_PREFIX: &str = "devloop.local";
 
@@ -141,9 +143,11 @@ pub async fn ensure(
         secret_names.push(name);
     }
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let pod = builder_pod(config, &node, &secret_names, &agent.digest);
     if let Some(existing) = pods_api.get_opt(BUILDER).await.map_err(|e| explain(e, namespace))? {
-        let same_agent =
-            existing.metadata.annotations.as_ref().and_then(|a| a.get("devloop.dev/agent")) == Some(&agent.digest);
+        let annotation = |pod: &Pod, key: &str| pod.metadata.annotations.as_ref().and_then(|a| a.get(key)).cloned();
+        let same_agent = annotation(&existing, "devloop.dev/agent") == Some(agent.digest.clone())
+            && annotation(&existing, SPEC_ANNOTATION) == annotation(&pod, SPEC_ANNOTATION);
         let same_node = existing.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str());
         let alive = existing.metadata.deletion_timestamp.is_none()
             && !matches!(existing.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded"));
@@ -155,7 +159,6 @@ pub async fn ensure(
         let gone = await_condition(pods_api.clone(), BUILDER, kube::runtime::conditions::is_deleted(""));
         let _ = tokio::time::timeout(Duration::from_secs(60), gone).await;
     }
-    let pod = builder_pod(config, &node, &secret_names, &agent.digest);
     pods_api.create(&PostParams::default(), &pod).await.map_err(|e| explain(e, namespace))?;
     wait_ready(&pods_api, namespace).await?;
     Ok(Builder { client: client.clone(), namespace: namespace.into(), node })
@@ -198,7 +201,7 @@ async fn choose_node(client: &kube::Client, config: &BuilderConfig) -> Result<St
 fn builder_pod(config: &BuilderConfig, node: &str, secrets: &[String], agent_digest: &str) -> Pod {
     let socket_dir = Path::new(&config.containerd).parent().map(|p| p.display().to_string()).unwrap_or_default();
     let sources: Vec<serde_json::Value> = secrets.iter().map(|s| serde_json::json!({"secret": {"name": s}})).collect();
-    serde_json::from_value(serde_json::json!({
+    let mut spec = serde_json::json!({
         "metadata": {
             "name": BUILDER,
             "labels": {"app.kubernetes.io/name": BUILDER, "devloop.dev/part": "builder"},
@@ -221,7 +224,11 @@ fn builder_pod(config: &BuilderConfig, node: &str, secrets: &[String], agent_dig
                 "imagePullPolicy": "IfNotPresent",
                 "command": ["buildkitd", "--oci-worker=false", "--containerd-worker=true",
                             "--containerd-worker-addr", config.containerd, "--containerd-worker-namespace", "k8s.io",
-                            "--root", config.root, "--addr", BUILDKIT_SOCKET],
+                            "--root", config.root, "--addr", BUILDKIT_SOCKET,
+                            // RUN steps run in containers of the node's containerd, which mounts
+                            // this socket by its path on the node: under the shared root it is
+                            // the same path in the pod and on the node.
+                            "--otel-socket-path", format!("{}/otel-grpc.sock", config.root)],
                 "securityContext": {"privileged": true},
                 "readinessProbe": {"exec": {"command": ["buildctl", "--addr", BUILDKIT_SOCKET, "debug", "workers"]},
                                    "periodSeconds": 1, "initialDelaySeconds": 0},
@@ -242,8 +249,10 @@ fn builder_pod(config: &BuilderConfig, node: &str, secrets: &[String], agent_dig
                 {"name": "root", "hostPath": {"path": config.root, "type": "DirectoryOrCreate"}}
             ]
         }
-    }))
-    .expect("a valid pod")
+    });
+    let digest = blake3::hash(spec["spec"].to_string().as_bytes()).to_hex()[..16].to_string();
+    spec["metadata"]["annotations"][SPEC_ANNOTATION] = serde_json::Value::String(digest);
+    serde_json::from_value(spec).expect("a valid pod")
 }
 
 /// The image tag of a set of build inputs: a digest of the context's manifest (paths, contents,
