@@ -273,6 +273,22 @@ async fn up_builds_the_dev_image_in_the_cluster_and_only_when_its_inputs_change(
     let context = fourth.of("context_synced")[0];
     assert_eq!(context["files"], 2, "Dockerfile.develop and message.txt: {context}");
     assert!(context["bytes"].as_u64().unwrap() <= text.len() as u64 + 16, "{context}");
+
+    // `down`: the release, and the builder with it (no other service of the namespace uses it).
+    let down = {
+        let (src, cache) = (src.clone(), src.parent().unwrap().join("cache"));
+        let args: Vec<String> = ["--kubeconfig", &kubeconfig, "-n", &scratch.name, "--json", "down"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        tokio::task::spawn_blocking(move || once_blocking(&src, &cache, &args)).await.unwrap()
+    };
+    assert_eq!(down.code, Some(0), "{}", down.stderr);
+    let removed: Vec<&str> = down.of("removed").iter().map(|e| e["release"].as_str().unwrap()).collect();
+    assert_eq!(removed, ["built", "devloop-builder"]);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &scratch.name);
+    let left = secrets.list(&ListParams::default().labels("devloop.dev/part=agent")).await.unwrap();
+    assert!(left.items.is_empty());
 }
 
 /// The body of GET / through a running `up`'s localhost tunnel, once it equals `want`.

@@ -509,6 +509,33 @@ impl Progress {
     }
 }
 
+/// Removes the builder pod and the agent's Secrets when no service devloop manages in the
+/// namespace is left (after `down`). Says whether it did.
+pub async fn remove_if_unused(client: &kube::Client, namespace: &str) -> Result<bool, BuildError> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::ListParams;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let managed = deployments
+        .list(&ListParams::default().labels(super::list::MANAGED))
+        .await
+        .map_err(|e| explain(e, namespace))?;
+    if !managed.items.is_empty() {
+        return Ok(false);
+    }
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let removed = match pods_api.delete(BUILDER, &DeleteParams::default().grace_period(0)).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(status)) if status.code == 404 => false,
+        Err(e) => return Err(explain(e, namespace).into()),
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    secrets
+        .delete_collection(&DeleteParams::default(), &ListParams::default().labels("devloop.dev/part=agent"))
+        .await
+        .map_err(|e| explain(e, namespace))?;
+    Ok(removed)
+}
+
 /// The Dockerfile of the dev image.
 pub const DOCKERFILE: &str = "Dockerfile.develop";
 

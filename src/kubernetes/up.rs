@@ -137,10 +137,14 @@ async fn open_tunnel(
 /// `devloop down`.
 pub async fn down(global: &Global, reporter: &Reporter) -> Result<(), Error> {
     let (config, root) = settings::load_config(&global.file)?;
-    let (_, namespace) = access::connect(&selection(global)).await?;
+    let (client, namespace) = access::connect(&selection(global)).await?;
     let release = Release::new(&config, &root, &namespace)?;
     release::remove(&release, global.kubeconfig.as_deref(), global.context.as_deref()).await?;
-    reporter.emit(Event::Removed { release: release.name, namespace });
+    reporter.emit(Event::Removed { release: release.name, namespace: namespace.clone() });
+    // The builder goes too when no service of this namespace uses it any more.
+    if build::remove_if_unused(&client, &namespace).await? {
+        reporter.emit(Event::Removed { release: build::BUILDER.into(), namespace });
+    }
     Ok(())
 }
 
