@@ -557,6 +557,10 @@ async fn up_keeps_syncing_with_a_tunnel_that_list_commands_show() {
     // The chart forwards the service port to pod port 8080, which kwok sends to 127.0.0.1:18080.
     assert!(devloop(&["prep", "--port", "8080"]).status.success());
     let src = fx.src.join("web");
+    // Pods on the kwok node run no container: a named image, not an in-cluster build.
+    let config = src.join("devloop.yaml");
+    let text = std::fs::read_to_string(&config).unwrap() + "image: web-dev:test\n";
+    std::fs::write(&config, text).unwrap();
     let args = ["--kubeconfig", cluster.kubeconfig.to_str().unwrap(), "-n", &scratch.name, "--json", "up"];
     let mut up = {
         let src = src.clone();
