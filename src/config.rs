@@ -59,6 +59,9 @@ pub struct Config {
     /// How `devloop up` builds the dev image in the cluster when `image:` is not set.
     #[serde(default)]
     pub builder: Builder,
+    /// Build arguments of `Dockerfile.develop` (`BASE` names its base image in prep's files).
+    #[serde(default)]
+    pub build_args: std::collections::BTreeMap<String, String>,
 }
 
 /// The in-cluster builder: BuildKit next to a node's containerd.

@@ -257,9 +257,17 @@ fn builder_pod(config: &BuilderConfig, node: &str, secrets: &[String], agent_dig
 
 /// The image tag of a set of build inputs: a digest of the context's manifest (paths, contents,
 /// exec bits, links), the Dockerfile's name and the agent's digest.
-pub fn tag(context: &devloop_agent::manifest::Manifest, dockerfile: &str, agent_digest: &str) -> String {
+pub fn tag(
+    context: &devloop_agent::manifest::Manifest,
+    dockerfile: &str,
+    args: &BTreeMap<String, String>,
+    agent_digest: &str,
+) -> String {
     let mut hasher = blake3::Hasher::new();
     hasher.update(dockerfile.as_bytes());
+    for (key, value) in args {
+        hasher.update(format!("\0{key}={value}").as_bytes());
+    }
     hasher.update(b"\0");
     hasher.update(agent_digest.as_bytes());
     for (path, entry) in context {
@@ -376,11 +384,12 @@ impl Builder {
         &self,
         name: &str,
         dockerfile: &str,
+        args: &BTreeMap<String, String>,
         image: &str,
         reporter: &Reporter,
     ) -> Result<(), BuildError> {
         let context = format!("{CONTEXTS}/{name}");
-        let command: Vec<String> = [
+        let mut command: Vec<String> = [
             "buildctl",
             "--addr",
             BUILDKIT_SOCKET,
@@ -403,6 +412,9 @@ impl Builder {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        for (key, value) in args {
+            command.extend(["--opt".to_string(), format!("build-arg:{key}={value}")]);
+        }
         let started = Instant::now();
         let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let params = AttachParams::default().container("buildkitd").stdout(true).stderr(true).stdin(false);
@@ -578,13 +590,13 @@ pub async fn dev_image(
         let (config, root) = (config.clone(), root.to_path_buf());
         tokio::task::spawn_blocking(move || build_inputs(&config, &root)).await.expect("scan task")?
     };
-    let image = image_ref(&config.name, &tag(&inputs, DOCKERFILE, &agent.digest));
+    let image = image_ref(&config.name, &tag(&inputs, DOCKERFILE, &config.build_args, &agent.digest));
     let builder = ensure(client, namespace, &config.builder, &agent).await?;
     if builder.built(&config.name, &image).await? {
         reporter.emit(Event::BuildSkipped { image: image.clone() });
     } else {
         builder.sync_context(config, root, &agent, reporter).await?;
-        builder.build(&config.name, DOCKERFILE, &image, reporter).await?;
+        builder.build(&config.name, DOCKERFILE, &config.build_args, &image, reporter).await?;
         builder.record(&config.name, &image).await?;
     }
     let tolerations = builder.tolerations().await?;
@@ -633,10 +645,19 @@ mod tests {
         let a: Manifest =
             [("Dockerfile.develop".to_string(), file(b"FROM x")), ("app.py".to_string(), file(b"1"))].into();
         let mut b = a.clone();
-        assert_eq!(tag(&a, "Dockerfile.develop", "agent1"), tag(&b, "Dockerfile.develop", "agent1"));
+        assert_eq!(
+            tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent1"),
+            tag(&b, "Dockerfile.develop", &BTreeMap::new(), "agent1")
+        );
         b.insert("app.py".into(), file(b"2"));
-        assert_ne!(tag(&a, "Dockerfile.develop", "agent1"), tag(&b, "Dockerfile.develop", "agent1"));
-        assert_ne!(tag(&a, "Dockerfile.develop", "agent1"), tag(&a, "Dockerfile.develop", "agent2"));
-        assert_eq!(tag(&a, "Dockerfile.develop", "agent1").len(), 20);
+        assert_ne!(
+            tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent1"),
+            tag(&b, "Dockerfile.develop", &BTreeMap::new(), "agent1")
+        );
+        assert_ne!(
+            tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent1"),
+            tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent2")
+        );
+        assert_eq!(tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent1").len(), 20);
     }
 }
