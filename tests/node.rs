@@ -403,3 +403,85 @@ async fn up_rebuilds_on_a_dockerfile_edit_and_a_broken_build_keeps_the_old_pod_s
     .unwrap();
     assert_eq!(watch.stop(), Some(0));
 }
+
+/// The Python example as a new user takes it: `prep`, then `up` — the image built in the cluster
+/// FROM a Debian + python3 base (named through the BASE build arg; no registry), the agent PID 1
+/// of the real container supervising `python app.py`, `list-uris` naming the localhost tunnel
+/// that answers through a real port-forward; `down` removes it all.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the real node: tests/run starts it and runs the ignored tests"]
+async fn the_python_example_from_prep_to_up_to_down_on_a_real_node() {
+    let cluster = cluster();
+    let _serial = SERIAL.lock().await;
+    let (client, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&client).await;
+    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("hello");
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello");
+    for file in ["app.py", "message.txt", "requirements.txt", "static/site.css"] {
+        support::write(&src, file, &std::fs::read_to_string(example.join(file)).unwrap());
+    }
+    let prep = std::process::Command::new(support::devloop_bin())
+        .current_dir(&src)
+        .args(["prep", "--port", "8080"])
+        .output()
+        .unwrap();
+    assert!(prep.status.success(), "{}", String::from_utf8_lossy(&prep.stderr));
+    let mut config = std::fs::read_to_string(src.join("devloop.yaml")).unwrap();
+    config.push_str(&format!(
+        "builder: {{node: {NODE}, containerd: {}, root: {}}}\nbuild_args: {{BASE: 'devloop.local/python:3.11'}}\n",
+        cluster.state.join("containerd/containerd.sock").display(),
+        cluster.state.join("buildkit").display()
+    ));
+    std::fs::write(src.join("devloop.yaml"), config).unwrap();
+    std::fs::write(src.join("message.txt"), "hello from python on a real node").unwrap();
+
+    let ns = scratch.name.clone();
+    let global: Vec<String> =
+        ["--kubeconfig", kubeconfig.as_str(), "-n", ns.as_str(), "--json"].iter().map(|a| a.to_string()).collect();
+    let (src2, global2) = (src.clone(), global.clone());
+    let (watch, uris) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = global2.iter().map(String::as_str).chain(["up"]).collect();
+        let watch = support::Watch::start_within(&src2, &args, Duration::from_secs(240));
+        assert!(watch.seen.iter().any(|e| e["event"] == "built"), "{:?}", watch.seen);
+        // The image holds the code already: the first sync finds the pod up to date.
+        assert!(watch.seen.iter().any(|e| e["event"] == "up_to_date"), "{:?}", watch.seen);
+        let args: Vec<String> = global2.iter().cloned().chain(["list-uris".to_string()]).collect();
+        let uris = once_blocking(&src2, &src2.parent().unwrap().join("cache"), &args);
+        (watch, uris)
+    })
+    .await
+    .unwrap();
+    let tunnel = uris.events.iter().find(|e| e["kind"] == "tunnel").unwrap_or_else(|| panic!("{:?}", uris.events));
+    let url = tunnel["url"].as_str().unwrap().to_string();
+    let port: u16 = url.trim_start_matches("http://localhost:").trim_end_matches('/').parse().unwrap();
+    let body = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(body) = crate::kubernetes::get_by_length(port) {
+                return body;
+            }
+            assert!(std::time::Instant::now() < deadline, "nothing served at {port}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(body, "hello from python on a real node");
+    let agent = host_pid(&["devloop-agent", "run", "/app", "python", "app.py"]);
+    let status = std::fs::read_to_string(format!("/proc/{agent}/status")).unwrap();
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert_eq!(nspid.split_whitespace().last(), Some("1"), "{nspid}");
+    assert_eq!(watch.stop(), Some(0));
+
+    let down = tokio::task::spawn_blocking(move || {
+        let args: Vec<String> = global.iter().cloned().chain(["down".to_string()]).collect();
+        once_blocking(&src, &src.parent().unwrap().join("cache"), &args)
+    })
+    .await
+    .unwrap();
+    assert_eq!(down.code, Some(0), "{}", down.stderr);
+    let removed: Vec<&str> = down.of("removed").iter().map(|e| e["release"].as_str().unwrap()).collect();
+    assert_eq!(removed, ["hello", "devloop-builder"]);
+}

@@ -192,8 +192,17 @@ impl Watch {
         Watch::spawn(cwd, &devloop_bin(), args)
     }
 
+    /// `start`, for runs that do long work before they watch (an image build).
+    pub fn start_within(cwd: &Path, args: &[&str], timeout: Duration) -> Watch {
+        Watch::spawn_within(cwd, &devloop_bin(), args, timeout)
+    }
+
     /// Any command that ends up running `devloop --json …` (e.g. inside `unshare`).
     pub fn spawn(cwd: &Path, program: &Path, args: &[&str]) -> Watch {
+        Watch::spawn_within(cwd, program, args, Duration::from_secs(20))
+    }
+
+    fn spawn_within(cwd: &Path, program: &Path, args: &[&str], timeout: Duration) -> Watch {
         let mut child = Command::new(program)
             .current_dir(cwd)
             .args(args)
@@ -215,7 +224,7 @@ impl Watch {
             }
         });
         let mut watch = Watch { child, events: rx, seen: Vec::new() };
-        watch.wait_for("watching", Duration::from_secs(20));
+        watch.wait_for("watching", timeout);
         watch
     }
 
