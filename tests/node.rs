@@ -248,6 +248,17 @@ async fn up_builds_the_dev_image_in_the_cluster_and_only_when_its_inputs_change(
     assert_eq!(spec.containers[0].image_pull_policy.as_deref(), Some("Never"));
     let pod_name = pod.metadata.name.clone().unwrap();
     assert_eq!(get_through_port_forward(&pods, &pod_name).await, "built in the cluster");
+    // Never a registry: no pull was even tried.
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &scratch.name);
+    let pulls: Vec<_> = events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={pod_name}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| matches!(e.reason.as_deref(), Some("Pulling" | "Failed" | "ErrImagePull" | "ErrImageNeverPull")))
+        .collect();
+    assert!(pulls.is_empty(), "{pulls:?}");
 
     // Nothing changed: nothing is built.
     let second = up_once(&src, &kubeconfig, &scratch.name).await;
@@ -291,20 +302,46 @@ async fn up_builds_the_dev_image_in_the_cluster_and_only_when_its_inputs_change(
     assert!(left.items.is_empty());
 }
 
-/// The body of GET / through a running `up`'s localhost tunnel, once it equals `want`.
-fn served_through_the_tunnel(watch: &support::Watch, want: &str, timeout: Duration) -> Result<(), String> {
-    let url = watch.seen.iter().find(|e| e["event"] == "tunnel").and_then(|e| e["url"].as_str()).unwrap().to_string();
-    let port: u16 = url.trim_start_matches("http://localhost:").trim_end_matches('/').parse().unwrap();
+/// GET / of the service's newest Ready pod (port 8080, through the API server's port-forward),
+/// retried until it answers `want`. Runs on a blocking thread, driving the runtime it came from.
+fn served(handle: &tokio::runtime::Handle, pods: &Api<Pod>, want: &str, timeout: Duration) -> Result<(), String> {
     let deadline = std::time::Instant::now() + timeout;
     let mut last = None;
     while std::time::Instant::now() < deadline {
-        last = crate::kubernetes::get_by_length(port);
+        last = handle.block_on(async {
+            let pod = devloop::kubernetes::pods::ready(pods, "", "built").await.ok()?;
+            let name = pod.metadata.name?;
+            tokio::time::timeout(Duration::from_secs(5), try_get(pods, &name)).await.ok()?
+        });
         if last.as_deref() == Some(want) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    Err(format!("the tunnel served {last:?}, not {want:?}"))
+    Err(format!("the pod served {last:?}, not {want:?}"))
+}
+
+/// GET / of pod port 8080 through the API server's port-forward, `None` when it fails.
+async fn try_get(pods: &Api<Pod>, pod: &str) -> Option<String> {
+    let mut forwarder = pods.portforward(pod, &[8080]).await.ok()?;
+    let mut stream = forwarder.take_stream(8080)?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await.ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head.lines().find_map(|l| l.strip_prefix("Content-Length: "))?.trim().parse().ok()?;
+            if body.len() >= length {
+                return Some(body[..length].to_string());
+            }
+        }
+    }
 }
 
 /// `up` running on the real node: edits sync and restart, a Dockerfile edit rebuilds and rolls
@@ -336,13 +373,16 @@ async fn up_rebuilds_on_a_dockerfile_edit_and_a_broken_build_keeps_the_old_pod_s
         _dir.path().join("built")
     };
     let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
+    let handle = tokio::runtime::Handle::current();
+    let (pods2, handle2) = (pods.clone(), handle.clone());
     let watch = tokio::task::spawn_blocking(move || {
-        served_through_the_tunnel(&watch, "built in the cluster", Duration::from_secs(20)).unwrap();
+        let served = |want: &str, secs: u64| served(&handle2, &pods2, want, Duration::from_secs(secs));
+        served("built in the cluster", 20).unwrap();
 
         // A source edit: synced, restarted, served.
         std::fs::write(src.join("message.txt"), "edited while up runs").unwrap();
         watch.wait_for("restarted", Duration::from_secs(20));
-        served_through_the_tunnel(&watch, "edited while up runs", Duration::from_secs(20)).unwrap();
+        served("edited while up runs", 20).unwrap();
 
         // A Dockerfile edit: rebuilt, a new pod rolled out, served; `up` goes on.
         let dockerfile = src.join("Dockerfile.develop");
@@ -354,7 +394,7 @@ async fn up_rebuilds_on_a_dockerfile_edit_and_a_broken_build_keeps_the_old_pod_s
         watch.wait_for("built", Duration::from_secs(120));
         watch.wait_for("rolled_out", Duration::from_secs(120));
         watch.wait_for("connected", Duration::from_secs(60));
-        served_through_the_tunnel(&watch, "edited while up runs", Duration::from_secs(30)).unwrap();
+        served("edited while up runs", 30).unwrap();
 
         // A broken Dockerfile: the failing step is shown, the running pod keeps serving.
         std::fs::write(&dockerfile, with_run.replace("RUN echo a RUN step", "RUN echo about to fail && false &&"))
@@ -364,14 +404,14 @@ async fn up_rebuilds_on_a_dockerfile_edit_and_a_broken_build_keeps_the_old_pod_s
         assert!(error["message"].as_str().unwrap().contains("failed"), "{error}");
         assert!(error["message"].as_str().unwrap().contains("about to fail"), "the step's output: {error}");
         watch.wait_for("connected", Duration::from_secs(60));
-        served_through_the_tunnel(&watch, "edited while up runs", Duration::from_secs(10)).unwrap();
+        served("edited while up runs", 30).unwrap();
 
         // Fixed: it recovers.
         std::fs::write(&dockerfile, &good).unwrap();
         watch.wait_for("rebuilding", Duration::from_secs(20));
         watch.wait_for("rolled_out", Duration::from_secs(120));
         watch.wait_for("connected", Duration::from_secs(60));
-        served_through_the_tunnel(&watch, "edited while up runs", Duration::from_secs(30)).unwrap();
+        served("edited while up runs", 30).unwrap();
 
         // A values edit: the release is upgraded, nothing built.
         let mark = watch.seen.len();
@@ -396,7 +436,7 @@ async fn up_rebuilds_on_a_dockerfile_edit_and_a_broken_build_keeps_the_old_pod_s
     let watch = tokio::task::spawn_blocking(move || {
         watch.wait_for("reconnecting", Duration::from_secs(30));
         watch.wait_for("connected", Duration::from_secs(90));
-        served_through_the_tunnel(&watch, "edited while up runs", Duration::from_secs(30)).unwrap();
+        served(&handle, &pods, "edited while up runs", Duration::from_secs(30)).unwrap();
         watch
     })
     .await

@@ -107,6 +107,19 @@ pub fn detect(dir: &Path) -> Result<(Stack, String), PrepError> {
     Err(PrepError::UnknownStack(dir.to_path_buf()))
 }
 
+impl Stack {
+    /// The dependency manifests the dev image installs at build time: a change to one needs a new
+    /// image (as Azure Dev Spaces rebuilt on a `.csproj` change).
+    pub fn build_inputs(&self) -> &'static [&'static str] {
+        match self {
+            Stack::Dotnet { .. } => &["*.csproj"],
+            Stack::Node => &["package.json", "package-lock.json", "npm-shrinkwrap.json", "yarn.lock", "pnpm-lock.yaml"],
+            Stack::Python { .. } => &["requirements*.txt", "pyproject.toml"],
+            Stack::Go => &["go.mod", "go.sum"],
+        }
+    }
+}
+
 /// A DNS label from any name: `Producer.Api` → `producer-api`.
 pub fn dns_name(name: &str) -> String {
     let mut out = String::new();
@@ -223,7 +236,7 @@ fn devloop_yaml(stack: &Stack, name: &str, port: u16, public: bool) -> String {
     let config = PreparedConfig {
         name,
         sync: PreparedSync { exclude: Vec::new() },
-        rebuild: crate::config::DEFAULT_REBUILD.to_vec(),
+        rebuild: [crate::config::DEFAULT_REBUILD, stack.build_inputs()].concat(),
         no_restart: vec![no_restart],
         run,
         build,
@@ -321,6 +334,9 @@ mod tests {
             let config = crate::config::Config::parse(Path::new("devloop.yaml"), yaml)
                 .unwrap_or_else(|e| panic!("{stack:?}: {e}\n{yaml}"));
             assert_eq!(config.name, "svc");
+            for input in stack.build_inputs() {
+                assert!(config.rebuild.iter().any(|r| r == input), "{stack:?}: {input} rebuilds");
+            }
             assert_eq!(config.port, Some(5000));
             assert!(config.public);
             let (_, develop) = files.iter().find(|(p, _)| p == Path::new("Dockerfile.develop")).unwrap();
