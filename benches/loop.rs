@@ -13,7 +13,11 @@
 //! - edit → new process accepting connections, a `dotnet run`-shaped stand-in app (a parent whose
 //!   child holds the port), devloop (local target) vs `watchexec --restart` (30 edits each; the
 //!   bench installs watchexec-cli from crates.io into ~/.cache/devloop-bench-tools if missing);
-//! - the static agent's size and idle RSS.
+//! - the static agent's size and idle RSS;
+//! - `cluster` (needs the cluster tier with its real node: `tests/cluster/up`, then
+//!   DEVLOOP_TEST_KUBECONFIG and DEVLOOP_CLUSTER_STATE set as `tests/run` sets them): the
+//!   in-cluster build cold, `up` with nothing changed, a Dockerfile edit to the new pod serving,
+//!   and edit -> applied through the real exec vs one `kubectl exec` per batch (Skaffold's way).
 //!
 //! Trees are generated in a fresh folder (`$DEVLOOP_BENCH_DIR`, default the system temp dir).
 
@@ -53,6 +57,9 @@ fn main() {
     }
     if run("agent") {
         agent(&bins, work.path());
+    }
+    if run("cluster") {
+        cluster(&bins, work.path());
     }
     if run("rescan") || run("rss") {
         let tree = work.path().join("t100k");
@@ -467,4 +474,119 @@ fn agent(bins: &Bins, work: &Path) {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
     println!("agent idle RSS (run, supervising sleep)  {:>6.2} MB   (target: < 10 MB)", rss as f64 / 1024.0);
+}
+
+/// The in-cluster build and the loop through a real pod's exec, on the cluster tier's real node.
+fn cluster(bins: &Bins, work: &Path) {
+    println!("\n== on a real node: in-cluster build, rebuild, edit -> applied through the real exec ==");
+    let (Some(kubeconfig), Some(state)) =
+        (std::env::var_os("DEVLOOP_TEST_KUBECONFIG"), std::env::var_os("DEVLOOP_CLUSTER_STATE"))
+    else {
+        println!("SKIPPED: start the cluster tier first (DEVLOOP_CLUSTER_STATE=/tmp/dc tests/cluster/up), then set");
+        println!("         DEVLOOP_TEST_KUBECONFIG=/tmp/dc/admin.kubeconfig DEVLOOP_CLUSTER_STATE=/tmp/dc");
+        return;
+    };
+    let (kubeconfig, state) = (PathBuf::from(kubeconfig), PathBuf::from(state));
+    let kubectl = |args: &[&str]| {
+        let out =
+            Command::new("kubectl").arg("--kubeconfig").arg(&kubeconfig).args(args).output().expect("kubectl on PATH");
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let ns = format!("devloop-bench-{}", std::process::id());
+    kubectl(&["create", "namespace", &ns]);
+    let src = work.join("svc");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("requirements.txt"), "").unwrap();
+    let prep = bins.devloop(&src).args(["prep", "--port", "8080"]).output().unwrap();
+    assert!(prep.status.success(), "{}", String::from_utf8_lossy(&prep.stderr));
+    let run_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let dockerfile = format!(
+        "# bench {run_id}\nFROM devloop.local/devbase:1\nCOPY devloop-agent /bin/devloop-agent\nCOPY . /app\nWORKDIR /app\n\
+         ENTRYPOINT [\"devloop-agent\", \"run\", \"--root\", \"/app\", \"--ready\", \"tcp:8080\", \"--\"]\n\
+         CMD [\"standin\", \"--port\", \"8080\", \"--file\", \"message.txt\", \"--bind\", \"0.0.0.0\"]\n"
+    );
+    fs::write(src.join("Dockerfile.develop"), &dockerfile).unwrap();
+    fs::write(src.join("message.txt"), "bench").unwrap();
+    let config = format!(
+        "name: svc\nchart: charts/svc\nport: 8080\nbuilder: {{node: devloop-node, containerd: {}, root: {}}}\n",
+        state.join("containerd/containerd.sock").display(),
+        state.join("buildkit").display()
+    );
+    fs::write(src.join("devloop.yaml"), config).unwrap();
+    let global = |cmd: &mut Command| {
+        cmd.arg("--kubeconfig").arg(&kubeconfig).args(["-n", &ns, "--json"]);
+    };
+    let up_once = || {
+        let mut cmd = bins.devloop(&src);
+        global(&mut cmd);
+        let started = Instant::now();
+        let out = cmd.args(["up", "--once"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        started.elapsed().as_secs_f64()
+    };
+    let cold = up_once();
+    println!("up --once, cold (builder pod created, context sent, image built, deployed) {cold:>6.2} s");
+    let warm: Vec<f64> = (0..3).map(|_| up_once()).collect();
+    println!("up --once, nothing changed (no build: straight to deploy)           median {:>6.2} s", median(warm));
+
+    let mut cmd = bins.devloop(&src);
+    global(&mut cmd);
+    let mut child = cmd.arg("up").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    wait_event(&mut lines, "watching");
+    let mut rebuilds = Vec::new();
+    for i in 0..3 {
+        let started = Instant::now();
+        fs::write(src.join("Dockerfile.develop"), format!("{dockerfile}# edit {i}\n")).unwrap();
+        wait_event(&mut lines, "rolled_out");
+        wait_event(&mut lines, "connected");
+        rebuilds.push(started.elapsed().as_secs_f64());
+        wait_event(&mut lines, "watching");
+    }
+    println!("Dockerfile edit -> new pod Ready and connected (target < 5 s)        median {:>6.2} s", median(rebuilds));
+    let mut applied = Vec::new();
+    for i in 0..30 {
+        let started = Instant::now();
+        fs::write(src.join("message.txt"), format!("edit {i}")).unwrap();
+        wait_event(&mut lines, "applied");
+        applied.push(started.elapsed().as_secs_f64() * 1000.0);
+        wait_event(&mut lines, "restarted");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let pod = kubectl(&[
+        "-n",
+        &ns,
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=svc",
+        "--field-selector=status.phase=Running",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
+    let mut peer = Vec::new();
+    for i in 0..10 {
+        let started = Instant::now();
+        let mut exec = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["-n", &ns, "exec", "-i", &pod, "--", "sh", "-c", "cat > /app/message.txt; echo stored"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        exec.stdin.take().unwrap().write_all(format!("peer {i}").as_bytes()).unwrap();
+        assert!(exec.wait().unwrap().success());
+        peer.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (ours, theirs) = (median(applied.clone()), median(peer.clone()));
+    println!(
+        "edit -> applied, real exec    devloop median {ours:>6.1} ms  p90 {:>6.1} ms   kubectl exec per batch median {theirs:>6.1} ms  p90 {:>6.1} ms   ratio {:.2}x",
+        percentile(applied, 0.9),
+        percentile(peer, 0.9),
+        ours / theirs
+    );
+    kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }

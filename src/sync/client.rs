@@ -184,8 +184,14 @@ impl AgentClient {
         let _ = self.out.flush().await;
         // The agent ends its side once it read the goodbye: wait for that, so that the goodbye
         // is not lost with this process (a transport may not close the agent's stdin).
-        let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = self.rx.recv().await {} })
-            .await;
+        // The app's last lines on the way are still shown.
+        let reporter = self.reporter.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(message)) = self.rx.recv().await {
+                show_app_message(&reporter, message);
+            }
+        })
+        .await;
         if let Some(mut child) = self.child.take() {
             if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_err() {
                 let _ = child.kill().await;
