@@ -233,23 +233,24 @@ fn a_folder_swapped_in_a_tight_loop_while_batches_apply_leaves_the_outside_alone
     agent.batch(1, &[], vec![], &Tar::new().file("d/seed.txt", b"s").bytes());
 
     let stop = Arc::new(AtomicBool::new(false));
+    let swaps = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let swapper = {
-        let (stop, root, outside) = (Arc::clone(&stop), root.clone(), outside.clone());
+        let (stop, swaps, root, outside) = (Arc::clone(&stop), Arc::clone(&swaps), root.clone(), outside.clone());
         std::thread::spawn(move || {
-            let mut swaps = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 if std::fs::rename(root.join("d"), root.join("d.real")).is_ok() {
                     let _ = symlink(&outside, root.join("d"));
                     std::thread::yield_now();
                     let _ = std::fs::remove_file(root.join("d"));
                     let _ = std::fs::rename(root.join("d.real"), root.join("d"));
-                    swaps += 1;
+                    swaps.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            swaps
         })
     };
-    for round in 0..20u64 {
+    // Batches go on until they have raced a good number of swaps (a loaded machine swaps slower).
+    let mut round = 0u64;
+    while round < 20 || (swaps.load(Ordering::Relaxed) < 200 && round < 1000) {
         let mut tar = Tar::new();
         for i in 0..100 {
             tar = tar.file(&format!("d/r{round}/f{i}"), b"in the root");
@@ -257,10 +258,12 @@ fn a_folder_swapped_in_a_tight_loop_while_batches_apply_leaves_the_outside_alone
         let deletes: Vec<String> = (0..200).map(|i| format!("d/old{i}")).collect();
         let chmods = vec![Chmod { path: "d/exe".into(), exec: true }];
         agent.batch(10 + round, &deletes, chmods, &tar.bytes());
+        round += 1;
     }
     stop.store(true, Ordering::Relaxed);
-    let swaps = swapper.join().unwrap();
-    assert!(swaps > 100, "the swapper raced the batches ({swaps} swaps)");
+    swapper.join().unwrap();
+    let swaps = swaps.load(Ordering::Relaxed);
+    assert!(swaps >= 200, "the swapper raced the batches ({swaps} swaps in {round} batches)");
     assert_eq!(snapshot(&outside), before, "nothing outside written, deleted or chmodded");
     agent.bye();
 }
