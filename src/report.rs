@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use console::style;
 use devloop_agent::protocol::Stream;
@@ -266,11 +267,48 @@ impl Reporter {
             self.output(*stream, line);
             return;
         }
+        if self.build_progress(&event) {
+            return;
+        }
         if let Some(text) = self.human(&event) {
             match self.inner.bar.lock().expect("bar lock").as_ref() {
                 Some(bar) => bar.println(text),
                 None => eprintln!("{text}"),
             }
+        }
+    }
+
+    /// On a terminal, an image build is one spinner line naming the running step; finished steps
+    /// scroll above it. Elsewhere each step is a plain line (`human`). Says whether it showed the event.
+    fn build_progress(&self, event: &Event) -> bool {
+        if !console::Term::stderr().is_term() {
+            return false;
+        }
+        let mut bar = self.inner.bar.lock().expect("bar lock");
+        match event {
+            Event::BuildStep { step, status, secs } => {
+                let spinner = bar.get_or_insert_with(|| {
+                    let spinner = ProgressBar::new_spinner();
+                    spinner.set_style(
+                        ProgressStyle::with_template("{spinner} building: {msg} ({elapsed})").expect("valid template"),
+                    );
+                    spinner.enable_steady_tick(Duration::from_millis(100));
+                    spinner
+                });
+                match (status.as_str(), secs) {
+                    ("running", _) => spinner.set_message(step.clone()),
+                    (status, Some(secs)) => spinner.println(format!("  {} {step} ({secs:.1}s)", style(status).dim())),
+                    (status, None) => spinner.println(format!("  {} {step}", style(status).dim())),
+                }
+                true
+            }
+            Event::Built { .. } | Event::Error { .. } | Event::BuildSkipped { .. } => {
+                if let Some(spinner) = bar.take() {
+                    spinner.finish_and_clear();
+                }
+                false
+            }
+            _ => false,
         }
     }
 
