@@ -555,17 +555,19 @@ fn cluster(bins: &Bins, work: &Path) {
     }
     let _ = child.kill();
     let _ = child.wait();
-    let pod = kubectl(&[
+    // The newest pod (the one the session used; older ones may still be terminating).
+    let pods = kubectl(&[
         "-n",
         &ns,
         "get",
         "pods",
         "-l",
         "app.kubernetes.io/name=svc",
-        "--field-selector=status.phase=Running",
+        "--sort-by=.metadata.creationTimestamp",
         "-o",
-        "jsonpath={.items[0].metadata.name}",
+        "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}",
     ]);
+    let pod = pods.lines().last().expect("a pod").to_string();
     let mut peer = Vec::new();
     for i in 0..10 {
         let started = Instant::now();

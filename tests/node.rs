@@ -476,6 +476,11 @@ async fn the_python_example_from_prep_to_up_to_down_on_a_real_node() {
     ));
     std::fs::write(src.join("devloop.yaml"), config).unwrap();
     std::fs::write(src.join("message.txt"), "hello from python on a real node").unwrap();
+    // A line of its own per run, so that this run builds (the node keeps earlier runs' images).
+    let dockerfile = src.join("Dockerfile.develop");
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let text = std::fs::read_to_string(&dockerfile).unwrap() + &format!("# run {run}\n");
+    std::fs::write(&dockerfile, text).unwrap();
 
     let ns = scratch.name.clone();
     let global: Vec<String> =

@@ -76,7 +76,7 @@ pub async fn connect(selection: &Selection) -> Result<(Client, String), ClusterE
         .await
         .map_err(|e| ClusterError::BadKubeconfig(e.to_string()))?;
     let namespace = selection.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
-    let client = Client::try_from(config).map_err(|e| ClusterError::Unreachable(e.to_string()))?;
+    let client = client(config).map_err(|e| ClusterError::Unreachable(e.to_string()))?;
     Ok((client, namespace))
 }
 
@@ -85,6 +85,26 @@ impl ClusterError {
     pub fn is_permanent(&self) -> bool {
         !matches!(self, ClusterError::Unreachable(_) | ClusterError::Api(_))
     }
+}
+
+/// A client like kube's default one, whose connections to the API server send small writes at
+/// once (TCP_NODELAY): the agent protocol's frames are small, and with Nagle's algorithm a batch
+/// or a restart request could wait for the ACK of the previous one (a delayed ACK, ~40 ms).
+fn client(config: Config) -> Result<Client, kube::Error> {
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use kube::client::ConfigExt;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let https = config.rustls_https_connector_with_connector(http)?;
+    let hyper: hyper_util::client::legacy::Client<_, kube::client::Body> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(hyper);
+    Ok(Client::new(service, config.default_namespace))
 }
 
 /// What a failed API call means for the user.

@@ -143,7 +143,7 @@ pub async fn ensure(
         secret_names.push(name);
     }
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let pod = builder_pod(config, &node, &secret_names, &agent.digest);
+    let pod = builder_pod(config, namespace, &node, &secret_names, &agent.digest);
     if let Some(existing) = pods_api.get_opt(BUILDER).await.map_err(|e| explain(e, namespace))? {
         let annotation = |pod: &Pod, key: &str| pod.metadata.annotations.as_ref().and_then(|a| a.get(key)).cloned();
         let same_agent = annotation(&existing, "devloop.dev/agent") == Some(agent.digest.clone())
@@ -198,7 +198,14 @@ async fn choose_node(client: &kube::Client, config: &BuilderConfig) -> Result<St
 
 /// The builder pod: buildkitd on the node's containerd (namespace k8s.io), privileged, with the
 /// mounts it needs there; an init container assembles the CLI's agent from the Secret.
-fn builder_pod(config: &BuilderConfig, node: &str, secrets: &[String], agent_digest: &str) -> Pod {
+/// BuildKit's state of one namespace's builder on the node: builders of two namespaces on one
+/// node must not share a root (buildkitd locks it).
+fn builder_root(config: &BuilderConfig, namespace: &str) -> String {
+    format!("{}/{namespace}", config.root.trim_end_matches('/'))
+}
+
+fn builder_pod(config: &BuilderConfig, namespace: &str, node: &str, secrets: &[String], agent_digest: &str) -> Pod {
+    let root = builder_root(config, namespace);
     let socket_dir = Path::new(&config.containerd).parent().map(|p| p.display().to_string()).unwrap_or_default();
     let sources: Vec<serde_json::Value> = secrets.iter().map(|s| serde_json::json!({"secret": {"name": s}})).collect();
     let mut spec = serde_json::json!({
@@ -224,11 +231,11 @@ fn builder_pod(config: &BuilderConfig, node: &str, secrets: &[String], agent_dig
                 "imagePullPolicy": "IfNotPresent",
                 "command": ["buildkitd", "--oci-worker=false", "--containerd-worker=true",
                             "--containerd-worker-addr", config.containerd, "--containerd-worker-namespace", "k8s.io",
-                            "--root", config.root, "--addr", BUILDKIT_SOCKET,
+                            "--root", root, "--addr", BUILDKIT_SOCKET,
                             // RUN steps run in containers of the node's containerd, which mounts
                             // this socket by its path on the node: under the shared root it is
                             // the same path in the pod and on the node.
-                            "--otel-socket-path", format!("{}/otel-grpc.sock", config.root)],
+                            "--otel-socket-path", format!("{root}/otel-grpc.sock")],
                 "securityContext": {"privileged": true},
                 "readinessProbe": {"exec": {"command": ["buildctl", "--addr", BUILDKIT_SOCKET, "debug", "workers"]},
                                    "periodSeconds": 1, "initialDelaySeconds": 0},
@@ -237,7 +244,7 @@ fn builder_pod(config: &BuilderConfig, node: &str, secrets: &[String], agent_dig
                     {"name": "contexts", "mountPath": CONTEXTS},
                     {"name": "containerd", "mountPath": socket_dir},
                     {"name": "fifo", "mountPath": "/run/containerd/fifo"},
-                    {"name": "root", "mountPath": config.root, "mountPropagation": "Bidirectional"}
+                    {"name": "root", "mountPath": root, "mountPropagation": "Bidirectional"}
                 ]
             }],
             "volumes": [
@@ -246,7 +253,7 @@ fn builder_pod(config: &BuilderConfig, node: &str, secrets: &[String], agent_dig
                 {"name": "contexts", "emptyDir": {}},
                 {"name": "containerd", "hostPath": {"path": socket_dir}},
                 {"name": "fifo", "hostPath": {"path": "/run/containerd/fifo", "type": "DirectoryOrCreate"}},
-                {"name": "root", "hostPath": {"path": config.root, "type": "DirectoryOrCreate"}}
+                {"name": "root", "hostPath": {"path": root, "type": "DirectoryOrCreate"}}
             ]
         }
     });
