@@ -131,3 +131,29 @@ pub fn explain(err: kube::Error, namespace: &str) -> ClusterError {
         other => ClusterError::Api(other.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: u16, message: &str) -> kube::Error {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "status": "Failure", "code": code, "message": message, "reason": ""
+        }))
+        .unwrap();
+        kube::Error::Api(Box::new(status))
+    }
+
+    /// A reconnect loop must not retry what only the user can fix.
+    #[test]
+    fn credentials_and_rights_are_permanent_outages_are_not() {
+        let unauthorized = explain(api(401, "Unauthorized"), "ns");
+        assert!(matches!(unauthorized, ClusterError::Unauthorized(_)) && unauthorized.is_permanent());
+        assert!(unauthorized.hint().unwrap().contains("log in again"));
+        let forbidden = explain(api(403, "pods is forbidden"), "ns");
+        assert!(matches!(forbidden, ClusterError::Forbidden(_)) && forbidden.is_permanent());
+        assert!(explain(api(404, "namespaces \"x\" not found"), "x").is_permanent());
+        assert!(!explain(api(500, "etcd is slow"), "ns").is_permanent());
+        assert!(!ClusterError::Unreachable("connection refused".into()).is_permanent());
+    }
+}
