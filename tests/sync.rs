@@ -394,3 +394,33 @@ fn deleting_300k_files_syncs() {
     assert!(run.of("applied").len() > 1, "more than one batch");
     fx.converge();
 }
+
+/// Regression: a stream that broke during the first sync (a pod going away right after the
+/// connect, as in a rollout) ended the session with an error instead of reconnecting.
+#[test]
+fn a_stream_broken_during_the_first_sync_reconnects_and_converges() {
+    let fx = Fixture::new(CONFIG);
+    for i in 0..100 {
+        fx.write(&format!("files/f{i:03}.txt"), &"x".repeat(1000 + i));
+    }
+    // The first connection passes only 20 KB to the agent, then its stdin ends; later ones whole.
+    let flag = fx.dir.path().join("first-done");
+    let agent = support::agent_bin();
+    let line = format!(
+        "if [ -e {flag} ]; then exec {agent} serve --root {dst}; else touch {flag}; dd bs=1 count=20000 status=none | {agent} serve --root {dst}; fi",
+        flag = flag.display(),
+        agent = agent.display(),
+        dst = fx.dst.display()
+    );
+    let target = format!("cmd:sh -c '{line}'");
+    let output = std::process::Command::new(support::devloop_bin())
+        .current_dir(&fx.src)
+        .args(["--json", "watch", "--once", "--target", &target])
+        .env("XDG_CACHE_HOME", fx.dir.path().join("cache"))
+        .output()
+        .unwrap();
+    let events = support::parse_events(&String::from_utf8_lossy(&output.stdout));
+    assert_eq!(output.status.code(), Some(0), "{}\n{events:?}", String::from_utf8_lossy(&output.stderr));
+    assert!(events.iter().any(|e| e["event"] == "reconnecting"), "{events:?}");
+    fx.converge();
+}

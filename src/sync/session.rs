@@ -131,8 +131,19 @@ impl Session {
             result = self.resync(connected) => result,
             _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
         };
-        resynced?;
-        self.restart_if_owed().await?;
+        match resynced {
+            Ok(()) => self.restart_if_owed().await?,
+            // The stream broke during the first sync (the pod went away right after the connect,
+            // as in a rollout): reconnect and resync, as later in the session.
+            Err(err) if err.is_recoverable() => {
+                self.reporter.emit(Event::Disconnected { reason: err.to_string() });
+                tokio::select! {
+                    result = self.reconnect() => result?,
+                    _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
+                }
+            }
+            Err(err) => return Err(err),
+        }
         // The baseline grew one insert at a time during the initial sync (half-empty B-tree
         // nodes); rebuilt from its sorted entries it packs densely. Then the sync's transient
         // buffers go back to the OS.
