@@ -237,13 +237,20 @@ fn a_folder_swapped_in_a_tight_loop_while_batches_apply_leaves_the_outside_alone
     let swapper = {
         let (stop, swaps, root, outside) = (Arc::clone(&stop), Arc::clone(&swaps), root.clone(), outside.clone());
         std::thread::spawn(move || {
+            let (d, real) = (root.join("d"), root.join("d.real"));
             while !stop.load(Ordering::Relaxed) {
-                if std::fs::rename(root.join("d"), root.join("d.real")).is_ok() {
-                    let _ = symlink(&outside, root.join("d"));
+                if std::fs::rename(&d, &real).is_ok() {
+                    let _ = symlink(&outside, &d);
                     std::thread::yield_now();
-                    let _ = std::fs::remove_file(root.join("d"));
-                    let _ = std::fs::rename(root.join("d.real"), root.join("d"));
+                    let _ = std::fs::remove_file(&d);
+                    if std::fs::rename(&real, &d).is_err() {
+                        // The agent created `d` again meanwhile (it makes missing folders).
+                        let _ = std::fs::remove_dir_all(&d);
+                        let _ = std::fs::rename(&real, &d);
+                    }
                     swaps.fetch_add(1, Ordering::Relaxed);
+                } else if real.exists() {
+                    let _ = std::fs::remove_dir_all(&real);
                 }
             }
         })
