@@ -39,6 +39,8 @@ pub async fn up(global: &Global, once: bool, reporter: Reporter) -> Result<Outco
     // While `up` runs: a localhost tunnel to the app, recorded for `list-uris`.
     let _tunnel = if once { None } else { Some(open_tunnel(&settings, &client, &namespace, &reporter).await?) };
     let mut current = Some(settings);
+    // Sessions in a row that broke off as they began.
+    let mut broken = 0;
     loop {
         let settings = match current.take() {
             Some(settings) => settings,
@@ -53,7 +55,19 @@ pub async fn up(global: &Global, once: bool, reporter: Reporter) -> Result<Outco
             },
         };
         let transport = KubeTransport::new(client.clone(), &namespace, &settings.config.name);
-        let outcome = crate::sync::run(settings, Box::new(transport), reporter.clone()).await?;
+        let outcome = match crate::sync::run(settings, Box::new(transport), reporter.clone()).await {
+            Ok(outcome) => outcome,
+            // The pod went away under a session that had just begun (a rollout's old pod): the
+            // next session connects to the pod of the moment.
+            Err(Error::Session(e)) if e.is_recoverable() && broken < 5 => {
+                broken += 1;
+                reporter.emit(Event::Disconnected { reason: e.to_string() });
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        broken = 0;
         let Outcome::RebuildNeeded { path, .. } = &outcome else { return Ok(outcome) };
         if once {
             return Ok(outcome);
