@@ -86,27 +86,8 @@ fn host_pid(words: &[&str]) -> i32 {
 
 /// GET / of pod port 8080 through the API server's port-forward (kube-rs), read by Content-Length.
 async fn get_through_port_forward(pods: &Api<Pod>, pod: &str) -> String {
-    let mut forwarder = pods.portforward(pod, &[8080]).await.unwrap();
-    let mut stream = forwarder.take_stream(8080).unwrap();
-    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let body = loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await.unwrap().unwrap();
-        assert!(n > 0, "the stream ended before the body: {}", String::from_utf8_lossy(&buf));
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length: usize =
-                head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).unwrap().trim().parse().unwrap();
-            if body.len() >= length {
-                break body[..length].to_string();
-            }
-        }
-    };
-    drop(stream);
-    forwarder.abort();
-    body
+    let got = tokio::time::timeout(Duration::from_secs(10), try_get(pods, pod)).await.ok().flatten();
+    got.unwrap_or_else(|| panic!("pod {pod} served nothing through the port-forward"))
 }
 
 /// `devloop watch --once` against the service's pod (no `--target`), off the async runtime.

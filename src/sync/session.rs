@@ -135,14 +135,11 @@ impl Session {
             Ok(()) => self.restart_if_owed().await?,
             // The stream broke during the first sync (the pod went away right after the connect,
             // as in a rollout): reconnect and resync, as later in the session.
-            Err(err) if err.is_recoverable() => {
-                self.reporter.emit(Event::Disconnected { reason: err.to_string() });
-                tokio::select! {
-                    result = self.reconnect() => result?,
-                    _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
+            Err(err) => {
+                if let Some(outcome) = self.recover(err, &mut shutdown).await? {
+                    return Ok(outcome);
                 }
             }
-            Err(err) => return Err(err),
         }
         // The baseline grew one insert at a time during the initial sync (half-empty B-tree
         // nodes); rebuilt from its sorted entries it packs densely. Then the sync's transient
@@ -189,15 +186,29 @@ impl Session {
             match step {
                 Ok(None) => {}
                 Ok(Some(outcome)) => return Ok(outcome),
-                Err(err) if err.is_recoverable() => {
-                    self.reporter.emit(Event::Disconnected { reason: err.to_string() });
-                    tokio::select! {
-                        result = self.reconnect() => result?,
-                        _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
+                Err(err) => {
+                    if let Some(outcome) = self.recover(err, shutdown).await? {
+                        return Ok(outcome);
                     }
                 }
-                Err(err) => return Err(err),
             }
+        }
+    }
+
+    /// After a broken stream: reconnects and resyncs (`None`), or ends with `Stopped` when asked
+    /// to meanwhile; an error that is not worth a reconnect is returned as it is.
+    async fn recover(
+        &mut self,
+        err: SessionError,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<Outcome>, SessionError> {
+        if !err.is_recoverable() {
+            return Err(err);
+        }
+        self.reporter.emit(Event::Disconnected { reason: err.to_string() });
+        tokio::select! {
+            result = self.reconnect() => result.map(|()| None),
+            _ = shutdown.wait_for(|stop| *stop) => Ok(Some(Outcome::Stopped)),
         }
     }
 
