@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use console::style;
 use devloop_agent::protocol::Stream;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -79,6 +80,14 @@ pub enum Event {
         files: u64,
         deletes: u64,
         bytes: u64,
+    },
+    /// Every second of a sync that lasts longer: what of it is done (packed and sent), and the rate.
+    SyncProgress {
+        files_done: u64,
+        files: u64,
+        bytes_done: u64,
+        bytes: u64,
+        bytes_per_sec: u64,
     },
     Applied {
         round: u64,
@@ -185,10 +194,6 @@ struct Inner {
     stdout: Mutex<std::io::Stdout>,
     bar: Mutex<Option<ProgressBar>>,
 }
-
-/// Initial syncs at least this big get a progress bar.
-const BAR_MIN_BYTES: u64 = 8 << 20;
-const BAR_MIN_FILES: u64 = 2000;
 
 impl Reporter {
     pub fn new(json: bool, verbose: bool) -> Reporter {
@@ -341,6 +346,7 @@ impl Reporter {
             Event::Scanned { .. }
             | Event::Connected { .. }
             | Event::SyncStarted { .. }
+            | Event::SyncProgress { .. }
             | Event::Applied { .. }
             | Event::UpToDate { .. } => return self.sync_text(event),
             Event::Tunnel { url, remote_port } => {
@@ -413,6 +419,12 @@ impl Reporter {
                 }
                 format!("{tag} syncing {files} files, {deletes} deletions, {}", human_bytes(*bytes))
             }
+            Event::SyncProgress { files_done, files, bytes_done, bytes, bytes_per_sec } => format!(
+                "{tag} syncing: {files_done}/{files} files, {}/{} ({}/s)",
+                human_bytes(*bytes_done),
+                human_bytes(*bytes),
+                human_bytes(*bytes_per_sec)
+            ),
             Event::Applied { files, deleted, bytes, refused, millis, .. } => {
                 let mut s = format!(
                     "{tag} {} {files} files, {deleted} deleted, {} in {millis:.1} ms",
@@ -429,21 +441,55 @@ impl Reporter {
         })
     }
 
-    /// A progress bar for a large initial sync, or a no-op. Call [`Reporter::finish_progress`] after.
+    /// Progress of a sync of `files` files and `bytes` bytes: counted from the packing thread
+    /// ([`Progress::inc`]) and shown by [`Reporter::show_progress`] once it lasts over a second.
+    /// Call [`Reporter::finish_progress`] after.
     pub fn progress(&self, files: u64, bytes: u64) -> Progress {
-        if self.inner.json || (bytes < BAR_MIN_BYTES && files < BAR_MIN_FILES) || !console::Term::stderr().is_term() {
-            return Progress(None);
+        let bar = (!self.inner.json && !self.inner.silent && console::Term::stderr().is_term()).then(|| {
+            // Hidden until the first tick: a short sync shows nothing.
+            let bar = ProgressBar::with_draw_target(Some(bytes.max(1)), ProgressDrawTarget::hidden());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} syncing [{bar:30}] {msg} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            *self.inner.bar.lock().expect("bar lock") = Some(bar.clone());
+            bar
+        });
+        Progress(Arc::new(ProgressState {
+            files,
+            bytes,
+            files_done: AtomicU64::new(0),
+            bytes_done: AtomicU64::new(0),
+            started: std::time::Instant::now(),
+            bar,
+        }))
+    }
+
+    /// One tick of a sync's progress: the bar on a terminal, else an event (a JSON line, or a
+    /// plain line for a log).
+    pub fn show_progress(&self, progress: &Progress) {
+        let state = &progress.0;
+        let (files_done, bytes_done) =
+            (state.files_done.load(Ordering::Relaxed), state.bytes_done.load(Ordering::Relaxed));
+        if let Some(bar) = &state.bar {
+            if bar.is_hidden() {
+                bar.set_draw_target(ProgressDrawTarget::stderr());
+            }
+            bar.set_position(bytes_done);
+            bar.set_message(format!("{files_done}/{} files", state.files));
+            return;
         }
-        let bar = ProgressBar::new(bytes.max(1));
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} syncing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        *self.inner.bar.lock().expect("bar lock") = Some(bar.clone());
-        Progress(Some(bar))
+        let secs = state.started.elapsed().as_secs_f64().max(1e-3);
+        self.emit(Event::SyncProgress {
+            files_done,
+            files: state.files,
+            bytes_done,
+            bytes: state.bytes,
+            bytes_per_sec: (bytes_done as f64 / secs) as u64,
+        });
     }
 
     pub fn finish_progress(&self) {
@@ -453,15 +499,24 @@ impl Reporter {
     }
 }
 
-/// A handle to bump the progress bar from the packing thread.
+/// A sync's progress counters, bumped by the packing thread.
 #[derive(Clone)]
-pub struct Progress(Option<ProgressBar>);
+pub struct Progress(Arc<ProgressState>);
+
+struct ProgressState {
+    files: u64,
+    bytes: u64,
+    files_done: AtomicU64,
+    bytes_done: AtomicU64,
+    started: std::time::Instant,
+    bar: Option<ProgressBar>,
+}
 
 impl Progress {
+    /// One entry of `bytes` bytes packed.
     pub fn inc(&self, bytes: u64) {
-        if let Some(bar) = &self.0 {
-            bar.inc(bytes);
-        }
+        self.0.files_done.fetch_add(1, Ordering::Relaxed);
+        self.0.bytes_done.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 

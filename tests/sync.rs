@@ -424,3 +424,44 @@ fn a_stream_broken_during_the_first_sync_reconnects_and_converges() {
     assert!(events.iter().any(|e| e["event"] == "reconnecting"), "{events:?}");
     fx.converge();
 }
+
+/// A sync that lasts over a second reports its progress every second (`sync_progress` events
+/// under `--json`; a bar on a terminal, plain lines otherwise). The target is throttled to about
+/// 4 MB/s by a pipe in front of the agent.
+#[test]
+fn a_long_sync_reports_its_progress() {
+    let fx = Fixture::new(CONFIG);
+    for i in 0..120 {
+        fx.write(&format!("data/f{i:03}.bin"), &format!("{i:03}").repeat(34_000));
+    }
+    let throttle = fx.dir.path().join("throttle.py");
+    std::fs::write(
+        &throttle,
+        "import sys, time\ni, o = sys.stdin.buffer, sys.stdout.buffer\nwhile True:\n    b = i.read1(65536)\n    if not b:\n        break\n    o.write(b)\n    o.flush()\n    time.sleep(len(b) / 4e6)\n",
+    )
+    .unwrap();
+    let target = format!(
+        "cmd:sh -c 'python3 {} | {} serve --root {}'",
+        throttle.display(),
+        support::agent_bin().display(),
+        fx.dst.display()
+    );
+    let output = std::process::Command::new(support::devloop_bin())
+        .current_dir(&fx.src)
+        .args(["--json", "watch", "--once", "--target", &target])
+        .env("XDG_CACHE_HOME", fx.dir.path().join("cache"))
+        .output()
+        .unwrap();
+    let events = support::parse_events(&String::from_utf8_lossy(&output.stdout));
+    assert_eq!(output.status.code(), Some(0), "{}\n{events:?}", String::from_utf8_lossy(&output.stderr));
+    let started = events.iter().find(|e| e["event"] == "sync_started").expect("sync_started");
+    let progress: Vec<_> = events.iter().filter(|e| e["event"] == "sync_progress").collect();
+    assert!(!progress.is_empty(), "a sync of about 3 s reports progress: {events:?}");
+    for p in &progress {
+        assert_eq!((&p["files"], &p["bytes"]), (&started["files"], &started["bytes"]), "{p}");
+        assert!(p["bytes_done"].as_u64().unwrap() <= p["bytes"].as_u64().unwrap(), "{p}");
+        assert!(p["files_done"].as_u64().unwrap() <= p["files"].as_u64().unwrap(), "{p}");
+        assert!(p["bytes_per_sec"].as_u64().unwrap() > 0, "{p}");
+    }
+    fx.converge();
+}

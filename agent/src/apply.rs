@@ -21,6 +21,8 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
@@ -44,15 +46,36 @@ pub enum TreeUpdate {
 
 pub struct Applier {
     root: PathBuf,
+    dest: Dest,
+    /// The copy buffer of files streamed by the reading thread, kept across files.
+    buf: Vec<u8>,
+}
+
+/// Where entries go, shared by the threads of one batch.
+struct Dest {
     /// The root, opened once: every path is resolved beneath it.
     root_fd: OwnedFd,
     /// The staging folder, `.devloop/staging` (same file system as the root).
     staging: OwnedFd,
-    max_file_size: u64,
-    seq: u64,
+    seq: AtomicU64,
     /// This process's id, part of staged names (read once: it is a syscall).
     pid: u32,
+    max_file_size: u64,
+    /// Whether unnamed files (`O_TMPFILE`) and linking them in work here (overlayfs before Linux
+    /// 6.6 and some others have no `O_TMPFILE`; without `CAP_DAC_READ_SEARCH` and `/proc` there
+    /// is no way to link one in). Cleared at the first failure; the staging folder serves then.
+    unnamed: AtomicBool,
 }
+
+/// Files up to this size are read whole from the stream and written by the batch's writer
+/// threads; larger ones are streamed to disk by the reading thread itself.
+const SMALL_FILE: u64 = 256 << 10;
+/// Writer threads of a batch (spawned at its second small file). File creation waits on the file
+/// system more than on the CPU, so more writers than cores pay off on real disks.
+const WRITERS: usize = 4;
+/// Small files read and waiting for a writer: bounds a batch's memory to about
+/// `(QUEUED + WRITERS) * SMALL_FILE`.
+const QUEUED: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
@@ -104,8 +127,15 @@ impl Applier {
                 _ => {}
             }
         }
-        let pid = std::process::id();
-        Ok(Applier { root: root.to_path_buf(), root_fd, staging, max_file_size, seq: 0, pid })
+        let dest = Dest {
+            root_fd,
+            staging,
+            seq: AtomicU64::new(0),
+            pid: std::process::id(),
+            max_file_size,
+            unnamed: AtomicBool::new(true),
+        };
+        Ok(Applier { root: root.to_path_buf(), dest, buf: Vec::new() })
     }
 
     pub fn root(&self) -> &Path {
@@ -150,45 +180,80 @@ impl Applier {
     }
 
     /// Applies the entries of the batch's tar stream in order; says why when the stream broke off.
+    /// Small files are read whole and, from the second one on, handed to writer threads;
+    /// everything else is applied by this thread.
     fn apply_entries(&mut self, tar: impl Read, report: &mut Applied, updates: &mut Vec<TreeUpdate>) -> Option<String> {
         let mut archive = tar::Archive::new(crate::targuard::Guard::new(tar));
-        match archive.entries() {
-            Ok(entries) => {
-                let mut broke = None;
-                for entry in entries {
-                    let mut entry = match entry {
-                        Ok(entry) => entry,
-                        Err(e) => {
-                            broke = Some(format!("the batch's tar stream broke off: {e}"));
-                            break;
-                        }
-                    };
-                    let path = match entry_path(&entry) {
-                        Ok(path) => path,
-                        Err(refusal) => {
-                            let shown: String =
-                                String::from_utf8_lossy(&entry.path_bytes()).chars().take(256).collect();
-                            report.refused.push(refused(&shown, refusal));
-                            continue;
-                        }
-                    };
-                    match self.entry(&path, &mut entry) {
-                        Ok(scanned) => {
-                            report.written += 1;
-                            report.bytes += scanned.entry.size();
-                            updates.push(TreeUpdate::Put(path, scanned));
-                        }
-                        Err(Refusal::Io(e)) if is_stream_error(&e) => {
-                            broke = Some(format!("the batch's tar stream broke off at `{path}`: {e}"));
-                            break;
-                        }
-                        Err(refusal) => report.refused.push(refused(&path, refusal)),
+        let entries = match archive.entries() {
+            Ok(entries) => entries,
+            Err(e) => return Some(format!("the batch's tar stream is unreadable: {e}")),
+        };
+        // Results in stream order (writers finish out of order), for a stable report.
+        let mut results: Vec<Written> = Vec::new();
+        let (done_tx, done_rx) = mpsc::channel::<Written>();
+        let (dest, buf) = (&self.dest, &mut self.buf);
+        let broke = std::thread::scope(|scope| {
+            let mut writers: Option<Writers> = None;
+            let mut small_seen = false;
+            let mut broke = None;
+            for (seq, entry) in entries.enumerate() {
+                let mut entry = match entry {
+                    Ok(entry) => entry,
+                    Err(e) => {
+                        broke = Some(format!("the batch's tar stream broke off: {e}"));
+                        break;
                     }
+                };
+                let path = match entry_path(&entry) {
+                    Ok(path) => path,
+                    Err(refusal) => {
+                        let shown: String = String::from_utf8_lossy(&entry.path_bytes()).chars().take(256).collect();
+                        results.push((seq, shown, Err(refusal)));
+                        continue;
+                    }
+                };
+                let result = match small_file(&mut entry, dest.max_file_size) {
+                    // The first small file is written here: a one-file edit waits for no thread.
+                    Ok(Some(file)) if !small_seen => {
+                        small_seen = true;
+                        dest.write_small(&path, file)
+                    }
+                    Ok(Some(file)) => {
+                        let writers = writers.get_or_insert_with(|| Writers::start(scope, dest, &done_tx));
+                        writers.send(seq, path, file);
+                        results.extend(done_rx.try_iter());
+                        continue;
+                    }
+                    Ok(None) => dest.entry(buf, &path, &mut entry),
+                    Err(refusal) => Err(refusal),
+                };
+                match result {
+                    Err(Refusal::Io(e)) if is_stream_error(&e) => {
+                        broke = Some(format!("the batch's tar stream broke off at `{path}`: {e}"));
+                        break;
+                    }
+                    result => results.push((seq, path, result)),
                 }
-                broke
             }
-            Err(e) => Some(format!("the batch's tar stream is unreadable: {e}")),
+            // The writers finish what they were handed (all of it arrived whole) before the
+            // batch is reported.
+            drop(writers);
+            broke
+        });
+        drop(done_tx);
+        results.extend(done_rx.try_iter());
+        results.sort_unstable_by_key(|(seq, _, _)| *seq);
+        for (_, path, result) in results {
+            match result {
+                Ok(scanned) => {
+                    report.written += 1;
+                    report.bytes += scanned.entry.size();
+                    updates.push(TreeUpdate::Put(path, scanned));
+                }
+                Err(refusal) => report.refused.push(refused(&path, refusal)),
+            }
         }
+        broke
     }
 
     /// Removes one path; `Ok(false)` when it was already gone.
@@ -233,7 +298,17 @@ impl Applier {
         Ok(())
     }
 
-    fn entry<R: Read>(&mut self, path: &str, entry: &mut tar::Entry<'_, R>) -> Result<Scanned, Refusal> {
+    /// The folder `path` (the root for ""), resolved beneath the root without following any
+    /// symlink; created with its parents when `create`.
+    fn folder(&self, path: &str, create: bool) -> Result<OwnedFd, Refusal> {
+        folder(&self.dest.root_fd, path, create)
+    }
+}
+
+impl Dest {
+    /// Applies one entry this thread reads to its end (folders, symlinks, large files); `buf` is
+    /// the copy buffer, kept across files.
+    fn entry<R: Read>(&self, buf: &mut Vec<u8>, path: &str, entry: &mut tar::Entry<'_, R>) -> Result<Scanned, Refusal> {
         let header = entry.header();
         match header.entry_type() {
             EntryType::Directory => {
@@ -248,7 +323,7 @@ impl Applier {
                 let exec = header.mode()? & 0o111 != 0;
                 let expected = pax_digest(entry)?;
                 let staged = self.staged_name();
-                let result = self.write_file(&staged, entry, expected, exec).and_then(|(digest, stat)| {
+                let result = self.write_file(buf, &staged, entry, expected, exec).and_then(|(digest, stat)| {
                     self.place(&staged, path)?;
                     Ok(Scanned { entry: Entry::File { hash: digest, size, exec }, stat })
                 });
@@ -284,6 +359,7 @@ impl Applier {
     /// stat to cache for it (a rename does not change it; `None` while it is too fresh to trust).
     fn write_file<R: Read>(
         &self,
+        buf: &mut Vec<u8>,
         staged: &str,
         entry: &mut tar::Entry<'_, R>,
         expected: Digest,
@@ -294,9 +370,9 @@ impl Applier {
         let mut out = File::from(rustix::fs::openat(&self.staging, staged, flags, Mode::from_raw_mode(mode))?);
         let written_at = SystemTime::now();
         let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 64 << 10];
+        buf.resize(256 << 10, 0);
         loop {
-            let n = match entry.read(&mut buf) {
+            let n = match entry.read(buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -310,43 +386,210 @@ impl Applier {
             return Err(Refusal::DigestMismatch { expected: expected.to_hex(), got: got.to_hex() });
         }
         let meta = out.metadata()?;
-        if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777 != mode {
-            // The umask took bits away.
-            rustix::fs::fchmod(&out, Mode::from_raw_mode(mode))?;
-        }
+        fix_mode(&out, &meta, mode)?;
         Ok((got, StatKey::of(&meta).settled(written_at)))
+    }
+
+    /// Writes a small file that arrived whole: checked against its digest before anything is
+    /// written, then created unnamed in its folder and linked in under its name (a new file), or
+    /// staged and renamed over what is there. Either way a reader sees the whole file or none.
+    fn write_small(&self, path: &str, file: SmallFile) -> Result<Scanned, Refusal> {
+        let got = Digest::of(&file.content);
+        if got != file.expected {
+            return Err(Refusal::DigestMismatch { expected: file.expected.to_hex(), got: got.to_hex() });
+        }
+        let (parent, name) = split(path);
+        let dir = self.folder(parent, true)?;
+        let mode = file_mode(file.exec);
+        let written_at = SystemTime::now();
+        let placed = match self.unnamed.load(Ordering::Relaxed) {
+            true => self.write_unnamed(&dir, name, &file.content, mode)?,
+            false => None,
+        };
+        let out = match placed {
+            Some(out) => out,
+            None => self.write_staged(&dir, name, &file.content, mode)?,
+        };
+        // Read after the link or rename, which moved the ctime.
+        let stat = StatKey::of(&out.metadata()?).settled(written_at);
+        let size = file.content.len() as u64;
+        Ok(Scanned { entry: Entry::File { hash: got, size, exec: file.exec }, stat })
+    }
+
+    /// `O_TMPFILE` in the destination folder, linked in; `None` when this file system or
+    /// sandbox cannot (then the staging folder serves from now on).
+    fn write_unnamed(&self, dir: &OwnedFd, name: &str, content: &[u8], mode: u32) -> Result<Option<File>, Refusal> {
+        let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
+        let out = match rustix::fs::openat(dir, ".", flags, Mode::from_raw_mode(mode)) {
+            Ok(fd) => File::from(fd),
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL) => {
+                self.unnamed.store(false, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        (&out).write_all(content)?;
+        fix_mode(&out, &out.metadata()?, mode)?;
+        match link_unnamed(&out, dir, name) {
+            Ok(true) => Ok(Some(out)),
+            Ok(false) => {
+                self.unnamed.store(false, Ordering::Relaxed);
+                Ok(None)
+            }
+            // Something is there already: link into staging, then rename over it.
+            Err(rustix::io::Errno::EXIST) => {
+                let staged = self.staged_name();
+                let placed = match link_unnamed(&out, &self.staging, &staged) {
+                    Ok(true) => self.place_in(&staged, dir, name),
+                    Ok(false) => Err(Refusal::Io(io::ErrorKind::Unsupported.into())),
+                    Err(e) => Err(e.into()),
+                };
+                if placed.is_err() {
+                    let _ = rustix::fs::unlinkat(&self.staging, &staged, AtFlags::empty());
+                }
+                placed.map(|()| Some(out))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A named file in the staging folder, renamed over `name` in `dir`.
+    fn write_staged(&self, dir: &OwnedFd, name: &str, content: &[u8], mode: u32) -> Result<File, Refusal> {
+        let staged = self.staged_name();
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let result = (|| {
+            let out = File::from(rustix::fs::openat(&self.staging, &staged, flags, Mode::from_raw_mode(mode))?);
+            (&out).write_all(content)?;
+            fix_mode(&out, &out.metadata()?, mode)?;
+            self.place_in(&staged, dir, name)?;
+            Ok(out)
+        })();
+        if result.is_err() {
+            let _ = rustix::fs::unlinkat(&self.staging, &staged, AtFlags::empty());
+        }
+        result
     }
 
     /// Renames a staged entry over `path`, in its parent folder resolved now. An empty folder in
     /// the way is replaced; a folder with content never is.
-    fn place(&mut self, staged: &str, path: &str) -> Result<(), Refusal> {
+    fn place(&self, staged: &str, path: &str) -> Result<(), Refusal> {
         let (parent, name) = split(path);
         let dir = self.folder(parent, true)?;
-        match rustix::fs::renameat(&self.staging, staged, &dir, name) {
+        self.place_in(staged, &dir, name)
+    }
+
+    /// [`Dest::place`] into the folder `dir`, resolved by the caller.
+    fn place_in(&self, staged: &str, dir: &OwnedFd, name: &str) -> Result<(), Refusal> {
+        match rustix::fs::renameat(&self.staging, staged, dir, name) {
             Ok(()) => Ok(()),
             Err(e @ (rustix::io::Errno::ISDIR | rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST)) => {
-                let in_the_way = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                let in_the_way = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
                     .is_ok_and(|st| FileType::from_raw_mode(st.st_mode).is_dir());
                 if !in_the_way {
                     return Err(e.into());
                 }
-                rustix::fs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(|_| Refusal::FolderInTheWay)?;
-                rustix::fs::renameat(&self.staging, staged, &dir, name)?;
+                rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(|_| Refusal::FolderInTheWay)?;
+                rustix::fs::renameat(&self.staging, staged, dir, name)?;
                 Ok(())
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    fn staged_name(&mut self) -> String {
-        self.seq += 1;
-        format!("{}-{}", self.pid, self.seq)
+    fn staged_name(&self) -> String {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("{}-{seq}", self.pid)
     }
 
-    /// The folder `path` (the root for ""), resolved beneath the root without following any
-    /// symlink; created with its parents when `create`.
     fn folder(&self, path: &str, create: bool) -> Result<OwnedFd, Refusal> {
         folder(&self.root_fd, path, create)
+    }
+}
+
+/// Links an unnamed file in as `name` in `dir`. `Ok(false)` when this process cannot link one
+/// (`AT_EMPTY_PATH` needs `CAP_DAC_READ_SEARCH`; the `/proc` route needs `/proc`).
+fn link_unnamed(file: &File, dir: &OwnedFd, name: &str) -> Result<bool, rustix::io::Errno> {
+    match rustix::fs::linkat(file, "", dir, name, AtFlags::EMPTY_PATH) {
+        Ok(()) => return Ok(true),
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM) => {}
+        Err(e) => return Err(e),
+    }
+    let magic = format!("/proc/self/fd/{}", rustix::fd::AsRawFd::as_raw_fd(file));
+    match rustix::fs::linkat(rustix::fs::CWD, magic.as_str(), dir, name, AtFlags::SYMLINK_FOLLOW) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM | rustix::io::Errno::ACCESS) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sets the mode the umask took bits away from.
+fn fix_mode(file: &File, meta: &std::fs::Metadata, mode: u32) -> io::Result<()> {
+    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777 != mode {
+        rustix::fs::fchmod(file, Mode::from_raw_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// A small file read whole from the stream, for a writer thread.
+struct SmallFile {
+    content: Vec<u8>,
+    expected: Digest,
+    exec: bool,
+}
+
+/// What became of one entry: its place in the stream, its path, and the outcome.
+type Written = (usize, String, Result<Scanned, Refusal>);
+
+/// Reads a small regular file's content and digest from the stream; `None` for any other entry.
+fn small_file<R: Read>(entry: &mut tar::Entry<'_, R>, max_file_size: u64) -> Result<Option<SmallFile>, Refusal> {
+    let header = entry.header();
+    if !matches!(header.entry_type(), EntryType::Regular | EntryType::Continuous) {
+        return Ok(None);
+    }
+    let size = header.size()?;
+    if size > SMALL_FILE || size > max_file_size {
+        return Ok(None);
+    }
+    let exec = header.mode()? & 0o111 != 0;
+    let expected = pax_digest(entry)?;
+    let mut content = Vec::with_capacity(size as usize);
+    entry.read_to_end(&mut content).map_err(stream_error)?;
+    if (content.len() as u64) < size {
+        return Err(Refusal::Io(stream_error(io::ErrorKind::UnexpectedEof.into())));
+    }
+    Ok(Some(SmallFile { content, expected, exec }))
+}
+
+/// The writer threads of one batch, fed through a short queue.
+struct Writers {
+    tx: mpsc::SyncSender<(usize, String, SmallFile)>,
+}
+
+impl Writers {
+    fn start<'scope>(
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        dest: &'scope Dest,
+        done: &mpsc::Sender<Written>,
+    ) -> Writers {
+        let (tx, rx) = mpsc::sync_channel::<(usize, String, SmallFile)>(QUEUED);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..WRITERS {
+            let (rx, done) = (Arc::clone(&rx), done.clone());
+            scope.spawn(move || loop {
+                let job = rx.lock().expect("writer queue poisoned").recv();
+                let Ok((seq, path, file)) = job else { break };
+                let result = dest.write_small(&path, file);
+                if done.send((seq, path, result)).is_err() {
+                    break;
+                }
+            });
+        }
+        Writers { tx }
+    }
+
+    fn send(&self, seq: usize, path: String, file: SmallFile) {
+        // The writers end only when this sender is dropped.
+        let _ = self.tx.send((seq, path, file));
     }
 }
 

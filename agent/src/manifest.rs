@@ -78,6 +78,34 @@ pub enum Entry {
     Dir,
 }
 
+/// The digest of a manifest, path by path in the order given (sorted, as trees and manifests
+/// iterate). Both ends compute it the same way; equal digests mean equal trees.
+#[cfg(feature = "tree")]
+pub fn digest_of<'a>(entries: impl IntoIterator<Item = (&'a str, &'a Entry)>) -> Digest {
+    let mut hasher = blake3::Hasher::new();
+    for (path, entry) in entries {
+        hasher.update(path.as_bytes());
+        hasher.update(&[0]);
+        match entry {
+            Entry::File { hash, size, exec } => {
+                hasher.update(&[1]);
+                hasher.update(&hash.0);
+                hasher.update(&size.to_le_bytes());
+                hasher.update(&[u8::from(*exec)]);
+            }
+            Entry::Symlink { target } => {
+                hasher.update(&[2]);
+                hasher.update(target.as_bytes());
+                hasher.update(&[0]);
+            }
+            Entry::Dir => {
+                hasher.update(&[3]);
+            }
+        }
+    }
+    Digest(*hasher.finalize().as_bytes())
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }

@@ -21,7 +21,7 @@ use crate::manifest::Record;
 
 pub const MAGIC: [u8; 8] = *b"\x7fDEVLOOP";
 /// Bump on any incompatible change of the frames or messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// PAX extended-header key holding a regular file's blake3 (hex) inside a batch's tar stream.
 pub const PAX_BLAKE3: &str = "DEVLOOP.blake3";
 /// Largest frame accepted.
@@ -51,6 +51,16 @@ pub enum ToAgent {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         session: String,
         excludes: Vec<String>,
+        /// Ask before the manifest: the agent first sends [`FromAgent::ManifestDigest`] and
+        /// waits for [`ToAgent::Manifest`], so that equal trees exchange a digest, not 100,000
+        /// records. Without it the manifest follows the welcome at once.
+        #[serde(default, skip_serializing_if = "is_false")]
+        ask: bool,
+    },
+    /// The answer to [`FromAgent::ManifestDigest`]: whether the records are wanted (the
+    /// digests differ) or not (the trees are equal); [`FromAgent::ManifestEnd`] follows either way.
+    Manifest {
+        wanted: bool,
     },
     /// A batch: deletions, then the entries of the tar stream that follows in data frames.
     Batch {
@@ -70,6 +80,10 @@ pub enum ToAgent {
     Bye,
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// A change of the exec bit alone; the content is unchanged.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chmod {
@@ -84,6 +98,12 @@ pub enum FromAgent {
     Welcome {
         agent: String,
         root: String,
+    },
+    /// The digest of the agent's manifest ([`crate::manifest::digest_of`]) and its size, for a
+    /// client that asked first.
+    ManifestDigest {
+        digest: crate::manifest::Digest,
+        entries: u64,
     },
     /// One chunk of the agent's manifest; as many as needed, then [`FromAgent::ManifestEnd`].
     Manifest {
@@ -289,11 +309,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if len > max {
             return Err(ProtocolError::FrameTooLarge { len, max });
         }
-        let mut payload = vec![0u8; len];
-        self.inner.read_exact(&mut payload).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
-            _ => ProtocolError::Io(e),
-        })?;
+        // Read into spare capacity: no zeroing of a megabyte per data frame.
+        let mut payload = Vec::with_capacity(len);
+        (&mut self.inner).take(len as u64).read_to_end(&mut payload).await?;
+        if payload.len() < len {
+            return Err(ProtocolError::Truncated);
+        }
         match head[4] {
             TAG_MESSAGE => Ok(Some(Frame::Message(payload))),
             TAG_DATA => Ok(Some(Frame::Data(payload))),

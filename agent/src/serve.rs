@@ -60,14 +60,13 @@ where
     let writer = tokio::spawn(write_all(FrameWriter::new(writer), rx));
     let result = async {
         let hello = match frames.message::<ToAgent>().await? {
-            ToAgent::Hello { client, session, excludes } => {
+            ToAgent::Hello { client, session, excludes, ask } => {
                 info!(%client, %session, root = %options.root.display(), "session");
-                (session, excludes)
+                Hello { session, excludes, ask }
             }
             other => return Err(unexpected("hello", &other).into()),
         };
-        let (session_id, excludes) = hello;
-        session(&mut frames, &out, &options, &session_id, &excludes).await
+        session(&mut frames, &out, &options, &hello).await
     }
     .await;
     if let Err(err) = &result {
@@ -98,13 +97,20 @@ async fn write_all<W: AsyncWrite + Unpin>(
 
 type Out = mpsc::UnboundedSender<FromAgent>;
 
+/// What the client's hello asked for.
+struct Hello {
+    session: String,
+    excludes: Vec<String>,
+    ask: bool,
+}
+
 async fn session<R: AsyncRead + Unpin>(
     frames: &mut FrameReader<R>,
     out: &Out,
     options: &ServeOptions,
-    session_id: &str,
-    excludes: &[String],
+    hello: &Hello,
 ) -> Result<(), ServeError> {
+    let Hello { session: session_id, excludes, ask } = hello;
     let root = options.root.clone();
     let root_err = |source| ServeError::Root { root: root.clone(), source };
     fs::create_dir_all(&root).map_err(root_err)?;
@@ -125,7 +131,9 @@ async fn session<R: AsyncRead + Unpin>(
         tokio::task::spawn_blocking(move || {
             let previous = walk::load_stat_cache(&cache_path);
             let outcome = walk::scan(&filter, &previous);
-            walk::save_stat_cache(&cache_path, &outcome.tree);
+            if walk::cache_changed(&previous, &outcome) {
+                walk::save_stat_cache(&cache_path, &outcome.tree);
+            }
             outcome
         })
         .instrument(info_span!("scan"))
@@ -134,12 +142,23 @@ async fn session<R: AsyncRead + Unpin>(
     };
     debug!(entries = scanned.tree.len(), hashed = scanned.stats.hashed_files, "manifest");
     let mut tree = scanned.tree;
-    let records: Vec<Record> =
-        tree.iter().map(|(path, s)| Record { path: path.clone(), entry: s.entry.clone() }).collect();
-    for chunk in records.chunks(MANIFEST_CHUNK) {
-        let _ = out.send(FromAgent::Manifest { records: chunk.to_vec() });
+    let wanted = match *ask {
+        false => true,
+        true => {
+            let _ = out.send(FromAgent::ManifestDigest { digest: walk::digest(&tree), entries: tree.len() as u64 });
+            match frames.message::<ToAgent>().await? {
+                ToAgent::Manifest { wanted } => wanted,
+                other => return Err(unexpected("the manifest question's answer", &other).into()),
+            }
+        }
+    };
+    if wanted {
+        let records: Vec<Record> =
+            tree.iter().map(|(path, s)| Record { path: path.clone(), entry: s.entry.clone() }).collect();
+        for chunk in records.chunks(MANIFEST_CHUNK) {
+            let _ = out.send(FromAgent::Manifest { records: chunk.to_vec() });
+        }
     }
-    drop(records);
     let _ = out.send(FromAgent::ManifestEnd { entries: tree.len() as u64, problems: scanned.problems });
 
     // The app's output and exits reach the client for as long as the session lasts.
@@ -153,11 +172,14 @@ async fn session<R: AsyncRead + Unpin>(
             }
         })
     });
-    let result = batches(frames, out, options, &mut applier, &mut tree).await;
+    let mut changed = false;
+    let result = batches(frames, out, options, &mut applier, &mut tree, &mut changed).await;
     if let Some(forwarder) = forwarder {
         forwarder.abort();
     }
-    let _ = tokio::task::spawn_blocking(move || walk::save_stat_cache(&cache_path, &tree)).await;
+    if changed {
+        let _ = tokio::task::spawn_blocking(move || walk::save_stat_cache(&cache_path, &tree)).await;
+    }
     result
 }
 
@@ -167,6 +189,7 @@ async fn batches<R: AsyncRead + Unpin>(
     options: &ServeOptions,
     applier: &mut Option<Applier>,
     tree: &mut Tree,
+    changed: &mut bool,
 ) -> Result<(), ServeError> {
     loop {
         let Some(frame) = frames.next().await? else {
@@ -177,6 +200,7 @@ async fn batches<R: AsyncRead + Unpin>(
             ToAgent::Batch { id, deletes, chmods } => {
                 let (report, incomplete, updates) =
                     receive_batch(frames, applier, id, deletes, chmods).instrument(info_span!("apply", id)).await?;
+                *changed |= !updates.is_empty();
                 for update in updates {
                     match update {
                         TreeUpdate::Put(path, scanned) => {
@@ -211,7 +235,9 @@ async fn batches<R: AsyncRead + Unpin>(
                 let _ = out.send(FromAgent::Restart(report));
             }
             ToAgent::Bye => return Ok(()),
-            other @ ToAgent::Hello { .. } => return Err(unexpected("a batch or bye", &other).into()),
+            other @ (ToAgent::Hello { .. } | ToAgent::Manifest { .. }) => {
+                return Err(unexpected("a batch or bye", &other).into())
+            }
         }
     }
 }

@@ -92,6 +92,18 @@ pub fn manifest_of(tree: &Tree) -> Manifest {
     tree.iter().map(|(path, s)| (path.clone(), s.entry.clone())).collect()
 }
 
+/// The digest of a tree's manifest (see [`crate::manifest::digest_of`]).
+pub fn digest(tree: &Tree) -> Digest {
+    crate::manifest::digest_of(tree.iter().map(|(path, s)| (path.as_str(), &s.entry)))
+}
+
+/// Whether a scan leaves the stat cache to save different from `previous` (the cache it read):
+/// a file was hashed, or files came or went. Directories and symlinks are not cached.
+pub fn cache_changed(previous: &Tree, outcome: &ScanOutcome) -> bool {
+    let cached = |tree: &Tree| tree.values().filter(|s| s.stat.is_some()).count();
+    outcome.stats.hashed_files > 0 || cached(previous) != cached(&outcome.tree)
+}
+
 /// Walks the whole tree under `filter.root()`; `previous` serves as the stat cache.
 pub fn scan(filter: &Arc<Filter>, previous: &Tree) -> ScanOutcome {
     let root = filter.root().to_path_buf();

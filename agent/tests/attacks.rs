@@ -42,7 +42,12 @@ impl Agent {
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let mut hello = MAGIC.to_vec();
         hello.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-        hello.extend(message(&ToAgent::Hello { client: "attack".into(), session: session.into(), excludes: vec![] }));
+        hello.extend(message(&ToAgent::Hello {
+            client: "attack".into(),
+            session: session.into(),
+            excludes: vec![],
+            ask: false,
+        }));
         stdin.write_all(&hello).unwrap();
         let mut agent = Agent { child, stdin, stdout };
         let mut theirs = [0u8; 12];

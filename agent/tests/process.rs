@@ -52,7 +52,12 @@ fn hostile_batch_through_the_real_binary_writes_nothing_outside() {
 
     let mut child = agent(&root);
     let mut input = hello(PROTOCOL_VERSION);
-    input.extend(message(&ToAgent::Hello { client: "test".into(), session: String::new(), excludes: vec![] }));
+    input.extend(message(&ToAgent::Hello {
+        client: "test".into(),
+        session: String::new(),
+        excludes: vec![],
+        ask: false,
+    }));
     input.extend(message(&ToAgent::Batch { id: 1, deletes: vec![], chmods: vec![] }));
     let tar = Tar::new()
         .file("../outside/evil.txt", b"evil")
@@ -99,7 +104,12 @@ fn junk_before_the_handshake_is_skipped() {
     let mut child = agent(dir.path());
     let mut input = b"Welcome to the container!\r\n".to_vec();
     input.extend(hello(PROTOCOL_VERSION));
-    input.extend(message(&ToAgent::Hello { client: "test".into(), session: String::new(), excludes: vec![] }));
+    input.extend(message(&ToAgent::Hello {
+        client: "test".into(),
+        session: String::new(),
+        excludes: vec![],
+        ask: false,
+    }));
     input.extend(message(&ToAgent::Bye));
     child.stdin.take().unwrap().write_all(&input).unwrap();
     let output = child.wait_with_output().unwrap();

@@ -20,6 +20,13 @@ struct Client {
 }
 
 async fn connect(root: &Path, max_file_size: u64) -> (Client, Vec<Record>) {
+    let mut client = open(root, max_file_size, false).await;
+    let records = client.manifest_records().await;
+    (client, records)
+}
+
+/// Connects and says hello (`ask`: the manifest's digest first).
+async fn open(root: &Path, max_file_size: u64, ask: bool) -> Client {
     let (ours, theirs) = tokio::io::duplex(1 << 16);
     let (agent_read, agent_write) = tokio::io::split(theirs);
     let link = devloop_agent::control::Link::Socket(devloop_agent::control::socket_path(root));
@@ -30,26 +37,43 @@ async fn connect(root: &Path, max_file_size: u64) -> (Client, Vec<Record>) {
     let mut client = Client { frames: FrameReader::new(read), out: FrameWriter::new(write), agent };
     client
         .out
-        .message(&ToAgent::Hello { client: "test".into(), session: String::new(), excludes: vec!["ignored/".into()] })
+        .message(&ToAgent::Hello {
+            client: "test".into(),
+            session: String::new(),
+            excludes: vec!["ignored/".into()],
+            ask,
+        })
         .await
         .unwrap();
     client.out.flush().await.unwrap();
-    let mut records = Vec::new();
-    loop {
-        match client.frames.message::<FromAgent>().await.unwrap() {
-            FromAgent::Welcome { .. } => {}
-            FromAgent::Manifest { records: chunk } => records.extend(chunk),
-            FromAgent::ManifestEnd { entries, .. } => {
-                assert_eq!(entries as usize, records.len());
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    (client, records)
+    client
 }
 
 impl Client {
+    /// The manifest's records up to its end (after the welcome, or after a `Manifest` answer).
+    async fn manifest_records(&mut self) -> Vec<Record> {
+        let mut records = Vec::new();
+        loop {
+            match self.frames.message::<FromAgent>().await.unwrap() {
+                FromAgent::Welcome { .. } => {}
+                FromAgent::Manifest { records: chunk } => records.extend(chunk),
+                FromAgent::ManifestEnd { entries, .. } => return records.into_iter().take(entries as usize).collect(),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// After an asking hello: the welcome, then the digest and size of the agent's manifest.
+    async fn manifest_digest(&mut self) -> (Digest, u64) {
+        loop {
+            match self.frames.message::<FromAgent>().await.unwrap() {
+                FromAgent::Welcome { .. } => {}
+                FromAgent::ManifestDigest { digest, entries } => return (digest, entries),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
     async fn batch(&mut self, id: u64, deletes: &[&str], chmods: Vec<Chmod>, tar: Vec<u8>) -> Applied {
         let deletes = deletes.iter().map(|s| s.to_string()).collect();
         self.out.message(&ToAgent::Batch { id, deletes, chmods }).await.unwrap();
@@ -112,6 +136,40 @@ async fn manifest_then_batches_then_a_second_session_sees_the_result() {
     assert_eq!(app.entry, Entry::File { hash: Digest::of(b"console.log(1)"), size: 14, exec: false });
     let staging = fs::read_dir(root.join(".devloop/staging")).unwrap().count();
     assert_eq!(staging, 0, "no staging leftovers");
+    client.bye().await;
+}
+
+#[tokio::test]
+async fn a_client_that_asks_gets_the_digest_first_and_the_records_only_when_it_wants_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    fs::create_dir_all(root.join("src")).unwrap();
+    fs::write(root.join("src/app.js"), "console.log(1)").unwrap();
+    fs::create_dir_all(root.join("ignored")).unwrap();
+    fs::write(root.join("ignored/cache.bin"), "left out").unwrap();
+    symlink("src/app.js", root.join("latest")).unwrap();
+    // What the CLI computes from its own scan of an equal tree.
+    let filter = std::sync::Arc::new(
+        devloop_agent::filter::Filter::new(root, &["ignored/".into(), ".devloop/".into()]).unwrap(),
+    );
+    let ours = devloop_agent::walk::scan(&filter, &Default::default()).tree;
+
+    let mut client = open(root, 1 << 20, true).await;
+    let (digest, entries) = client.manifest_digest().await;
+    assert_eq!((digest, entries), (devloop_agent::walk::digest(&ours), 3));
+    client.out.message(&ToAgent::Manifest { wanted: false }).await.unwrap();
+    client.out.flush().await.unwrap();
+    assert_eq!(client.manifest_records().await, [], "equal trees: no records travel");
+    client.bye().await;
+
+    // A different tree: another digest, and the records when asked for.
+    fs::write(root.join("src/app.js"), "console.log(2)").unwrap();
+    let mut client = open(root, 1 << 20, true).await;
+    let (digest, _) = client.manifest_digest().await;
+    assert_ne!(digest, devloop_agent::walk::digest(&ours));
+    client.out.message(&ToAgent::Manifest { wanted: true }).await.unwrap();
+    client.out.flush().await.unwrap();
+    assert_eq!(paths(&client.manifest_records().await), ["latest", "src", "src/app.js"]);
     client.bye().await;
 }
 

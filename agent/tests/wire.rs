@@ -25,7 +25,12 @@ fn frame_layout() {
 #[test]
 fn client_messages() {
     assert_eq!(
-        json(&ToAgent::Hello { client: "devloop 0.1.0".into(), session: String::new(), excludes: vec!["bin/".into()] }),
+        json(&ToAgent::Hello {
+            client: "devloop 0.1.0".into(),
+            session: String::new(),
+            excludes: vec!["bin/".into()],
+            ask: false
+        }),
         r#"{"type":"hello","client":"devloop 0.1.0","excludes":["bin/"]}"#
     );
     assert_eq!(

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use devloop_agent::manifest::Manifest;
+use devloop_agent::manifest::{Digest, Manifest};
 use devloop_agent::protocol::{
     self, Applied, Chmod, FrameReader, FrameWriter, FromAgent, ProtocolError, RestartReport, ToAgent, DATA_CHUNK,
 };
@@ -29,10 +29,12 @@ pub struct AgentClient {
     reporter: Reporter,
 }
 
-/// What the agent said first: its version and the tree it holds.
+/// What the agent said first: its version, and the digest and size of the tree it holds (the
+/// records follow only when asked for, see [`AgentClient::manifest`]).
 pub struct Greeting {
     pub agent: String,
-    pub manifest: Manifest,
+    pub digest: Digest,
+    pub entries: u64,
 }
 
 impl Drop for AgentClient {
@@ -43,7 +45,8 @@ impl Drop for AgentClient {
 
 impl AgentClient {
     /// Opens the transport, shakes hands, says hello (`session` names this CLI process across
-    /// reconnects; `excludes` what the agent leaves out of its manifest) and reads the manifest.
+    /// reconnects; `excludes` what the agent leaves out of its manifest) and reads the digest of
+    /// the agent's manifest.
     pub async fn connect(
         transport: &dyn Transport,
         session: &str,
@@ -60,33 +63,28 @@ impl AgentClient {
             client: format!("devloop {}", env!("CARGO_PKG_VERSION")),
             session: session.to_string(),
             excludes: excludes.to_vec(),
+            ask: true,
         };
         out.message(&hello).await?;
         out.flush().await?;
-        let mut greeting = Greeting { agent: String::new(), manifest: Manifest::new() };
-        loop {
+        let mut agent = String::new();
+        let greeting = loop {
             match frames.message::<FromAgent>().await? {
-                FromAgent::Welcome { agent, .. } => greeting.agent = agent,
-                FromAgent::Manifest { records } => {
-                    greeting.manifest.extend(records.into_iter().map(|r| (r.path, r.entry)))
-                }
-                FromAgent::ManifestEnd { problems, .. } => {
-                    for p in problems {
-                        reporter.emit(Event::Problem { path: format!("(target) {}", p.path), message: p.message });
-                    }
-                    break;
-                }
+                FromAgent::Welcome { agent: version, .. } => agent = version,
+                FromAgent::ManifestDigest { digest, entries } => break Greeting { agent, digest, entries },
                 FromAgent::Fatal { message } => return Err(SessionError::Agent(message)),
                 other @ (FromAgent::Output { .. } | FromAgent::Exited { .. }) => {
                     show_app_message(reporter, other);
                 }
-                FromAgent::Applied(_) | FromAgent::Restart(_) => {
-                    return Err(
-                        ProtocolError::Unexpected { expected: "the manifest", got: "a batch answer".into() }.into()
-                    )
+                other => {
+                    return Err(ProtocolError::Unexpected {
+                        expected: "the manifest's digest",
+                        got: format!("{other:?}"),
+                    }
+                    .into())
                 }
             }
-        }
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let reader = tokio::spawn(async move {
             loop {
@@ -103,6 +101,28 @@ impl AgentClient {
         });
         let client = AgentClient { out, rx, reader, child: connection.child, reporter: reporter.clone() };
         Ok((client, greeting))
+    }
+
+    /// Answers the manifest's digest: the agent's manifest when `wanted` (the digests differ),
+    /// `None` when not (the trees are equal). Problems the agent met reading its tree are shown.
+    pub async fn manifest(&mut self, wanted: bool) -> Result<Option<Manifest>, SessionError> {
+        self.out.message(&ToAgent::Manifest { wanted }).await?;
+        self.out.flush().await?;
+        let mut manifest = Manifest::new();
+        loop {
+            match self.next().await? {
+                FromAgent::Manifest { records } => manifest.extend(records.into_iter().map(|r| (r.path, r.entry))),
+                FromAgent::ManifestEnd { problems, .. } => {
+                    for p in problems {
+                        self.reporter.emit(Event::Problem { path: format!("(target) {}", p.path), message: p.message });
+                    }
+                    return Ok(wanted.then_some(manifest));
+                }
+                other => {
+                    return Err(ProtocolError::Unexpected { expected: "the manifest", got: format!("{other:?}") }.into())
+                }
+            }
+        }
     }
 
     /// Sends one batch: deletions and exec-bit changes in the message, the upserts packed from

@@ -51,7 +51,7 @@ pub fn pack<W: Write>(root: &Path, upserts: &[Upsert], sink: W, progress: &dyn F
         match result {
             Ok(Some(entry)) => {
                 packed.bytes += entry.size();
-                progress(entry.size().max(1));
+                progress(entry.size());
                 packed.sent.push((path.clone(), entry));
             }
             Ok(None) => {

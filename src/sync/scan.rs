@@ -18,21 +18,18 @@ pub struct Full {
     pub problems: Vec<Problem>,
     pub stats: ScanStats,
     pub took: Duration,
+    /// The stat cache to save differs from the one given (see [`walk::cache_changed`]).
+    pub cache_changed: bool,
 }
 
-/// Reads the whole tree; `previous` serves as the stat cache. With `save`, the result is kept
-/// on disk as the stat cache of the next run.
-pub async fn full(filter: Arc<Filter>, previous: Tree, save: Option<PathBuf>) -> Full {
+/// Reads the whole tree; `previous` serves as the stat cache.
+pub async fn full(filter: Arc<Filter>, previous: Tree) -> Full {
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let outcome = walk::scan(&filter, &previous);
         let took = started.elapsed();
-        // Saved only when something changed: the polling fallback scans every 500 ms.
-        let changed = outcome.stats.hashed_files > 0 || outcome.tree.len() != previous.len();
-        if let (Some(path), true) = (save, changed) {
-            walk::save_stat_cache(&path, &outcome.tree);
-        }
-        Full { tree: outcome.tree, previous, problems: outcome.problems, stats: outcome.stats, took }
+        let cache_changed = walk::cache_changed(&previous, &outcome);
+        Full { tree: outcome.tree, previous, problems: outcome.problems, stats: outcome.stats, took, cache_changed }
     })
     .instrument(info_span!("scan", kind = "full"))
     .await

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use devloop_agent::filter::Filter;
 use devloop_agent::manifest::{Entry, Manifest};
 use devloop_agent::protocol::{self, Chmod, RestartReport, ToAgent};
-use devloop_agent::walk::Tree;
+use devloop_agent::walk::{self, Tree};
 use tokio::sync::watch;
 use tracing::{info_span, Instrument};
 
@@ -80,6 +80,9 @@ pub struct Session {
     restart_owed: bool,
     /// Names this CLI process to the agent across reconnects (see `ToAgent::Hello`).
     id: String,
+    /// The local tree's stats or digests changed since the stat cache was loaded: save it at
+    /// the end.
+    cache_dirty: bool,
 }
 
 impl Session {
@@ -103,6 +106,7 @@ impl Session {
             last_restart: None,
             restart_owed: false,
             id: session_id(),
+            cache_dirty: false,
         })
     }
 
@@ -110,9 +114,9 @@ impl Session {
     /// tree until `shutdown` turns true.
     pub async fn run(mut self, once: bool, mut shutdown: watch::Receiver<bool>) -> Result<Outcome, SessionError> {
         // The first scan and the connection (the agent reads its own tree meanwhile) overlap.
+        let filter = Arc::clone(&self.filter);
         let cache = scan::cache_path(&self.config.root);
-        let cached = scan::load_cache(cache.clone()).await;
-        let scanning = scan::full(Arc::clone(&self.filter), cached, cache);
+        let scanning = async move { scan::full(filter, scan::load_cache(cache).await).await };
         let (full, connected) = tokio::select! {
             both = async { tokio::join!(scanning, self.connect_timed()) } => both,
             _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
@@ -281,6 +285,7 @@ impl Session {
             let tree = std::mem::take(&mut self.local);
             let (tree, outcome) = scan::targeted(Arc::clone(&self.filter), tree, hinted.clone()).await;
             self.local = tree;
+            self.cache_dirty |= !outcome.changed.is_empty() || outcome.stats.hashed_files > 0;
             self.report_problems(&outcome.problems);
             let mut changed = outcome.changed;
             let mut fresh = watcher.update(&self.local, &changed, &hinted)?;
@@ -290,6 +295,7 @@ impl Session {
                 let tree = std::mem::take(&mut self.local);
                 let (tree, again) = scan::targeted(Arc::clone(&self.filter), tree, fresh.clone()).await;
                 self.local = tree;
+                self.cache_dirty |= !again.changed.is_empty() || again.stats.hashed_files > 0;
                 self.report_problems(&again.problems);
                 fresh = watcher.update(&self.local, &again.changed, &fresh)?;
                 changed.extend(again.changed);
@@ -339,7 +345,7 @@ impl Session {
     /// Scans the whole tree (the current one serving as stat cache); gives back the tree it replaced.
     async fn scan_all(&mut self) -> Tree {
         let previous = std::mem::take(&mut self.local);
-        let full = scan::full(Arc::clone(&self.filter), previous, scan::cache_path(&self.config.root)).await;
+        let full = scan::full(Arc::clone(&self.filter), previous).await;
         self.adopt(full)
     }
 
@@ -351,6 +357,7 @@ impl Session {
             millis: full.took.as_millis() as u64,
         });
         self.report_problems(&full.problems);
+        self.cache_dirty |= full.cache_changed;
         self.local = full.tree;
         full.previous
     }
@@ -394,15 +401,25 @@ impl Session {
     }
 
     /// Takes the agent's manifest as the baseline and sends what differs from the local tree.
-    async fn resync(&mut self, (client, greeting): (AgentClient, Greeting)) -> Result<(), SessionError> {
+    /// Equal digests stand for equal trees: then the records do not travel.
+    async fn resync(&mut self, (mut client, greeting): (AgentClient, Greeting)) -> Result<(), SessionError> {
+        let same = greeting.digest == walk::digest(&self.local);
+        let timeout = self.config.connect_timeout;
+        let manifest = tokio::time::timeout(timeout, client.manifest(!same))
+            .await
+            .map_err(|_| SessionError::Timeout(timeout))??;
         self.live = Some(client);
-        let filter = Arc::clone(&self.filter);
-        self.baseline =
-            greeting.manifest.into_iter().filter(|(path, entry)| !filter.is_excluded(path, entry.is_dir())).collect();
+        self.baseline = match manifest {
+            Some(manifest) => {
+                let filter = Arc::clone(&self.filter);
+                manifest.into_iter().filter(|(path, entry)| !filter.is_excluded(path, entry.is_dir())).collect()
+            }
+            None => walk::manifest_of(&self.local),
+        };
         self.reporter.emit(Event::Connected {
             target: self.transport.describe(),
             agent: greeting.agent,
-            entries: self.baseline.len() as u64,
+            entries: greeting.entries,
         });
         self.pending.clear();
         self.refused.clear();
@@ -450,6 +467,18 @@ impl Session {
             bytes,
         });
         let progress = self.reporter.progress(upserts.len() as u64, bytes);
+        // A sync that lasts over a second shows its progress every second.
+        let ticker = {
+            let (reporter, progress) = (self.reporter.clone(), progress.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    reporter.show_progress(&progress);
+                }
+            })
+        };
         // Deepest first, so that a folder's deletion comes in the batch after its content's.
         deletes.sort_unstable_by(|a, b| b.cmp(a));
         let mut result = Ok(());
@@ -466,6 +495,7 @@ impl Session {
                 break;
             }
         }
+        ticker.abort();
         self.reporter.finish_progress();
         result
     }
@@ -510,9 +540,12 @@ impl Session {
         Ok(())
     }
 
-    /// Says goodbye, lets the transport wind down, and keeps the stat cache for the next run.
+    /// Says goodbye, lets the transport wind down, and keeps the stat cache for the next run
+    /// (when it changed).
     async fn close(&mut self) {
-        scan::save_cache(scan::cache_path(&self.config.root), std::mem::take(&mut self.local)).await;
+        if self.cache_dirty {
+            scan::save_cache(scan::cache_path(&self.config.root), std::mem::take(&mut self.local)).await;
+        }
         if let Some(client) = self.live.take() {
             client.close().await;
         }
