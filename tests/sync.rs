@@ -465,3 +465,25 @@ fn a_long_sync_reports_its_progress() {
     }
     fx.converge();
 }
+
+/// A watch starts from its stat cache: the folders the cache knows are watched before the first
+/// scan reads them, and folders made since the cache was saved are watched once the scan has
+/// found them (and read again). Edits in both kinds reach the target.
+#[test]
+fn folders_made_since_the_last_run_are_watched_too() {
+    let fx = Fixture::new(CONFIG);
+    fx.write("known/a.txt", "a");
+    let watch = fx.watch();
+    fx.converge();
+    assert_eq!(watch.stop(), Some(0), "the stat cache is saved when the watch stops");
+
+    fx.write("fresh/deep/b.txt", "b");
+    let watch = fx.watch();
+    fx.converge();
+    fx.write("fresh/deep/c.txt", "c");
+    fx.write("known/d.txt", "d");
+    fx.write("fresh/e.txt", "e");
+    fx.converge();
+    assert_eq!(fs::read_to_string(fx.dst.join("fresh/deep/c.txt")).unwrap(), "c");
+    assert_eq!(watch.stop(), Some(0));
+}

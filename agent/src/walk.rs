@@ -1,5 +1,4 @@
-//! Reading a tree into a [`Tree`]: the parallel walk of the `ignore` crate, pruned by the
-//! [`Filter`], with a stat cache so that an unchanged file (same size, mtime and inode) is never
+//! Reading a tree into a [`Tree`]: a parallel walk of its folders, pruned by the [`Filter`], with a stat cache so that an unchanged file (same size, mtime and inode) is never
 //! hashed twice. Change detection stays by content: a file whose stat changed is re-hashed, and only
 //! a different digest makes a change.
 //!
@@ -8,12 +7,13 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ignore::{WalkBuilder, WalkState};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::filter::Filter;
@@ -87,6 +87,20 @@ pub struct ScanOutcome {
     pub stats: ScanStats,
 }
 
+/// The folders a tree's paths lie in (as folder entries): what a stat cache, which keeps only
+/// files, says about the folders of the tree it was saved from.
+pub fn folders_of(tree: &Tree) -> Tree {
+    let mut folders = Tree::new();
+    for path in tree.keys() {
+        for dir in crate::relpath::ancestors(path) {
+            if !folders.contains_key(dir) {
+                folders.insert(dir.to_owned(), Scanned { entry: Entry::Dir, stat: None });
+            }
+        }
+    }
+    folders
+}
+
 /// The manifest view of a tree.
 pub fn manifest_of(tree: &Tree) -> Manifest {
     tree.iter().map(|(path, s)| (path.clone(), s.entry.clone())).collect()
@@ -106,32 +120,83 @@ pub fn cache_changed(previous: &Tree, outcome: &ScanOutcome) -> bool {
 
 /// Walks the whole tree under `filter.root()`; `previous` serves as the stat cache.
 pub fn scan(filter: &Arc<Filter>, previous: &Tree) -> ScanOutcome {
-    let root = filter.root().to_path_buf();
+    let mut outcome = walk_below(filter, "", previous, SCAN_THREADS);
+    outcome.stats.entries = outcome.tree.len() as u64;
+    outcome
+}
+
+/// Threads of a full scan.
+const SCAN_THREADS: usize = 2;
+
+/// Everything below the folder `start` ("" for the root), not `start` itself: folders are read
+/// by `threads` threads from a shared queue, each entry examined relative to its folder's
+/// descriptor (`fstatat`, `openat`: no path walked from the root per file), folders excluded by
+/// the filter never opened.
+fn walk_below(filter: &Arc<Filter>, start: &str, previous: &Tree, threads: usize) -> ScanOutcome {
+    let queue = DirQueue { state: Mutex::new((vec![start.to_owned()], 0)), ready: Condvar::new() };
     let found: Mutex<Vec<(String, Scanned)>> = Mutex::new(Vec::new());
     let problems: Mutex<Vec<Problem>> = Mutex::new(Vec::new());
     let stats: Mutex<ScanStats> = Mutex::new(ScanStats::default());
-
-    walker(filter, &root).build_parallel().run(|| {
-        let mut batch = Batch {
-            found: Vec::new(),
-            problems: Vec::new(),
-            stats: ScanStats::default(),
-            sink: (&found, &problems, &stats),
-        };
-        let root = root.clone();
-        Box::new(move |result| {
-            batch.visit(&root, previous, result);
-            WalkState::Continue
-        })
+    let root = match rustix::fs::open(filter.root(), OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+    {
+        Ok(fd) => fd,
+        Err(e) => {
+            let problem = Problem { path: start.to_owned(), message: io::Error::from(e).to_string() };
+            return ScanOutcome { tree: Tree::new(), problems: vec![problem], stats: ScanStats::default() };
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| {
+                let mut batch = Batch {
+                    found: Vec::new(),
+                    problems: Vec::new(),
+                    stats: ScanStats::default(),
+                    sink: (&found, &problems, &stats),
+                };
+                while let Some(dir) = queue.pop() {
+                    let subdirs = batch.read_dir(filter, &root, &dir, previous);
+                    queue.finish(subdirs);
+                }
+            });
+        }
     });
-
     let mut found = found.into_inner().expect("scan results poisoned");
     found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let mut problems = problems.into_inner().expect("scan problems poisoned");
     problems.sort_by(|a, b| a.path.cmp(&b.path));
-    let mut stats = stats.into_inner().expect("scan stats poisoned");
-    stats.entries = found.len() as u64;
+    let stats = stats.into_inner().expect("scan stats poisoned");
     ScanOutcome { tree: found.into_iter().collect(), problems, stats }
+}
+
+/// The folders waiting to be read, and how many are being read (the walk ends when both are
+/// none).
+struct DirQueue {
+    state: Mutex<(Vec<String>, usize)>,
+    ready: Condvar,
+}
+
+impl DirQueue {
+    fn pop(&self) -> Option<String> {
+        let mut state = self.state.lock().expect("scan queue poisoned");
+        loop {
+            if let Some(dir) = state.0.pop() {
+                state.1 += 1;
+                return Some(dir);
+            }
+            if state.1 == 0 {
+                return None;
+            }
+            state = self.ready.wait(state).expect("scan queue poisoned");
+        }
+    }
+
+    fn finish(&self, subdirs: Vec<String>) {
+        let mut state = self.state.lock().expect("scan queue poisoned");
+        state.0.extend(subdirs);
+        state.1 -= 1;
+        self.ready.notify_all();
+    }
 }
 
 /// What a targeted rescan found.
@@ -173,7 +238,7 @@ pub fn rescan(filter: &Arc<Filter>, tree: &mut Tree, paths: &[String]) -> Rescan
             put(tree, &mut changed, dir, Scanned { entry: Entry::Dir, stat: None });
         }
         if meta.is_dir() {
-            let scanned = scan_under(filter, &abs, tree);
+            let scanned = scan_under(filter, rel, tree);
             out.problems.extend(scanned.problems);
             out.stats.hashed_files += scanned.stats.hashed_files;
             out.stats.hashed_bytes += scanned.stats.hashed_bytes;
@@ -230,46 +295,8 @@ fn parents_are_folders(root: &Path, rel: &str) -> bool {
     crate::relpath::ancestors(rel).all(|dir| fs::symlink_metadata(root.join(dir)).map(|m| m.is_dir()).unwrap_or(false))
 }
 
-fn scan_under(filter: &Arc<Filter>, abs: &Path, previous: &Tree) -> ScanOutcome {
-    let root = filter.root().to_path_buf();
-    let mut batch_found = Vec::new();
-    let mut batch_problems = Vec::new();
-    let mut stats = ScanStats::default();
-    {
-        let found = Mutex::new(Vec::new());
-        let problems = Mutex::new(Vec::new());
-        let st = Mutex::new(ScanStats::default());
-        let mut batch = Batch {
-            found: Vec::new(),
-            problems: Vec::new(),
-            stats: ScanStats::default(),
-            sink: (&found, &problems, &st),
-        };
-        for result in walker(filter, abs).build() {
-            batch.visit(&root, previous, result);
-        }
-        drop(batch);
-        batch_found.extend(found.into_inner().expect("poisoned"));
-        batch_problems.extend(problems.into_inner().expect("poisoned"));
-        let s = st.into_inner().expect("poisoned");
-        stats.hashed_files = s.hashed_files;
-        stats.hashed_bytes = s.hashed_bytes;
-    }
-    ScanOutcome { tree: batch_found.into_iter().collect(), problems: batch_problems, stats }
-}
-
-fn walker(filter: &Arc<Filter>, start: &Path) -> WalkBuilder {
-    let mut builder = WalkBuilder::new(start);
-    builder.standard_filters(false).hidden(false).parents(false).follow_links(false).threads(2);
-    let filter = Arc::clone(filter);
-    builder.filter_entry(move |entry| {
-        let Ok(rel) = entry.path().strip_prefix(filter.root()) else {
-            return true;
-        };
-        let Some(rel) = rel.to_str() else { return true };
-        rel.is_empty() || !filter.excluded_here(rel, entry.file_type().is_some_and(|t| t.is_dir()))
-    });
-    builder
+fn scan_under(filter: &Arc<Filter>, rel: &str, previous: &Tree) -> ScanOutcome {
+    walk_below(filter, rel, previous, 1)
 }
 
 type Sink<'a> = (&'a Mutex<Vec<(String, Scanned)>>, &'a Mutex<Vec<Problem>>, &'a Mutex<ScanStats>);
@@ -283,43 +310,132 @@ struct Batch<'a> {
 }
 
 impl Batch<'_> {
-    fn visit(&mut self, root: &Path, previous: &Tree, result: Result<ignore::DirEntry, ignore::Error>) {
-        let entry = match result {
-            Ok(entry) => entry,
-            Err(err) => {
-                let path = walk_error_path(&err, root).unwrap_or_default();
-                self.problems.push(Problem { path, message: err.to_string() });
-                return;
+    /// Reads one folder: its entries into the batch; returns its subfolders to read.
+    fn read_dir(&mut self, filter: &Filter, root: &OwnedFd, dir: &str, previous: &Tree) -> Vec<String> {
+        let path = if dir.is_empty() { "." } else { dir };
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let listing = rustix::fs::openat(root, path, flags, Mode::empty()).and_then(rustix::fs::Dir::new);
+        let mut listing = match listing {
+            Ok(listing) => listing,
+            // Gone since it was listed, or replaced by a file or symlink: not part of the tree now.
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => return Vec::new(),
+            Err(e) => {
+                self.problems.push(problem(dir, &e.into()));
+                return Vec::new();
             }
         };
-        let Ok(rel) = entry.path().strip_prefix(root) else {
-            return;
-        };
-        if rel.as_os_str().is_empty() {
-            return;
-        }
-        let Some(rel) = rel.to_str() else {
-            self.problems.push(Problem {
-                path: rel.to_string_lossy().into_owned(),
-                message: "file name is not UTF-8; skipped".into(),
-            });
-            return;
-        };
-        let meta = match entry.metadata() {
-            Ok(meta) => meta,
-            Err(err) => {
-                self.problems.push(Problem { path: rel.to_owned(), message: err.to_string() });
-                return;
+        let Ok(fd) = listing.fd().map(|fd| fd.try_clone_to_owned()) else { return Vec::new() };
+        let Ok(fd) = fd else { return Vec::new() };
+        let mut subdirs = Vec::new();
+        while let Some(entry) = listing.read() {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    self.problems.push(problem(dir, &e.into()));
+                    break;
+                }
+            };
+            let name = entry.file_name();
+            let bytes = name.to_bytes();
+            if bytes == b"." || bytes == b".." {
+                continue;
             }
-        };
-        match read_entry(entry.path(), &meta, previous.get(rel), &mut self.stats) {
-            Ok(Some(scanned)) => self.found.push((rel.to_owned(), scanned)),
-            Ok(None) => self.problems.push(Problem {
-                path: rel.to_owned(),
-                message: "not a regular file, folder or symlink; skipped".into(),
-            }),
-            Err(err) => self.problems.push(problem(rel, &err)),
+            let Ok(name_str) = std::str::from_utf8(bytes) else {
+                let shown = String::from_utf8_lossy(bytes);
+                let path = if dir.is_empty() { shown.into_owned() } else { format!("{dir}/{shown}") };
+                self.problems.push(Problem { path, message: "file name is not UTF-8; skipped".into() });
+                continue;
+            };
+            let rel = if dir.is_empty() { name_str.to_owned() } else { format!("{dir}/{name_str}") };
+            let mut kind = entry.file_type();
+            let mut stat = None;
+            if kind == FileType::Unknown {
+                match rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => {
+                        kind = FileType::from_raw_mode(st.st_mode);
+                        stat = Some(st);
+                    }
+                    Err(rustix::io::Errno::NOENT) => continue,
+                    Err(e) => {
+                        self.problems.push(problem(&rel, &e.into()));
+                        continue;
+                    }
+                }
+            }
+            if filter.excluded_here(&rel, kind == FileType::Directory) {
+                continue;
+            }
+            match self.read_at(&fd, name, kind, stat, previous.get(&rel)) {
+                Ok(Some(scanned)) => {
+                    if kind == FileType::Directory {
+                        subdirs.push(rel.clone());
+                    }
+                    self.found.push((rel, scanned));
+                }
+                Ok(None) => self
+                    .problems
+                    .push(Problem { path: rel, message: "not a regular file, folder or symlink; skipped".into() }),
+                // Gone between the listing and the look.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => self.problems.push(problem(&rel, &e)),
+            }
         }
+        subdirs
+    }
+
+    /// One entry of a folder, read relative to the folder's descriptor (see [`read_entry`]).
+    fn read_at(
+        &mut self,
+        dir: &OwnedFd,
+        name: &std::ffi::CStr,
+        kind: FileType,
+        stat: Option<rustix::fs::Stat>,
+        previous: Option<&Scanned>,
+    ) -> io::Result<Option<Scanned>> {
+        match kind {
+            FileType::Directory => return Ok(Some(Scanned { entry: Entry::Dir, stat: None })),
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(dir, name, Vec::new())?;
+                let target = target
+                    .into_string()
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "symlink target is not UTF-8"))?;
+                return Ok(Some(Scanned { entry: Entry::Symlink { target }, stat: None }));
+            }
+            FileType::RegularFile => {}
+            _ => return Ok(None),
+        }
+        let st = match stat {
+            Some(st) => st,
+            None => rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?,
+        };
+        let kind = FileType::from_raw_mode(st.st_mode);
+        if kind != FileType::RegularFile {
+            // Replaced since it was listed.
+            return match kind {
+                FileType::Directory | FileType::Symlink => Err(io::ErrorKind::NotFound.into()),
+                _ => Ok(None),
+            };
+        }
+        let key = StatKey {
+            size: st.st_size as u64,
+            mtime_ns: (st.st_mtime as i64).saturating_mul(1_000_000_000).saturating_add(st.st_mtime_nsec as i64),
+            ctime_ns: (st.st_ctime as i64).saturating_mul(1_000_000_000).saturating_add(st.st_ctime_nsec as i64),
+            ino: st.st_ino as u64,
+        };
+        let exec = st.st_mode & 0o111 != 0;
+        if let Some(Scanned { entry: Entry::File { hash, size, .. }, stat: Some(old) }) = previous {
+            if *old == key {
+                return Ok(Some(Scanned { entry: Entry::File { hash: *hash, size: *size, exec }, stat: Some(key) }));
+            }
+        }
+        let read_at = SystemTime::now();
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+        let file = File::from(rustix::fs::openat(dir, name, flags, Mode::empty())?);
+        let (hash, size) = hash_reader(file)?;
+        self.stats.hashed_files += 1;
+        self.stats.hashed_bytes += size;
+        // The stat was read before the content: a change in between shows as a new stat next time.
+        Ok(Some(Scanned { entry: Entry::File { hash, size, exec }, stat: key.settled(read_at) }))
     }
 }
 
@@ -331,14 +447,6 @@ impl Drop for Batch<'_> {
         let mut s = stats.lock().expect("poisoned");
         s.hashed_files += self.stats.hashed_files;
         s.hashed_bytes += self.stats.hashed_bytes;
-    }
-}
-
-fn walk_error_path(err: &ignore::Error, root: &Path) -> Option<String> {
-    match err {
-        ignore::Error::WithPath { path, .. } => path.strip_prefix(root).ok().map(|p| p.to_string_lossy().into_owned()),
-        ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => walk_error_path(err, root),
-        _ => None,
     }
 }
 
@@ -386,7 +494,11 @@ pub fn read_entry(
 
 /// blake3 of a file's content, and its length as read.
 pub fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    let mut file = File::open(path)?;
+    hash_reader(File::open(path)?)
+}
+
+/// blake3 of what `file` reads to its end, and its length.
+fn hash_reader(mut file: File) -> io::Result<(Digest, u64)> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 64 << 10];
     let mut size = 0u64;

@@ -12,7 +12,7 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 #[test]
 fn handshake_bytes() {
     assert_eq!(&MAGIC, b"\x7fDEVLOOP");
-    assert_eq!(PROTOCOL_VERSION, 1);
+    assert_eq!(PROTOCOL_VERSION, 2);
 }
 
 #[test]
@@ -42,6 +42,11 @@ fn client_messages() {
         r#"{"type":"batch","id":3,"deletes":["old.txt"],"chmods":[{"path":"run.sh","exec":true}]}"#
     );
     assert_eq!(json(&ToAgent::Batch { id: 4, deletes: vec![], chmods: vec![] }), r#"{"type":"batch","id":4}"#);
+    assert_eq!(
+        json(&ToAgent::Hello { client: "devloop 0.1.0".into(), session: "7-1f".into(), excludes: vec![], ask: true }),
+        r#"{"type":"hello","client":"devloop 0.1.0","session":"7-1f","excludes":[],"ask":true}"#
+    );
+    assert_eq!(json(&ToAgent::Manifest { wanted: false }), r#"{"type":"manifest","wanted":false}"#);
     assert_eq!(json(&ToAgent::Restart), r#"{"type":"restart"}"#);
     assert_eq!(json(&ToAgent::Ready), r#"{"type":"ready"}"#);
     assert_eq!(json(&ToAgent::Bye), r#"{"type":"bye"}"#);
@@ -77,6 +82,10 @@ fn agent_messages() {
             micros: 120
         })),
         r#"{"type":"applied","id":3,"written":2,"bytes":10,"deleted":1,"refused":[{"path":"../x","message":"path climbs out with `..`"}],"micros":120}"#
+    );
+    assert_eq!(
+        json(&FromAgent::ManifestDigest { digest: hash, entries: 4 }),
+        r#"{"type":"manifest_digest","digest":"ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200f","entries":4}"#
     );
     assert_eq!(
         json(&FromAgent::ManifestEnd { entries: 4, problems: vec![] }),

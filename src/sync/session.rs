@@ -114,22 +114,35 @@ impl Session {
     /// tree until `shutdown` turns true.
     pub async fn run(mut self, once: bool, mut shutdown: watch::Receiver<bool>) -> Result<Outcome, SessionError> {
         // The first scan and the connection (the agent reads its own tree meanwhile) overlap.
+        // Unless `once`, the folders the stat cache knows are watched before the scan reads
+        // them: what changes during the scan raises an event, and no second scan is needed.
         let filter = Arc::clone(&self.filter);
         let cache = scan::cache_path(&self.config.root);
-        let scanning = async move { scan::full(filter, scan::load_cache(cache).await).await };
-        let (full, connected) = tokio::select! {
+        let (root, reporter) = (self.config.root.clone(), self.reporter.clone());
+        let scanning = async move {
+            let cached = scan::load_cache(cache).await;
+            let watcher = match once {
+                true => None,
+                false => Some(Watcher::start(&root, &walk::folders_of(&cached), reporter)),
+            };
+            (scan::full(filter, cached).await, watcher)
+        };
+        let ((full, watcher), connected) = tokio::select! {
             both = async { tokio::join!(scanning, self.connect_timed()) } => both,
             _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
         };
         self.adopt(full);
         let connected = connected?;
-        let mut watcher = if once {
-            None
-        } else {
-            let watcher = Watcher::start(&self.config.root, &self.local, self.reporter.clone())?;
-            // Catch what changed between the first scan and the watches (stat-cached, cheap).
-            self.scan_all().await;
-            Some(watcher)
+        let mut watcher = match watcher {
+            None => None,
+            Some(watcher) => {
+                let mut watcher = watcher?;
+                // Folders the cache did not know were read before their watch existed: read
+                // them again (cheap: stat-cached).
+                let added = watcher.reset(&self.local)?;
+                self.follow_new_folders(&mut watcher, outermost(added)).await?;
+                Some(watcher)
+            }
         };
         let resynced = tokio::select! {
             result = self.resync(connected) => result,
@@ -273,7 +286,8 @@ impl Session {
                 self.baseline.retain(|path, entry| !filter.is_excluded(path, entry.is_dir()));
             }
             let before = self.scan_all().await;
-            watcher.reset(&self.local)?;
+            let added = watcher.reset(&self.local)?;
+            self.follow_new_folders(watcher, outermost(added)).await?;
             diff(&before, &self.local)
                 .iter()
                 .map(|c| c.path().to_owned())
@@ -288,18 +302,8 @@ impl Session {
             self.cache_dirty |= !outcome.changed.is_empty() || outcome.stats.hashed_files > 0;
             self.report_problems(&outcome.problems);
             let mut changed = outcome.changed;
-            let mut fresh = watcher.update(&self.local, &changed, &hinted)?;
-            // New (or replaced) folders were walked before their watch existed: walk them again
-            // until no new folder appears (a `git checkout` creates folders and files in a burst).
-            while !fresh.is_empty() {
-                let tree = std::mem::take(&mut self.local);
-                let (tree, again) = scan::targeted(Arc::clone(&self.filter), tree, fresh.clone()).await;
-                self.local = tree;
-                self.cache_dirty |= !again.changed.is_empty() || again.stats.hashed_files > 0;
-                self.report_problems(&again.problems);
-                fresh = watcher.update(&self.local, &again.changed, &fresh)?;
-                changed.extend(again.changed);
-            }
+            let fresh = watcher.update(&self.local, &changed, &hinted)?;
+            changed.extend(self.follow_new_folders(watcher, fresh).await?);
             changed.sort_unstable();
             changed.dedup();
             changed
@@ -320,6 +324,27 @@ impl Session {
         self.restart_owed |= restart;
         self.sync(changes).await?;
         Ok(None)
+    }
+
+    /// New (or replaced) folders were walked before their watch existed: walks them again until
+    /// no new folder appears (a `git checkout` creates folders and files in a burst). Returns
+    /// what changed.
+    async fn follow_new_folders(
+        &mut self,
+        watcher: &mut Watcher,
+        mut fresh: Vec<String>,
+    ) -> Result<Vec<String>, SessionError> {
+        let mut changed = Vec::new();
+        while !fresh.is_empty() {
+            let tree = std::mem::take(&mut self.local);
+            let (tree, again) = scan::targeted(Arc::clone(&self.filter), tree, fresh.clone()).await;
+            self.local = tree;
+            self.cache_dirty |= !again.changed.is_empty() || again.stats.hashed_files > 0;
+            self.report_problems(&again.problems);
+            fresh = watcher.update(&self.local, &again.changed, &fresh)?;
+            changed.extend(again.changed);
+        }
+        Ok(changed)
     }
 
     /// Asks the agent for the restart that synced changes called for.
@@ -550,6 +575,20 @@ impl Session {
             client.close().await;
         }
     }
+}
+
+/// The folders of `folders` that are not below another of them (a rescan of a folder reads
+/// everything under it).
+fn outermost(mut folders: Vec<String>) -> Vec<String> {
+    folders.sort_unstable();
+    let mut kept: Vec<String> = Vec::new();
+    for folder in folders {
+        let covered = kept.last().is_some_and(|last| last.is_empty() || folder.starts_with(&format!("{last}/")));
+        if !covered {
+            kept.push(folder);
+        }
+    }
+    kept
 }
 
 /// An id for this CLI process's session: pid and start time.

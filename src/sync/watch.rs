@@ -202,9 +202,10 @@ impl Watcher {
         Ok(added)
     }
 
-    /// Re-reads the watch set from a whole tree (after a full rescan).
-    pub fn reset(&mut self, tree: &Tree) -> Result<(), WatchError> {
-        let Backend::Native { map, .. } = &self.backend else { return Ok(()) };
+    /// Re-reads the watch set from a whole tree (after a full rescan). Returns the folders
+    /// newly watched (see [`Watcher::update`]).
+    pub fn reset(&mut self, tree: &Tree) -> Result<Vec<String>, WatchError> {
+        let Backend::Native { map, .. } = &self.backend else { return Ok(Vec::new()) };
         let wanted: HashSet<&str> = tree.iter().filter(|(_, s)| s.entry.is_dir()).map(|(p, _)| p.as_str()).collect();
         let stale: Vec<String> = {
             let map = map.lock().expect("watch map poisoned");
@@ -213,12 +214,13 @@ impl Watcher {
         for folder in &stale {
             self.remove_folder(folder);
         }
+        let mut added = Vec::new();
         for folder in std::iter::once("").chain(wanted) {
-            if !self.is_watched(folder) {
-                self.add_folder(folder)?;
+            if !self.is_watched(folder) && self.add_folder(folder)? {
+                added.push(folder.to_owned());
             }
         }
-        Ok(())
+        Ok(added)
     }
 
     fn is_watched(&self, rel: &str) -> bool {
