@@ -386,7 +386,7 @@ impl Dest {
             return Err(Refusal::DigestMismatch { expected: expected.to_hex(), got: got.to_hex() });
         }
         let meta = out.metadata()?;
-        fix_mode(&out, &meta, mode)?;
+        fix_mode_from(&out, &meta, mode)?;
         Ok((got, StatKey::of(&meta).settled(written_at)))
     }
 
@@ -429,7 +429,7 @@ impl Dest {
             Err(e) => return Err(e.into()),
         };
         (&out).write_all(content)?;
-        fix_mode(&out, &out.metadata()?, mode)?;
+        fix_mode(&out, mode)?;
         match link_unnamed(&out, dir, name) {
             Ok(true) => Ok(Some(out)),
             Ok(false) => {
@@ -460,7 +460,7 @@ impl Dest {
         let result = (|| {
             let out = File::from(rustix::fs::openat(&self.staging, &staged, flags, Mode::from_raw_mode(mode))?);
             (&out).write_all(content)?;
-            fix_mode(&out, &out.metadata()?, mode)?;
+            fix_mode(&out, mode)?;
             self.place_in(&staged, dir, name)?;
             Ok(out)
         })();
@@ -523,7 +523,26 @@ fn link_unnamed(file: &File, dir: &OwnedFd, name: &str) -> Result<bool, rustix::
 }
 
 /// Sets the mode the umask took bits away from.
-fn fix_mode(file: &File, meta: &std::fs::Metadata, mode: u32) -> io::Result<()> {
+fn fix_mode(file: &File, mode: u32) -> io::Result<()> {
+    if umask() & mode == 0 {
+        return Ok(());
+    }
+    fix_mode_from(file, &file.metadata()?, mode)
+}
+
+/// This process's umask, read once from `/proc/self/status` (the `umask` call would set it,
+/// racing the writer threads); unknown counts as one that takes every bit.
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"));
+        line.and_then(|v| u32::from_str_radix(v.trim(), 8).ok()).unwrap_or(0o777)
+    })
+}
+
+/// [`fix_mode`] with the metadata at hand.
+fn fix_mode_from(file: &File, meta: &std::fs::Metadata, mode: u32) -> io::Result<()> {
     if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777 != mode {
         rustix::fs::fchmod(file, Mode::from_raw_mode(mode))?;
     }

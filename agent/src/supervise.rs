@@ -197,7 +197,7 @@ impl Actor {
             return RestartReport::Restarted { pid, stop_ms, start_ms, ready_ms: None };
         };
         let deadline = started.checked_add(self.options.ready_timeout).unwrap_or(started + MAX_DURATION);
-        let mut pause = Duration::from_micros(500);
+        let mut pause = Duration::from_micros(200);
         loop {
             let last = match probe.check().await {
                 Ok(()) => {
@@ -223,7 +223,7 @@ impl Actor {
                     message: format!("{probe} did not answer within {:?} (last: {last})", self.options.ready_timeout),
                 };
             }
-            tokio::time::sleep(pause).await;
+            fine_sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
@@ -348,10 +348,20 @@ async fn wait_group_gone(pgid: u32, deadline: Instant) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+        fine_sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
         if started.elapsed() > Duration::from_millis(20) {
             pause = (pause * 2).min(Duration::from_millis(10));
         }
+    }
+}
+
+/// Sleeps for `pause`, to the tenth of a millisecond when it is short: tokio's timer ticks in
+/// whole milliseconds, which would add a millisecond to every step of a restart.
+async fn fine_sleep(pause: Duration) {
+    if pause >= Duration::from_millis(2) {
+        tokio::time::sleep(pause).await;
+    } else {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(pause)).await;
     }
 }
 

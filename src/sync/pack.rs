@@ -40,13 +40,18 @@ pub fn pack<W: Write>(root: &Path, upserts: &[Upsert], sink: W, progress: &dyn F
     let mut builder = tar::Builder::new(sink);
     builder.mode(tar::HeaderMode::Deterministic);
     let mut packed = Packed::default();
+    // Files are opened relative to the root: a path lookup of one or two names each, not of
+    // the root's whole path again.
+    let root_dir = File::open(root).ok();
     for (path, entry, stat) in upserts {
         let result = match entry {
             Entry::Dir => append_dir(&mut builder, path).map(|()| Some(Entry::Dir)),
             Entry::Symlink { target } => {
                 append_symlink(&mut builder, path, target).map(|()| Some(Entry::Symlink { target: target.clone() }))
             }
-            Entry::File { exec, .. } => append_file(&mut builder, root, path, *exec, known_digest(entry, *stat)),
+            Entry::File { exec, .. } => {
+                append_file(&mut builder, root, root_dir.as_ref(), path, *exec, known_digest(entry, *stat))
+            }
         };
         match result {
             Ok(Some(entry)) => {
@@ -102,12 +107,17 @@ fn known_digest(entry: &Entry, stat: Option<StatKey>) -> Option<(Digest, StatKey
 fn append_file<W: Write>(
     builder: &mut tar::Builder<W>,
     root: &Path,
+    root_dir: Option<&File>,
     path: &str,
     exec: bool,
     known: Option<(Digest, StatKey)>,
 ) -> Result<Option<Entry>, Failure> {
     let abs = root.join(path);
-    let mut file = match File::open(&abs) {
+    let opened = match root_dir {
+        Some(dir) => open_beneath(dir, path),
+        None => File::open(&abs),
+    };
+    let mut file = match opened {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Failure::Read(e)),
@@ -141,6 +151,20 @@ fn append_file<W: Write>(
     let exact = ExactSize { inner: file.take(hashed_size), remaining: hashed_size };
     builder.append_data(&mut h, path, exact).map_err(Failure::Sink)?;
     Ok(Some(Entry::File { hash: digest, size: hashed_size, exec }))
+}
+
+/// Opens `rel` for reading relative to the folder `dir`, not following a symlink in its last
+/// name (a file replaced by a symlink since the scan is skipped and looked at again).
+fn open_beneath(dir: &File, rel: &str) -> io::Result<File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let name = std::ffi::CString::new(rel).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    // SAFETY: `name` is a valid C string; the descriptor returned is owned by the new File.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 /// Yields exactly `remaining` bytes: the file's, then zeros if it shrank.

@@ -27,15 +27,20 @@ use crate::report::{Event, Reporter};
 /// The coalescing window.
 #[derive(Clone, Copy, Debug)]
 pub struct Window {
+    /// Quiet that closes a window while a file of it is being written (written to, and not
+    /// closed yet).
     pub quiet: Duration,
+    /// Quiet that closes a window whose writes all ended (each written file closed again).
+    pub settled: Duration,
     pub cap: Duration,
 }
 
 impl Default for Window {
     fn default() -> Self {
-        // 3 ms of quiet closes a window (a save's events come within microseconds of each other);
-        // a burst that pauses longer still costs one restart, which waits until no hint is left.
-        Window { quiet: Duration::from_millis(3), cap: Duration::from_millis(100) }
+        // A save's events come within microseconds of each other: 1 ms of quiet after the last
+        // written file was closed, 3 ms while one is still open for writing. A burst that pauses
+        // longer still costs one restart, which waits until no hint is left.
+        Window { quiet: Duration::from_millis(3), settled: Duration::from_millis(1), cap: Duration::from_millis(100) }
     }
 }
 
@@ -49,8 +54,18 @@ pub struct Hints {
 }
 
 enum Raw {
-    Paths(Vec<String>),
+    /// A path an event was about, and what the event says of a write to it.
+    Path(String, Write),
     Rescan,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Write {
+    /// Written to, or created as a file (a close follows).
+    Begun,
+    /// Closed after writing.
+    Ended,
+    Other,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +83,8 @@ pub struct Watcher {
     /// The window being gathered, kept across cancelled calls of [`Watcher::next`].
     gathered: Hints,
     opened: Option<Instant>,
+    /// Files of the open window written to and not closed yet.
+    writing: HashSet<String>,
 }
 
 enum Backend {
@@ -157,6 +174,7 @@ impl Watcher {
             reporter,
             gathered: Hints::default(),
             opened: None,
+            writing: HashSet::new(),
         };
         me.add_folder("")?;
         let folders: Vec<&String> = tree.iter().filter(|(_, s)| s.entry.is_dir()).map(|(p, _)| p).collect();
@@ -308,12 +326,14 @@ impl Watcher {
             if left.is_zero() {
                 break;
             }
-            match tokio::time::timeout(window.quiet.min(left), self.rx.recv()).await {
+            let quiet = if self.writing.is_empty() { window.settled } else { window.quiet };
+            match tokio::time::timeout(quiet.min(left), self.rx.recv()).await {
                 Ok(Some(raw)) => self.absorb(raw),
                 Ok(None) | Err(_) => break,
             }
         }
         self.opened = None;
+        self.writing.clear();
         Some(std::mem::take(&mut self.gathered))
     }
 
@@ -325,7 +345,18 @@ impl Watcher {
     fn absorb(&mut self, raw: Raw) {
         match raw {
             Raw::Rescan => self.gathered.rescan = true,
-            Raw::Paths(paths) => self.gathered.paths.extend(paths),
+            Raw::Path(path, write) => {
+                match write {
+                    Write::Begun => {
+                        self.writing.insert(path.clone());
+                    }
+                    Write::Ended => {
+                        self.writing.remove(&path);
+                    }
+                    Write::Other => {}
+                }
+                self.gathered.paths.insert(path);
+            }
         }
     }
 }
@@ -356,8 +387,17 @@ async fn read_events(
                     }
                 }
                 drop(map);
+                let write = if event.mask.contains(EventMask::CLOSE_WRITE) {
+                    Write::Ended
+                } else if event.mask.contains(EventMask::MODIFY)
+                    || (event.mask.contains(EventMask::CREATE) && !event.mask.contains(EventMask::ISDIR))
+                {
+                    Write::Begun
+                } else {
+                    Write::Other
+                };
                 match hinted_path(&folder, event.name) {
-                    Some(path) => Raw::Paths(vec![path]),
+                    Some(path) => Raw::Path(path, write),
                     None => continue,
                 }
             }
