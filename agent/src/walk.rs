@@ -14,7 +14,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
-use serde::{Deserialize, Serialize};
 
 use crate::filter::Filter;
 use crate::manifest::{Digest, Entry, Manifest};
@@ -73,6 +72,37 @@ pub struct Scanned {
 /// A scanned tree, sorted by path. It is also the stat cache of the next scan.
 pub type Tree = BTreeMap<String, Scanned>;
 
+/// What a stat cache knows of a file: the stat it was hashed at, and the digest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Known {
+    pub stat: StatKey,
+    pub hash: Digest,
+    pub size: u64,
+}
+
+/// Where a scan looks up the stats it may trust: the previous tree, or a stat cache read from
+/// disk (looked up in place, never turned into a tree).
+pub trait StatSource: Sync {
+    fn known(&self, rel: &str) -> Option<Known>;
+    /// How many files it knows.
+    fn files(&self) -> usize;
+}
+
+impl StatSource for Tree {
+    fn known(&self, rel: &str) -> Option<Known> {
+        match self.get(rel)? {
+            Scanned { entry: Entry::File { hash, size, .. }, stat: Some(stat) } => {
+                Some(Known { stat: *stat, hash: *hash, size: *size })
+            }
+            _ => None,
+        }
+    }
+
+    fn files(&self) -> usize {
+        self.values().filter(|s| s.stat.is_some()).count()
+    }
+}
+
 /// Counters of one scan, for tracing and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScanStats {
@@ -87,11 +117,11 @@ pub struct ScanOutcome {
     pub stats: ScanStats,
 }
 
-/// The folders a tree's paths lie in (as folder entries): what a stat cache, which keeps only
-/// files, says about the folders of the tree it was saved from.
-pub fn folders_of(tree: &Tree) -> Tree {
+/// The folders the paths of a stat cache lie in (as folder entries): what the cache, which keeps
+/// only files, says about the folders of the tree it was saved from.
+pub fn folders_of(cache: &StatCache) -> Tree {
     let mut folders = Tree::new();
-    for path in tree.keys() {
+    for path in cache.paths() {
         for dir in crate::relpath::ancestors(path) {
             if !folders.contains_key(dir) {
                 folders.insert(dir.to_owned(), Scanned { entry: Entry::Dir, stat: None });
@@ -113,13 +143,12 @@ pub fn digest(tree: &Tree) -> Digest {
 
 /// Whether a scan leaves the stat cache to save different from `previous` (the cache it read):
 /// a file was hashed, or files came or went. Directories and symlinks are not cached.
-pub fn cache_changed(previous: &Tree, outcome: &ScanOutcome) -> bool {
-    let cached = |tree: &Tree| tree.values().filter(|s| s.stat.is_some()).count();
-    outcome.stats.hashed_files > 0 || cached(previous) != cached(&outcome.tree)
+pub fn cache_changed(previous: &dyn StatSource, outcome: &ScanOutcome) -> bool {
+    outcome.stats.hashed_files > 0 || previous.files() != outcome.tree.files()
 }
 
 /// Walks the whole tree under `filter.root()`; `previous` serves as the stat cache.
-pub fn scan(filter: &Arc<Filter>, previous: &Tree) -> ScanOutcome {
+pub fn scan(filter: &Arc<Filter>, previous: &dyn StatSource) -> ScanOutcome {
     let mut outcome = walk_below(filter, "", previous, SCAN_THREADS);
     outcome.stats.entries = outcome.tree.len() as u64;
     outcome
@@ -132,7 +161,7 @@ const SCAN_THREADS: usize = 2;
 /// by `threads` threads from a shared queue, each entry examined relative to its folder's
 /// descriptor (`fstatat`, `openat`: no path walked from the root per file), folders excluded by
 /// the filter never opened.
-fn walk_below(filter: &Arc<Filter>, start: &str, previous: &Tree, threads: usize) -> ScanOutcome {
+fn walk_below(filter: &Arc<Filter>, start: &str, previous: &dyn StatSource, threads: usize) -> ScanOutcome {
     let queue = DirQueue { state: Mutex::new((vec![start.to_owned()], 0)), ready: Condvar::new() };
     let found: Mutex<Vec<(String, Scanned)>> = Mutex::new(Vec::new());
     let problems: Mutex<Vec<Problem>> = Mutex::new(Vec::new());
@@ -311,7 +340,7 @@ struct Batch<'a> {
 
 impl Batch<'_> {
     /// Reads one folder: its entries into the batch; returns its subfolders to read.
-    fn read_dir(&mut self, filter: &Filter, root: &OwnedFd, dir: &str, previous: &Tree) -> Vec<String> {
+    fn read_dir(&mut self, filter: &Filter, root: &OwnedFd, dir: &str, previous: &dyn StatSource) -> Vec<String> {
         let path = if dir.is_empty() { "." } else { dir };
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let listing = rustix::fs::openat(root, path, flags, Mode::empty()).and_then(rustix::fs::Dir::new);
@@ -365,7 +394,7 @@ impl Batch<'_> {
             if filter.excluded_here(&rel, kind == FileType::Directory) {
                 continue;
             }
-            match self.read_at(&fd, name, kind, stat, previous.get(&rel)) {
+            match self.read_at(&fd, name, kind, stat, || previous.known(&rel)) {
                 Ok(Some(scanned)) => {
                     if kind == FileType::Directory {
                         subdirs.push(rel.clone());
@@ -390,7 +419,7 @@ impl Batch<'_> {
         name: &std::ffi::CStr,
         kind: FileType,
         stat: Option<rustix::fs::Stat>,
-        previous: Option<&Scanned>,
+        previous: impl FnOnce() -> Option<Known>,
     ) -> io::Result<Option<Scanned>> {
         match kind {
             FileType::Directory => return Ok(Some(Scanned { entry: Entry::Dir, stat: None })),
@@ -423,10 +452,9 @@ impl Batch<'_> {
             ino: st.st_ino as u64,
         };
         let exec = st.st_mode & 0o111 != 0;
-        if let Some(Scanned { entry: Entry::File { hash, size, .. }, stat: Some(old) }) = previous {
-            if *old == key {
-                return Ok(Some(Scanned { entry: Entry::File { hash: *hash, size: *size, exec }, stat: Some(key) }));
-            }
+        if let Some(known) = previous().filter(|known| known.stat == key) {
+            let entry = Entry::File { hash: known.hash, size: known.size, exec };
+            return Ok(Some(Scanned { entry, stat: Some(key) }));
         }
         let read_at = SystemTime::now();
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
@@ -537,55 +565,115 @@ fn remove_subtree_below(tree: &mut Tree, rel: &str) -> Vec<String> {
     keys
 }
 
-/// The stat cache on disk: a format tag, then files only, compact.
-#[derive(Serialize, Deserialize)]
-struct CachedFile {
-    path: String,
-    size: u64,
-    mtime_ns: i64,
-    ctime_ns: i64,
-    ino: u64,
-    exec: bool,
-    hash: [u8; 32],
+/// First bytes of a saved stat cache; a file without them (another version's) is not read.
+///
+/// After them: the number of files (u64), one record of [`RECORD`] bytes per file in path order
+/// (path offset and length in the name table, u32 each; size, mtime, ctime, inode, 8 bytes each;
+/// the exec bit and 7 bytes of padding; the digest), then the name table. Little-endian. A scan
+/// looks files up in it by binary search: loading it allocates nothing per file.
+const CACHE_FORMAT: &[u8] = b"devloop-stat-cache-3\n";
+const RECORD: usize = 80;
+
+/// A stat cache as saved by [`save_stat_cache`], read whole and looked up in place.
+#[derive(Default)]
+pub struct StatCache {
+    bytes: Vec<u8>,
+    count: usize,
 }
 
-/// First bytes of a saved stat cache; a file without them (another version's) is not read.
-const CACHE_FORMAT: &[u8] = b"devloop-stat-cache-2\n";
+impl StatCache {
+    fn record(&self, i: usize) -> Option<&[u8]> {
+        let start = CACHE_FORMAT.len() + 8 + i * RECORD;
+        self.bytes.get(start..start + RECORD)
+    }
 
-/// Reads a stat cache saved by [`save_stat_cache`]; an empty tree when there is none or it is unreadable.
-pub fn load_stat_cache(path: &Path) -> Tree {
-    let Ok(bytes) = fs::read(path) else { return Tree::new() };
-    let Some(body) = bytes.strip_prefix(CACHE_FORMAT) else { return Tree::new() };
-    let Ok(files) = postcard::from_bytes::<Vec<CachedFile>>(body) else { return Tree::new() };
-    files
-        .into_iter()
-        .map(|f| {
-            let entry = Entry::File { hash: Digest(f.hash), size: f.size, exec: f.exec };
-            let stat = StatKey { size: f.size, mtime_ns: f.mtime_ns, ctime_ns: f.ctime_ns, ino: f.ino };
-            (f.path, Scanned { entry, stat: Some(stat) })
-        })
-        .collect()
+    fn path(&self, record: &[u8]) -> Option<&[u8]> {
+        let table = CACHE_FORMAT.len() + 8 + self.count * RECORD;
+        let offset = u32::from_le_bytes(record[0..4].try_into().ok()?) as usize;
+        let len = u32::from_le_bytes(record[4..8].try_into().ok()?) as usize;
+        self.bytes.get(table.checked_add(offset)?..table.checked_add(offset)?.checked_add(len)?)
+    }
+
+    /// Every file path the cache holds, in order (unreadable records left out).
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        (0..self.count).filter_map(|i| std::str::from_utf8(self.path(self.record(i)?)?).ok())
+    }
+}
+
+fn u64_at(record: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(record[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl StatSource for StatCache {
+    fn known(&self, rel: &str) -> Option<Known> {
+        let (mut low, mut high) = (0, self.count);
+        while low < high {
+            let mid = low + (high - low) / 2;
+            let record = self.record(mid)?;
+            match self.path(record)?.cmp(rel.as_bytes()) {
+                std::cmp::Ordering::Less => low = mid + 1,
+                std::cmp::Ordering::Greater => high = mid,
+                std::cmp::Ordering::Equal => {
+                    let size = u64_at(record, 8);
+                    let stat = StatKey {
+                        size,
+                        mtime_ns: u64_at(record, 16) as i64,
+                        ctime_ns: u64_at(record, 24) as i64,
+                        ino: u64_at(record, 32),
+                    };
+                    let hash = Digest(record[48..80].try_into().ok()?);
+                    return Some(Known { stat, hash, size });
+                }
+            }
+        }
+        None
+    }
+
+    fn files(&self) -> usize {
+        self.count
+    }
+}
+
+/// Reads a stat cache saved by [`save_stat_cache`]; an empty one when there is none or it is
+/// unreadable.
+pub fn load_stat_cache(path: &Path) -> StatCache {
+    let Ok(bytes) = fs::read(path) else { return StatCache::default() };
+    let Some(count) = bytes.strip_prefix(CACHE_FORMAT).and_then(|rest| rest.get(..8)) else {
+        return StatCache::default();
+    };
+    let count = u64::from_le_bytes(count.try_into().expect("8 bytes")) as usize;
+    let fits = count
+        .checked_mul(RECORD)
+        .and_then(|r| r.checked_add(CACHE_FORMAT.len() + 8))
+        .is_some_and(|end| end <= bytes.len());
+    if !fits {
+        return StatCache::default();
+    }
+    StatCache { bytes, count }
 }
 
 /// Saves the files of `tree` (path, stat, digest) atomically; best effort.
 pub fn save_stat_cache(path: &Path, tree: &Tree) {
-    let files: Vec<CachedFile> = tree
-        .iter()
-        .filter_map(|(p, s)| match (&s.entry, s.stat) {
-            (Entry::File { hash, size, exec }, Some(stat)) => Some(CachedFile {
-                path: p.clone(),
-                size: *size,
-                mtime_ns: stat.mtime_ns,
-                ctime_ns: stat.ctime_ns,
-                ino: stat.ino,
-                exec: *exec,
-                hash: hash.0,
-            }),
-            _ => None,
-        })
-        .collect();
-    let Ok(body) = postcard::to_allocvec(&files) else { return };
-    let bytes = [CACHE_FORMAT, &body].concat();
+    let files: Vec<(&String, &Scanned)> =
+        tree.iter().filter(|(_, s)| matches!(s, Scanned { entry: Entry::File { .. }, stat: Some(_) })).collect();
+    let mut bytes = Vec::with_capacity(CACHE_FORMAT.len() + 8 + files.len() * (RECORD + 24));
+    bytes.extend_from_slice(CACHE_FORMAT);
+    bytes.extend_from_slice(&(files.len() as u64).to_le_bytes());
+    let mut names = Vec::new();
+    for (path, scanned) in &files {
+        let (Entry::File { hash, size, exec }, Some(stat)) = (&scanned.entry, scanned.stat) else { continue };
+        let (Ok(offset), Ok(len)) = (u32::try_from(names.len()), u32::try_from(path.len())) else { return };
+        names.extend_from_slice(path.as_bytes());
+        bytes.extend_from_slice(&offset.to_le_bytes());
+        bytes.extend_from_slice(&len.to_le_bytes());
+        bytes.extend_from_slice(&size.to_le_bytes());
+        bytes.extend_from_slice(&stat.mtime_ns.to_le_bytes());
+        bytes.extend_from_slice(&stat.ctime_ns.to_le_bytes());
+        bytes.extend_from_slice(&stat.ino.to_le_bytes());
+        bytes.extend_from_slice(&[u8::from(*exec), 0, 0, 0, 0, 0, 0, 0]);
+        bytes.extend_from_slice(&hash.0);
+    }
+    bytes.extend_from_slice(&names);
     if let Some(parent) = path.parent() {
         let _ = fs::create_dir_all(parent);
     }
@@ -678,6 +766,39 @@ mod tests {
         assert_eq!(again.tree["src/main.rs"].entry.digest(), Some(Digest::of(b"fn main(){x}")));
         let across_runs = scan(&filter, &load_stat_cache(&cache));
         assert_eq!(across_runs.tree["src/main.rs"].entry.digest(), Some(Digest::of(b"fn main(){x}")));
+    }
+
+    #[test]
+    fn the_saved_stat_cache_is_looked_up_in_place_and_a_damaged_one_is_empty() {
+        let (dir, filter) = setup();
+        settle();
+        let tree = scan(&filter, &Tree::new()).tree;
+        let path = dir.path().join("cache.bin");
+        save_stat_cache(&path, &tree);
+        let cache = load_stat_cache(&path);
+        // Files with a trusted stat only: not folders, not symlinks.
+        assert_eq!(cache.paths().collect::<Vec<_>>(), [".env", ".gitignore", "src/main.rs"]);
+        assert_eq!(cache.files(), 3);
+        for path in [".env", ".gitignore", "src/main.rs"] {
+            assert_eq!(cache.known(path), tree.known(path), "{path}");
+        }
+        assert_eq!(cache.known("src"), None);
+        assert_eq!(cache.known("src/main.r"), None);
+        assert_eq!(cache.known("zzz"), None);
+        assert_eq!(folders_of(&cache).keys().collect::<Vec<_>>(), ["src"]);
+        // Every truncation of it, and garbage after the tag, read as an empty cache or as one
+        // whose lookups fail: never a panic.
+        let bytes = fs::read(&path).unwrap();
+        for cut in 0..bytes.len() {
+            fs::write(&path, &bytes[..cut]).unwrap();
+            let cache = load_stat_cache(&path);
+            let _ = cache.known("src/main.rs");
+            let _ = cache.paths().count();
+        }
+        let mut garbage = CACHE_FORMAT.to_vec();
+        garbage.extend_from_slice(&u64::MAX.to_le_bytes());
+        fs::write(&path, &garbage).unwrap();
+        assert_eq!(load_stat_cache(&path).files(), 0);
     }
 
     #[test]

@@ -152,7 +152,7 @@ async fn a_client_that_asks_gets_the_digest_first_and_the_records_only_when_it_w
     let filter = std::sync::Arc::new(
         devloop_agent::filter::Filter::new(root, &["ignored/".into(), ".devloop/".into()]).unwrap(),
     );
-    let ours = devloop_agent::walk::scan(&filter, &Default::default()).tree;
+    let ours = devloop_agent::walk::scan(&filter, &devloop_agent::walk::Tree::new()).tree;
 
     let mut client = open(root, 1 << 20, true).await;
     let (digest, entries) = client.manifest_digest().await;

@@ -332,9 +332,10 @@ impl Builder {
         let filter = Arc::new(
             devloop_agent::filter::Filter::new(root, &excludes).map_err(|e| BuildError::Context(e.to_string()))?,
         );
-        let scanned = tokio::task::spawn_blocking(move || devloop_agent::walk::scan(&filter, &Default::default()))
-            .await
-            .expect("scan task");
+        let scanned =
+            tokio::task::spawn_blocking(move || devloop_agent::walk::scan(&filter, &devloop_agent::walk::Tree::new()))
+                .await
+                .expect("scan task");
         let mut manifest = devloop_agent::walk::manifest_of(&scanned.tree);
         manifest.insert(
             "devloop-agent".into(),
@@ -572,7 +573,7 @@ pub struct DevImage {
 pub fn build_inputs(config: &Config, root: &Path) -> Result<devloop_agent::manifest::Manifest, BuildError> {
     let filter = devloop_agent::filter::Filter::new(root, &config.sync_excludes())
         .map_err(|e| BuildError::Context(e.to_string()))?;
-    let scanned = devloop_agent::walk::scan(&Arc::new(filter), &Default::default());
+    let scanned = devloop_agent::walk::scan(&Arc::new(filter), &devloop_agent::walk::Tree::new());
     let rules = Globs::new(&config.rebuild);
     let chart = config.chart.as_deref().map(|c| format!("{}/", c.trim_end_matches('/')));
     Ok(devloop_agent::walk::manifest_of(&scanned.tree)

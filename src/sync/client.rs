@@ -46,17 +46,25 @@ impl Drop for AgentClient {
 impl AgentClient {
     /// Opens the transport, shakes hands, says hello (`session` names this CLI process across
     /// reconnects; `excludes` what the agent leaves out of its manifest) and reads the digest of
-    /// the agent's manifest.
+    /// the agent's manifest. `limits`: how long the agent may take to welcome the client (from the
+    /// start), and then to read its tree and send the digest.
     pub async fn connect(
         transport: &dyn Transport,
         session: &str,
         excludes: &[String],
         reporter: &Reporter,
+        limits: (Duration, Duration),
     ) -> Result<(AgentClient, Greeting), SessionError> {
-        let connection = transport.connect().await?;
+        let (welcome_limit, scan_limit) = limits;
+        let deadline = tokio::time::Instant::now() + welcome_limit;
+        let connection = tokio::time::timeout_at(deadline, transport.connect())
+            .await
+            .map_err(|_| SessionError::Timeout(welcome_limit))??;
         let mut reader = connection.reader;
         let mut writer = BufWriter::with_capacity(DATA_CHUNK + 1024, connection.writer);
-        protocol::handshake(&mut reader, &mut writer).await?;
+        tokio::time::timeout_at(deadline, protocol::handshake(&mut reader, &mut writer))
+            .await
+            .map_err(|_| SessionError::Timeout(welcome_limit))??;
         let mut frames = FrameReader::new(reader);
         let mut out = FrameWriter::new(writer);
         let hello = ToAgent::Hello {
@@ -68,9 +76,17 @@ impl AgentClient {
         out.message(&hello).await?;
         out.flush().await?;
         let mut agent = String::new();
+        let (mut deadline, mut limit) = (deadline, welcome_limit);
         let greeting = loop {
-            match frames.message::<FromAgent>().await? {
-                FromAgent::Welcome { agent: version, .. } => agent = version,
+            let message = tokio::time::timeout_at(deadline, frames.message::<FromAgent>())
+                .await
+                .map_err(|_| SessionError::Timeout(limit))??;
+            match message {
+                FromAgent::Welcome { agent: version, .. } => {
+                    agent = version;
+                    // The agent is there; now it reads its tree.
+                    (deadline, limit) = (tokio::time::Instant::now() + scan_limit, scan_limit);
+                }
                 FromAgent::ManifestDigest { digest, entries } => break Greeting { agent, digest, entries },
                 FromAgent::Fatal { message } => return Err(SessionError::Agent(message)),
                 other @ (FromAgent::Output { .. } | FromAgent::Exited { .. }) => {

@@ -87,10 +87,20 @@ pub async fn run(
 ) -> Result<Outcome, crate::error::Error> {
     let session = Session::new(settings.session, transport, reporter)?;
     let (stop, shutdown) = tokio::sync::watch::channel(false);
+    // Ctrl+C, or SIGTERM (an IDE or `kill` stopping it): a clean stop that keeps the stat cache.
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            let _ = stop.send(true);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminated = async {
+            match term.as_mut() {
+                Some(term) => term.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminated => {}
         }
+        let _ = stop.send(true);
     });
     Ok(session.run(settings.once, shutdown).await?)
 }

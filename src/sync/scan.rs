@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use devloop_agent::filter::Filter;
 use devloop_agent::protocol::Problem;
-use devloop_agent::walk::{self, RescanOutcome, ScanStats, Tree};
+use devloop_agent::walk::{self, RescanOutcome, ScanStats, StatCache, Tree};
 use tracing::{info_span, Instrument};
 
 /// The result of a full scan.
@@ -20,6 +20,21 @@ pub struct Full {
     pub took: Duration,
     /// The stat cache to save differs from the one given (see [`walk::cache_changed`]).
     pub cache_changed: bool,
+}
+
+/// Reads the whole tree for the first time, `cache` (saved by an earlier run) as stat cache.
+pub async fn first(filter: Arc<Filter>, cache: Arc<StatCache>) -> Full {
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let outcome = walk::scan(&filter, cache.as_ref());
+        let took = started.elapsed();
+        let cache_changed = walk::cache_changed(cache.as_ref(), &outcome);
+        let (tree, problems, stats) = (outcome.tree, outcome.problems, outcome.stats);
+        Full { tree, previous: Tree::new(), problems, stats, took, cache_changed }
+    })
+    .instrument(info_span!("scan", kind = "first"))
+    .await
+    .expect("scan task panicked")
 }
 
 /// Reads the whole tree; `previous` serves as the stat cache.
@@ -58,10 +73,10 @@ pub fn cache_path(root: &Path) -> Option<PathBuf> {
 }
 
 /// The stat cache saved by an earlier run (empty when there is none).
-pub async fn load_cache(path: Option<PathBuf>) -> Tree {
+pub async fn load_cache(path: Option<PathBuf>) -> StatCache {
     match path {
         Some(path) => tokio::task::spawn_blocking(move || walk::load_stat_cache(&path)).await.unwrap_or_default(),
-        None => Tree::new(),
+        None => StatCache::default(),
     }
 }
 

@@ -58,6 +58,9 @@ pub enum Outcome {
 /// agent's answer, which names each refused path.
 const BATCH_ENTRIES: usize = 16 * 1024;
 
+/// Longest wait for the agent to read its tree, once it has said welcome.
+const SCAN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 pub struct Session {
     config: SessionConfig,
     transport: Box<dyn Transport>,
@@ -120,12 +123,12 @@ impl Session {
         let cache = scan::cache_path(&self.config.root);
         let (root, reporter) = (self.config.root.clone(), self.reporter.clone());
         let scanning = async move {
-            let cached = scan::load_cache(cache).await;
+            let cached = Arc::new(scan::load_cache(cache).await);
             let watcher = match once {
                 true => None,
                 false => Some(Watcher::start(&root, &walk::folders_of(&cached), reporter)),
             };
-            (scan::full(filter, cached).await, watcher)
+            (scan::first(filter, cached).await, watcher)
         };
         let ((full, watcher), connected) = tokio::select! {
             both = async { tokio::join!(scanning, self.connect_timed()) } => both,
@@ -419,10 +422,11 @@ impl Session {
         self.resync(connected).await
     }
 
+    /// Connects; the agent must welcome the client within the connect timeout, and then read its
+    /// tree within [`SCAN_TIMEOUT`] (a million files on a cold disk take minutes).
     async fn connect_timed(&self) -> Result<(AgentClient, Greeting), SessionError> {
-        let timeout = self.config.connect_timeout;
-        let connecting = AgentClient::connect(self.transport.as_ref(), &self.id, &self.config.excludes, &self.reporter);
-        tokio::time::timeout(timeout, connecting).await.map_err(|_| SessionError::Timeout(timeout))?
+        let limits = (self.config.connect_timeout, SCAN_TIMEOUT);
+        AgentClient::connect(self.transport.as_ref(), &self.id, &self.config.excludes, &self.reporter, limits).await
     }
 
     /// Takes the agent's manifest as the baseline and sends what differs from the local tree.
