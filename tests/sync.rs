@@ -412,16 +412,9 @@ fn a_stream_broken_during_the_first_sync_reconnects_and_converges() {
         agent = agent.display(),
         dst = fx.dst.display()
     );
-    let target = format!("cmd:sh -c '{line}'");
-    let output = std::process::Command::new(support::devloop_bin())
-        .current_dir(&fx.src)
-        .args(["--json", "watch", "--once", "--target", &target])
-        .env("XDG_CACHE_HOME", fx.dir.path().join("cache"))
-        .output()
-        .unwrap();
-    let events = support::parse_events(&String::from_utf8_lossy(&output.stdout));
-    assert_eq!(output.status.code(), Some(0), "{}\n{events:?}", String::from_utf8_lossy(&output.stderr));
-    assert!(events.iter().any(|e| e["event"] == "reconnecting"), "{events:?}");
+    let run = fx.once_via(&format!("cmd:sh -c '{line}'"), &[]);
+    assert_eq!(run.code, Some(0), "{}\n{:?}", run.stderr, run.events);
+    assert!(!run.of("reconnecting").is_empty(), "{:?}", run.events);
     fx.converge();
 }
 
@@ -446,17 +439,11 @@ fn a_long_sync_reports_its_progress() {
         support::agent_bin().display(),
         fx.dst.display()
     );
-    let output = std::process::Command::new(support::devloop_bin())
-        .current_dir(&fx.src)
-        .args(["--json", "watch", "--once", "--target", &target])
-        .env("XDG_CACHE_HOME", fx.dir.path().join("cache"))
-        .output()
-        .unwrap();
-    let events = support::parse_events(&String::from_utf8_lossy(&output.stdout));
-    assert_eq!(output.status.code(), Some(0), "{}\n{events:?}", String::from_utf8_lossy(&output.stderr));
-    let started = events.iter().find(|e| e["event"] == "sync_started").expect("sync_started");
-    let progress: Vec<_> = events.iter().filter(|e| e["event"] == "sync_progress").collect();
-    assert!(!progress.is_empty(), "a sync of about 3 s reports progress: {events:?}");
+    let run = fx.once_via(&target, &[]);
+    assert_eq!(run.code, Some(0), "{}\n{:?}", run.stderr, run.events);
+    let started = run.of("sync_started")[0];
+    let progress = run.of("sync_progress");
+    assert!(!progress.is_empty(), "a sync of about 3 s reports progress: {:?}", run.events);
     for p in &progress {
         assert_eq!((&p["files"], &p["bytes"]), (&started["files"], &started["bytes"]), "{p}");
         assert!(p["bytes_done"].as_u64().unwrap() <= p["bytes"].as_u64().unwrap(), "{p}");

@@ -343,9 +343,11 @@ impl Batch<'_> {
     fn read_dir(&mut self, filter: &Filter, root: &OwnedFd, dir: &str, previous: &dyn StatSource) -> Vec<String> {
         let path = if dir.is_empty() { "." } else { dir };
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let listing = rustix::fs::openat(root, path, flags, Mode::empty()).and_then(rustix::fs::Dir::new);
-        let mut listing = match listing {
-            Ok(listing) => listing,
+        // The folder's descriptor serves the lookups; the listing reads through its own.
+        let opened = rustix::fs::openat(root, path, flags, Mode::empty())
+            .and_then(|fd| rustix::fs::Dir::read_from(&fd).map(|listing| (fd, listing)));
+        let (fd, mut listing) = match opened {
+            Ok(opened) => opened,
             // Gone since it was listed, or replaced by a file or symlink: not part of the tree now.
             Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => return Vec::new(),
             Err(e) => {
@@ -353,8 +355,6 @@ impl Batch<'_> {
                 return Vec::new();
             }
         };
-        let Ok(fd) = listing.fd().map(|fd| fd.try_clone_to_owned()) else { return Vec::new() };
-        let Ok(fd) = fd else { return Vec::new() };
         let mut subdirs = Vec::new();
         while let Some(entry) = listing.read() {
             let entry = match entry {

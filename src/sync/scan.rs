@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use devloop_agent::filter::Filter;
 use devloop_agent::protocol::Problem;
-use devloop_agent::walk::{self, RescanOutcome, ScanStats, StatCache, Tree};
+use devloop_agent::walk::{self, RescanOutcome, ScanStats, StatCache, StatSource, Tree};
 use tracing::{info_span, Instrument};
 
 /// The result of a full scan.
@@ -23,30 +23,28 @@ pub struct Full {
 }
 
 /// Reads the whole tree for the first time, `cache` (saved by an earlier run) as stat cache.
-pub async fn first(filter: Arc<Filter>, cache: Arc<StatCache>) -> Full {
-    tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let outcome = walk::scan(&filter, cache.as_ref());
-        let took = started.elapsed();
-        let cache_changed = walk::cache_changed(cache.as_ref(), &outcome);
-        let (tree, problems, stats) = (outcome.tree, outcome.problems, outcome.stats);
-        Full { tree, previous: Tree::new(), problems, stats, took, cache_changed }
-    })
-    .instrument(info_span!("scan", kind = "first"))
-    .await
-    .expect("scan task panicked")
+pub async fn first(filter: Arc<Filter>, cache: StatCache) -> Full {
+    let (full, _) = scan(filter, cache, "first").await;
+    full
 }
 
-/// Reads the whole tree; `previous` serves as the stat cache.
+/// Reads the whole tree; `previous` serves as the stat cache and comes back in `Full::previous`.
 pub async fn full(filter: Arc<Filter>, previous: Tree) -> Full {
+    let (full, previous) = scan(filter, previous, "full").await;
+    Full { previous, ..full }
+}
+
+/// One full scan in a blocking task; the stat source comes back with the result.
+async fn scan<S: StatSource + Send + 'static>(filter: Arc<Filter>, source: S, kind: &'static str) -> (Full, S) {
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let outcome = walk::scan(&filter, &previous);
+        let outcome = walk::scan(&filter, &source);
         let took = started.elapsed();
-        let cache_changed = walk::cache_changed(&previous, &outcome);
-        Full { tree: outcome.tree, previous, problems: outcome.problems, stats: outcome.stats, took, cache_changed }
+        let cache_changed = walk::cache_changed(&source, &outcome);
+        let (tree, problems, stats) = (outcome.tree, outcome.problems, outcome.stats);
+        (Full { tree, previous: Tree::new(), problems, stats, took, cache_changed }, source)
     })
-    .instrument(info_span!("scan", kind = "full"))
+    .instrument(info_span!("scan", kind))
     .await
     .expect("scan task panicked")
 }

@@ -123,7 +123,7 @@ impl Session {
         let cache = scan::cache_path(&self.config.root);
         let (root, reporter) = (self.config.root.clone(), self.reporter.clone());
         let scanning = async move {
-            let cached = Arc::new(scan::load_cache(cache).await);
+            let cached = scan::load_cache(cache).await;
             let watcher = match once {
                 true => None,
                 false => Some(Watcher::start(&root, &walk::folders_of(&cached), reporter)),
@@ -299,12 +299,7 @@ impl Session {
                 .collect()
         } else {
             let hinted: Vec<String> = hints.paths.into_iter().collect();
-            let tree = std::mem::take(&mut self.local);
-            let (tree, outcome) = scan::targeted(Arc::clone(&self.filter), tree, hinted.clone()).await;
-            self.local = tree;
-            self.cache_dirty |= !outcome.changed.is_empty() || outcome.stats.hashed_files > 0;
-            self.report_problems(&outcome.problems);
-            let mut changed = outcome.changed;
+            let mut changed = self.rescan(hinted.clone()).await;
             let fresh = watcher.update(&self.local, &changed, &hinted)?;
             changed.extend(self.follow_new_folders(watcher, fresh).await?);
             changed.sort_unstable();
@@ -339,15 +334,21 @@ impl Session {
     ) -> Result<Vec<String>, SessionError> {
         let mut changed = Vec::new();
         while !fresh.is_empty() {
-            let tree = std::mem::take(&mut self.local);
-            let (tree, again) = scan::targeted(Arc::clone(&self.filter), tree, fresh.clone()).await;
-            self.local = tree;
-            self.cache_dirty |= !again.changed.is_empty() || again.stats.hashed_files > 0;
-            self.report_problems(&again.problems);
-            fresh = watcher.update(&self.local, &again.changed, &fresh)?;
-            changed.extend(again.changed);
+            let again = self.rescan(fresh.clone()).await;
+            fresh = watcher.update(&self.local, &again, &fresh)?;
+            changed.extend(again);
         }
         Ok(changed)
+    }
+
+    /// Re-reads `paths` of the local tree; returns what changed.
+    async fn rescan(&mut self, paths: Vec<String>) -> Vec<String> {
+        let tree = std::mem::take(&mut self.local);
+        let (tree, outcome) = scan::targeted(Arc::clone(&self.filter), tree, paths).await;
+        self.local = tree;
+        self.cache_dirty |= !outcome.changed.is_empty() || outcome.stats.hashed_files > 0;
+        self.report_problems(&outcome.problems);
+        outcome.changed
     }
 
     /// Asks the agent for the restart that synced changes called for.

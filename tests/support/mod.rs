@@ -53,9 +53,14 @@ impl Fixture {
 
     /// `devloop watch --once --json` to completion.
     pub fn once(&self, extra: &[&str]) -> Run {
+        self.once_via(&self.target(), extra)
+    }
+
+    /// `devloop watch --once --json --target TARGET` to completion.
+    pub fn once_via(&self, target: &str, extra: &[&str]) -> Run {
         let output = Command::new(devloop_bin())
             .current_dir(&self.src)
-            .args(["--json", "watch", "--once", "--target", &self.target()])
+            .args(["--json", "watch", "--once", "--target", target])
             .args(extra)
             .env("DEVLOOP_AGENT", agent_bin())
             .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
