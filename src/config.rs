@@ -183,6 +183,104 @@ fn default_rebuild() -> Vec<String> {
     DEFAULT_REBUILD.iter().map(|s| s.to_string()).collect()
 }
 
+/// Largest devloop.yaml read: a real one is a few hundred bytes; 10 MB of patterns took
+/// seconds and gigabytes to parse.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Deepest nesting of a devloop.yaml read (its own schema nests three levels).
+const MAX_NESTING: usize = 64;
+/// Most sync exclude patterns (each is compiled into the filter every scan consults).
+const MAX_EXCLUDES: usize = 10_000;
+
+/// Why a small text file (devloop.yaml, a values file) could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read it: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("it is {0}, not a regular file")]
+    NotRegular(&'static str),
+    #[error("it holds {size} bytes; at most {max} are read")]
+    TooLarge { size: u64, max: u64 },
+    #[error("it is not UTF-8 text")]
+    NotUtf8,
+}
+
+/// Reads a small text file the user names: never blocks on a FIFO, never reads more than `max`
+/// bytes (whatever the file grows to meanwhile).
+pub fn read_bounded(path: &Path, max: u64) -> Result<String, ReadError> {
+    use devloop_agent::beneath::{open_named_file, OpenError};
+    use std::io::Read;
+    let opened = match open_named_file(path) {
+        Ok(opened) => opened,
+        Err(OpenError::NotRegular(kind)) => return Err(ReadError::NotRegular(kind)),
+        Err(OpenError::Io(e)) => return Err(ReadError::Io(e)),
+    };
+    let size = opened.stat.st_size as u64;
+    if size > max {
+        return Err(ReadError::TooLarge { size, max });
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    opened.file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(ReadError::TooLarge { size: bytes.len() as u64, max });
+    }
+    String::from_utf8(bytes).map_err(|_| ReadError::NotUtf8)
+}
+
+/// Whether YAML `text` nests deeper than `max` (flow brackets, or block indentation), and how
+/// deep it got before the check stopped: a parser spends quadratic time on 100,000 levels.
+fn too_deep(text: &str, max: usize) -> Option<usize> {
+    let mut flow = 0usize;
+    let mut quote: Option<char> = None;
+    let mut indents: Vec<usize> = Vec::new();
+    for line in text.lines() {
+        if quote.is_none() && flow == 0 {
+            let indent = line.len() - line.trim_start_matches([' ', '-']).len();
+            if !line.trim().is_empty() && !line.trim_start().starts_with('#') {
+                while indents.last().is_some_and(|&last| last >= indent) {
+                    indents.pop();
+                }
+                indents.push(indent);
+                if indents.len() > max {
+                    return Some(indents.len());
+                }
+            }
+        }
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (quote, c) {
+                (None, '#') => break,
+                (None, '\'' | '"') => quote = Some(c),
+                (Some('"'), '\\') => {
+                    chars.next();
+                }
+                (Some(q), c) if c == q => quote = None,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    if flow + indents.len() > max {
+                        return Some(flow + indents.len());
+                    }
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+        }
+        // A single-quoted scalar cannot span lines in a config this simple; reset at the end.
+        if quote == Some('\'') {
+            quote = None;
+        }
+    }
+    None
+}
+
+/// A value or message as an error shows it: at most a few hundred characters.
+fn shorten(text: &str) -> String {
+    const SHOWN: usize = 300;
+    match text.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{}… ({} bytes in all)", &text[..cut], text.len()),
+        None => text.to_string(),
+    }
+}
+
 /// A config error, located in its file.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
@@ -209,17 +307,36 @@ impl fmt::Display for ConfigError {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let text = read_bounded(path, MAX_CONFIG_BYTES).map_err(|e| ConfigError {
             file: path.to_path_buf(),
             line: None,
             key: None,
-            message: format!("cannot read it: {e}"),
-            hint: Some(if e.kind() == std::io::ErrorKind::NotFound {
-                format!("run devloop in the folder that holds {FILE_NAME}, or pass -f PATH")
-            } else {
-                "check the file's permissions".into()
+            message: e.to_string(),
+            hint: Some(match &e {
+                ReadError::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    format!("run devloop in the folder that holds {FILE_NAME}, or pass -f PATH")
+                }
+                ReadError::Io(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    "check the file's permissions (devloop only reads it)".into()
+                }
+                ReadError::NotRegular(_) => format!("{FILE_NAME} must be a regular file; pass -f PATH to name one"),
+                ReadError::TooLarge { .. } => {
+                    "a devloop.yaml is a few lines: move long exclude lists into .dockerignore or .gitignore".into()
+                }
+                ReadError::Io(_) | ReadError::NotUtf8 => {
+                    format!("check that {} is the YAML file you meant", path.display())
+                }
             }),
         })?;
+        if let Some(depth) = too_deep(&text, MAX_NESTING) {
+            return Err(ConfigError {
+                file: path.to_path_buf(),
+                line: None,
+                key: None,
+                message: format!("nested {depth} levels deep or more; at most {MAX_NESTING} are read"),
+                hint: Some("devloop.yaml nests a few levels: check the file's brackets and indentation".into()),
+            });
+        }
         Config::parse(path, &text)
     }
 
@@ -229,7 +346,7 @@ impl Config {
             let message = e.to_string();
             // serde_yaml_ng prefixes the key path ("sync.exclude: ..."); keep the rest as the message.
             let (key, message) = split_key(&message);
-            let message = message.split(" at line ").next().unwrap_or(&message).to_string();
+            let message = shorten(message.split(" at line ").next().unwrap_or(&message));
             ConfigError { file: path.to_path_buf(), line, key, hint: hint_for(&message), message }
         })?;
         config.validate(path, text)?;
@@ -252,23 +369,33 @@ impl Config {
             return Err(at.error(
                 "name",
                 &self.name,
-                format!("`{}` is not a valid service name", self.name),
+                format!("`{}` is not a valid service name", shorten(&self.name)),
                 "use lowercase letters, digits and `-`, at most 63 characters, starting and ending with a letter or digit",
             ));
         }
         for (key, globs) in [("rebuild", &self.rebuild), ("no_restart", &self.no_restart)] {
             for pattern in globs {
                 if let Err(e) = glob(pattern) {
-                    let message = format!("bad glob `{pattern}`: {}", e.kind());
+                    let message = format!("bad glob `{}`: {}", shorten(pattern), e.kind());
                     return Err(at.error(key, pattern, message, "globs look like `src/**/*.cs` or `Dockerfile*`"));
                 }
             }
+        }
+        if self.sync.exclude.len() > MAX_EXCLUDES {
+            let message = format!("{} patterns; at most {MAX_EXCLUDES} are taken", self.sync.exclude.len());
+            let hint = "exclude whole folders (`bin/`) rather than each file, or list them in .dockerignore";
+            return Err(at.error("sync.exclude", "", message, hint));
         }
         for pattern in &self.sync.exclude {
             let mut builder = ignore::gitignore::GitignoreBuilder::new("/");
             if let Err(e) = builder.add_line(None, pattern) {
                 let hint = "patterns follow .gitignore syntax, e.g. `bin/` or `*.log`";
-                return Err(at.error("sync.exclude", pattern, format!("bad pattern `{pattern}`: {e}"), hint));
+                return Err(at.error(
+                    "sync.exclude",
+                    pattern,
+                    format!("bad pattern `{}`: {e}", shorten(pattern)),
+                    hint,
+                ));
             }
         }
         Ok(())

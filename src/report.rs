@@ -385,6 +385,7 @@ impl Reporter {
             | Event::RestartFailed { .. }
             | Event::Exited { .. } => return app_text(event),
             Event::Output { .. } => return None,
+            Event::Problem { path, message } if path.is_empty() => format!("{tag} {} {message}", style("problem").yellow()),
             Event::Problem { path, message } => format!("{tag} {} {path}: {message}", style("problem").yellow()),
             Event::Watching { root, mode } => format!("{tag} watching {root} ({mode}); Ctrl+C to stop"),
             Event::RebuildNeeded { path, pattern } => format!(

@@ -8,6 +8,7 @@ mod support;
 
 mod container;
 mod errors;
+mod hardening;
 #[cfg(feature = "kubernetes")]
 mod kubernetes;
 #[cfg(feature = "kubernetes")]

@@ -29,7 +29,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use tar::EntryType;
 
 use crate::manifest::{Digest, Entry};
-use crate::protocol::{Applied, Chmod, Problem, PAX_BLAKE3};
+use crate::protocol::{Applied, Chmod, MAX_BATCH_ENTRIES, PAX_BLAKE3};
 use crate::relpath::{self, PathError};
 use crate::walk::{Scanned, StatKey};
 use crate::RESERVED_DIR;
@@ -155,26 +155,28 @@ impl Applier {
         let mut report = Applied { id, ..Applied::default() };
         let mut updates = Vec::new();
 
-        let mut deletes: Vec<&String> = deletes.iter().collect();
-        deletes.sort_unstable_by(|a, b| b.cmp(a));
-        for path in deletes {
+        // Deepest first (a folder after its content); each keeps its place in the batch.
+        let mut deletes: Vec<(usize, &String)> = deletes.iter().enumerate().collect();
+        deletes.sort_unstable_by(|a, b| b.1.cmp(a.1));
+        for (at, path) in &deletes {
             match self.delete(path) {
                 Ok(true) => {
                     report.deleted += 1;
-                    updates.push(TreeUpdate::Remove(path.clone()));
+                    updates.push(TreeUpdate::Remove((*path).clone()));
                 }
-                Ok(false) => updates.push(TreeUpdate::Remove(path.clone())),
-                Err(refusal) => report.refused.push(refused(path, refusal)),
+                Ok(false) => updates.push(TreeUpdate::Remove((*path).clone())),
+                Err(refusal) => report.refuse(*at, path, refusal.to_string()),
             }
         }
-        for chmod in chmods {
+        for (i, chmod) in chmods.iter().enumerate() {
             match self.chmod(chmod) {
                 Ok(()) => {}
-                Err(refusal) => report.refused.push(refused(&chmod.path, refusal)),
+                Err(refusal) => report.refuse(deletes.len() + i, &chmod.path, refusal.to_string()),
             }
         }
 
-        let incomplete = self.apply_entries(tar, &mut report, &mut updates);
+        let first_entry = deletes.len() + chmods.len();
+        let incomplete = self.apply_entries(tar, first_entry, &mut report, &mut updates);
         report.micros = started.elapsed().as_micros() as u64;
         (report, incomplete, updates)
     }
@@ -182,7 +184,14 @@ impl Applier {
     /// Applies the entries of the batch's tar stream in order; says why when the stream broke off.
     /// Small files are read whole and, from the second one on, handed to writer threads;
     /// everything else is applied by this thread.
-    fn apply_entries(&mut self, tar: impl Read, report: &mut Applied, updates: &mut Vec<TreeUpdate>) -> Option<String> {
+    /// `first_entry` is the place in the batch of the stream's first entry.
+    fn apply_entries(
+        &mut self,
+        tar: impl Read,
+        first_entry: usize,
+        report: &mut Applied,
+        updates: &mut Vec<TreeUpdate>,
+    ) -> Option<String> {
         let mut archive = tar::Archive::new(crate::targuard::Guard::new(tar));
         let entries = match archive.entries() {
             Ok(entries) => entries,
@@ -197,6 +206,12 @@ impl Applier {
             let mut small_seen = false;
             let mut broke = None;
             for (seq, entry) in entries.enumerate() {
+                // The CLI never sends more; a stream of a million tiny refused entries would
+                // make the answer grow without bound.
+                if first_entry + seq >= MAX_BATCH_ENTRIES {
+                    broke = Some(format!("the batch holds more than {MAX_BATCH_ENTRIES} entries"));
+                    break;
+                }
                 let mut entry = match entry {
                     Ok(entry) => entry,
                     Err(e) => {
@@ -243,14 +258,14 @@ impl Applier {
         drop(done_tx);
         results.extend(done_rx.try_iter());
         results.sort_unstable_by_key(|(seq, _, _)| *seq);
-        for (_, path, result) in results {
+        for (seq, path, result) in results {
             match result {
                 Ok(scanned) => {
                     report.written += 1;
                     report.bytes += scanned.entry.size();
                     updates.push(TreeUpdate::Put(path, scanned));
                 }
-                Err(refusal) => report.refused.push(refused(&path, refusal)),
+                Err(refusal) => report.refuse(first_entry + seq, &path, refusal.to_string()),
             }
         }
         broke
@@ -725,10 +740,6 @@ fn file_mode(exec: bool) -> u32 {
     } else {
         0o644
     }
-}
-
-fn refused(path: &str, refusal: Refusal) -> Problem {
-    Problem { path: path.to_owned(), message: refusal.to_string() }
 }
 
 /// Errors reading the tar stream itself are marked so the batch stops instead of refusing one path.

@@ -10,6 +10,8 @@ pub mod relpath;
 pub mod units;
 
 #[cfg(feature = "tree")]
+pub mod beneath;
+#[cfg(feature = "tree")]
 pub mod filter;
 #[cfg(feature = "tree")]
 pub mod walk;

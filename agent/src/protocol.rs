@@ -21,7 +21,7 @@ use crate::manifest::Record;
 
 pub const MAGIC: [u8; 8] = *b"\x7fDEVLOOP";
 /// Bump on any incompatible change of the frames or messages below.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// PAX extended-header key holding a regular file's blake3 (hex) inside a batch's tar stream.
 pub const PAX_BLAKE3: &str = "DEVLOOP.blake3";
 /// Largest frame accepted.
@@ -31,6 +31,14 @@ pub const DATA_CHUNK: usize = 256 << 10;
 /// Largest data frame accepted: the agent queues a few of them for the apply task, and its memory
 /// lives inside the app's limit.
 pub const MAX_DATA_FRAME: usize = 1 << 20;
+/// Most entries (deletions, exec-bit changes, tar entries) one batch may carry: every message,
+/// and the agent's answer, stays far below [`MAX_FRAME`]. The agent ends a session whose batch
+/// holds more.
+pub const MAX_BATCH_ENTRIES: usize = 16 * 1024;
+/// Refused entries an [`Applied`] describes in words, in all and per reason; the others are
+/// counted (their places in the batch are all listed).
+pub const REFUSED_EXAMPLES: usize = 64;
+pub const REFUSED_EXAMPLES_PER_REASON: usize = 8;
 /// Bytes of transport noise tolerated before the magic.
 const MAX_PREAMBLE: usize = 64 << 10;
 
@@ -84,6 +92,10 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// A change of the exec bit alone; the content is unchanged.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chmod {
@@ -98,6 +110,10 @@ pub enum FromAgent {
     Welcome {
         agent: String,
         root: String,
+        /// The largest file the agent takes (`--max-file-size`): the CLI does not send a bigger
+        /// one only to have it refused.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        max_file_size: u64,
     },
     /// The digest of the agent's manifest ([`crate::manifest::digest_of`]) and its size, for a
     /// client that asked first.
@@ -133,16 +149,55 @@ pub enum FromAgent {
     },
 }
 
-/// The acknowledgement of one batch. Everything the batch carried is in place except `refused`.
+/// The acknowledgement of one batch. Everything the batch carried is in place except the
+/// entries listed in `refused_at`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
     pub id: u64,
     pub written: u64,
     pub bytes: u64,
     pub deleted: u64,
+    /// What was refused and why, for the user: at most [`REFUSED_EXAMPLES_PER_REASON`] paths per
+    /// reason and [`REFUSED_EXAMPLES`] in all, so that the answer stays small however much is
+    /// refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<Problem>,
+    /// Every refused entry, by its place in the batch: the deletions as sent, then the exec-bit
+    /// changes, then the entries of the tar stream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_at: Vec<u32>,
     pub micros: u64,
+}
+
+impl Applied {
+    /// Records that the entry at `at` (see [`Applied::refused_at`]) was refused.
+    pub fn refuse(&mut self, at: usize, path: &str, message: String) {
+        self.refused_at.push(u32::try_from(at).unwrap_or(u32::MAX));
+        if self.refused.len() >= REFUSED_EXAMPLES {
+            return;
+        }
+        let same_reason = self.refused.iter().filter(|p| p.message == message).count();
+        if same_reason < REFUSED_EXAMPLES_PER_REASON {
+            self.refused.push(Problem { path: shortened(path, 1024), message: shortened(&message, 512) });
+        }
+    }
+
+    /// How many entries were refused.
+    pub fn refused_count(&self) -> u64 {
+        self.refused_at.len() as u64
+    }
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary, marked when cut.
+fn shortened(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &text[..cut])
 }
 
 /// How a restart went.

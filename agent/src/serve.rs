@@ -18,7 +18,9 @@ use crate::control::Link;
 use crate::filter::Filter;
 use crate::lock::{SessionLock, LOCK_WAIT};
 use crate::manifest::Record;
-use crate::protocol::{self, Applied, Chmod, Frame, FrameReader, FrameWriter, FromAgent, ProtocolError, ToAgent};
+use crate::protocol::{
+    self, Applied, Chmod, Frame, FrameReader, FrameWriter, FromAgent, ProtocolError, ToAgent, MAX_BATCH_ENTRIES,
+};
 use crate::walk::{self, Tree};
 use crate::RESERVED_DIR;
 
@@ -123,7 +125,11 @@ async fn session<R: AsyncRead + Unpin>(
     let mut applier = Some(Applier::new(&root, options.max_file_size).map_err(root_err)?);
     let filter = Arc::new(Filter::new(&root, excludes)?);
 
-    let _ = out.send(FromAgent::Welcome { agent: env!("CARGO_PKG_VERSION").into(), root: root.display().to_string() });
+    let _ = out.send(FromAgent::Welcome {
+        agent: env!("CARGO_PKG_VERSION").into(),
+        root: root.display().to_string(),
+        max_file_size: options.max_file_size,
+    });
     let cache_path = root.join(RESERVED_DIR).join("manifest.cache");
     let scanned = {
         let filter = Arc::clone(&filter);
@@ -198,6 +204,10 @@ async fn batches<R: AsyncRead + Unpin>(
         };
         match frame.decode::<ToAgent>()? {
             ToAgent::Batch { id, deletes, chmods } => {
+                if deletes.len() + chmods.len() > MAX_BATCH_ENTRIES {
+                    let got = format!("{} deletions and exec-bit changes", deletes.len() + chmods.len());
+                    return Err(ProtocolError::Unexpected { expected: "a batch of at most 16,384 entries", got }.into());
+                }
                 let (report, incomplete, updates) =
                     receive_batch(frames, applier, id, deletes, chmods).instrument(info_span!("apply", id)).await?;
                 *changed |= !updates.is_empty();
@@ -216,7 +226,7 @@ async fn batches<R: AsyncRead + Unpin>(
                     id,
                     written = report.written,
                     deleted = report.deleted,
-                    refused = report.refused.len(),
+                    refused = report.refused_count(),
                     micros = report.micros,
                     "applied"
                 );

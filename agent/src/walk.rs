@@ -5,10 +5,10 @@
 //! Everything here is blocking IO; callers run a whole scan inside one blocking task.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, Metadata};
+use std::fs::{self, Metadata};
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -239,18 +239,35 @@ pub struct RescanOutcome {
 
 /// Re-reads only the given paths (from watcher hints): a path that is gone leaves the tree with
 /// everything under it; a folder is walked again; a file is re-hashed when its stat changed.
+/// Every path is looked up beneath the root's descriptor, following no symlink: a path whose
+/// folders are no longer folders is not part of the tree.
 pub fn rescan(filter: &Arc<Filter>, tree: &mut Tree, paths: &[String]) -> RescanOutcome {
-    let root = filter.root().to_path_buf();
     let mut out = RescanOutcome::default();
     let mut changed = std::collections::BTreeSet::new();
+    let root = match crate::beneath::open_root(filter.root()) {
+        Ok(root) => root,
+        Err(e) => {
+            out.problems.push(problem("", &e));
+            return out;
+        }
+    };
     for rel in paths {
         if rel.is_empty() {
             continue;
         }
-        let abs = root.join(rel);
-        let meta = match fs::symlink_metadata(&abs) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory => {
+        let (parent, name) = match rel.rfind('/') {
+            Some(cut) => (&rel[..cut], &rel[cut + 1..]),
+            None => ("", rel.as_str()),
+        };
+        let looked = crate::beneath::open_dir(&root, parent).and_then(|dir| {
+            let c_name = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let st = rustix::fs::statat(&dir, &c_name, AtFlags::SYMLINK_NOFOLLOW)?;
+            Ok((dir, c_name, st))
+        });
+        let (dir, c_name, st) = match looked {
+            Ok(looked) => looked,
+            // Gone, or reached through something that is no longer a folder.
+            Err(e) if is_not_in_tree(&e) => {
                 changed.extend(remove_subtree(tree, rel));
                 continue;
             }
@@ -259,14 +276,15 @@ pub fn rescan(filter: &Arc<Filter>, tree: &mut Tree, paths: &[String]) -> Rescan
                 continue;
             }
         };
-        if filter.is_excluded(rel, meta.is_dir()) || !parents_are_folders(&root, rel) {
+        let kind = FileType::from_raw_mode(st.st_mode);
+        if filter.is_excluded(rel, kind == FileType::Directory) {
             changed.extend(remove_subtree(tree, rel));
             continue;
         }
         for dir in crate::relpath::ancestors(rel) {
             put(tree, &mut changed, dir, Scanned { entry: Entry::Dir, stat: None });
         }
-        if meta.is_dir() {
+        if kind == FileType::Directory {
             let scanned = scan_under(filter, rel, tree);
             out.problems.extend(scanned.problems);
             out.stats.hashed_files += scanned.stats.hashed_files;
@@ -284,25 +302,40 @@ pub fn rescan(filter: &Arc<Filter>, tree: &mut Tree, paths: &[String]) -> Rescan
             for (key, value) in scanned.tree {
                 put(tree, &mut changed, &key, value);
             }
-        } else {
-            match read_entry(&abs, &meta, tree.get(rel.as_str()), &mut out.stats) {
-                Ok(Some(scanned)) => {
-                    changed.extend(remove_subtree_below(tree, rel));
-                    put(tree, &mut changed, rel, scanned);
-                }
-                Ok(None) => {
-                    changed.extend(remove_subtree(tree, rel));
-                    out.problems.push(Problem {
-                        path: rel.clone(),
-                        message: "not a regular file, folder or symlink; skipped".into(),
-                    });
-                }
-                Err(e) => out.problems.push(problem(rel, &e)),
+            continue;
+        }
+        let previous = || tree.known(rel);
+        match read_at(&dir, &c_name, kind, Some(st), previous, &mut out.stats) {
+            Ok(Some(scanned)) => {
+                changed.extend(remove_subtree_below(tree, rel));
+                put(tree, &mut changed, rel, scanned);
             }
+            Ok(None) => {
+                changed.extend(remove_subtree(tree, rel));
+                out.problems.push(not_syncable(rel, kind));
+            }
+            // Changed type since the look: the watcher's event for that change brings it back.
+            Err(e) if is_not_in_tree(&e) => changed.extend(remove_subtree(tree, rel)),
+            Err(e) => out.problems.push(problem(rel, &e)),
         }
     }
     out.changed = changed.into_iter().collect();
     out
+}
+
+/// Errors that say a path is not part of the tree now: gone, or below something that is not a
+/// folder (a symlink is never followed).
+fn is_not_in_tree(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+        || matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::NOTDIR.raw_os_error() || code == rustix::io::Errno::LOOP.raw_os_error())
+}
+
+/// The problem of a path the tree cannot hold (a FIFO, socket or device).
+fn not_syncable(rel: &str, kind: FileType) -> Problem {
+    Problem {
+        path: rel.to_owned(),
+        message: format!("{} is not a regular file, folder or symlink; skipped", crate::beneath::kind_name(kind)),
+    }
 }
 
 fn put(tree: &mut Tree, changed: &mut std::collections::BTreeSet<String>, rel: &str, scanned: Scanned) {
@@ -317,11 +350,6 @@ fn put(tree: &mut Tree, changed: &mut std::collections::BTreeSet<String>, rel: &
             changed.insert(rel.to_owned());
         }
     }
-}
-
-/// A path reached through a symlinked folder is not part of the tree (the walk does not follow links).
-fn parents_are_folders(root: &Path, rel: &str) -> bool {
-    crate::relpath::ancestors(rel).all(|dir| fs::symlink_metadata(root.join(dir)).map(|m| m.is_dir()).unwrap_or(false))
 }
 
 fn scan_under(filter: &Arc<Filter>, rel: &str, previous: &Tree) -> ScanOutcome {
@@ -341,17 +369,24 @@ struct Batch<'a> {
 impl Batch<'_> {
     /// Reads one folder: its entries into the batch; returns its subfolders to read.
     fn read_dir(&mut self, filter: &Filter, root: &OwnedFd, dir: &str, previous: &dyn StatSource) -> Vec<String> {
-        let path = if dir.is_empty() { "." } else { dir };
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        // The folder's descriptor serves the lookups; the listing reads through its own.
-        let opened = rustix::fs::openat(root, path, flags, Mode::empty())
-            .and_then(|fd| rustix::fs::Dir::read_from(&fd).map(|listing| (fd, listing)));
+        // Resolved beneath the root, following no symlink on the way: a folder swapped for a
+        // symlink since it was listed is never read through. The folder's descriptor serves the
+        // lookups; the listing reads through its own.
+        let opened = crate::beneath::open_dir(root, dir)
+            .and_then(|fd| Ok(rustix::fs::Dir::read_from(&fd).map(|listing| (fd, listing))?));
         let (fd, mut listing) = match opened {
             Ok(opened) => opened,
-            // Gone since it was listed, or replaced by a file or symlink: not part of the tree now.
-            Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => return Vec::new(),
+            // Gone since it was listed: not part of the tree now.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+            // Replaced by a file or a symlink since it was listed: not followed; the change's
+            // own event (or the next scan) reads it again.
+            Err(e) if is_not_in_tree(&e) => {
+                let message = "changed while it was read (not a folder any more); not followed".into();
+                self.problems.push(Problem { path: dir.to_owned(), message });
+                return Vec::new();
+            }
             Err(e) => {
-                self.problems.push(problem(dir, &e.into()));
+                self.problems.push(problem(dir, &e));
                 return Vec::new();
             }
         };
@@ -394,76 +429,88 @@ impl Batch<'_> {
             if filter.excluded_here(&rel, kind == FileType::Directory) {
                 continue;
             }
-            match self.read_at(&fd, name, kind, stat, || previous.known(&rel)) {
+            match read_at(&fd, name, kind, stat, || previous.known(&rel), &mut self.stats) {
                 Ok(Some(scanned)) => {
                     if kind == FileType::Directory {
                         subdirs.push(rel.clone());
                     }
                     self.found.push((rel, scanned));
                 }
-                Ok(None) => self
-                    .problems
-                    .push(Problem { path: rel, message: "not a regular file, folder or symlink; skipped".into() }),
-                // Gone between the listing and the look.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Ok(None) => self.problems.push(not_syncable(&rel, kind)),
+                // Gone, or changed type, between the listing and the look.
+                Err(e) if is_not_in_tree(&e) => {}
                 Err(e) => self.problems.push(problem(&rel, &e)),
             }
         }
         subdirs
     }
+}
 
-    /// One entry of a folder, read relative to the folder's descriptor (see [`read_entry`]).
-    fn read_at(
-        &mut self,
-        dir: &OwnedFd,
-        name: &std::ffi::CStr,
-        kind: FileType,
-        stat: Option<rustix::fs::Stat>,
-        previous: impl FnOnce() -> Option<Known>,
-    ) -> io::Result<Option<Scanned>> {
-        match kind {
-            FileType::Directory => return Ok(Some(Scanned { entry: Entry::Dir, stat: None })),
-            FileType::Symlink => {
-                let target = rustix::fs::readlinkat(dir, name, Vec::new())?;
-                let target = target
-                    .into_string()
-                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "symlink target is not UTF-8"))?;
-                return Ok(Some(Scanned { entry: Entry::Symlink { target }, stat: None }));
-            }
-            FileType::RegularFile => {}
-            _ => return Ok(None),
+/// One entry of a folder, read relative to the folder's descriptor: a folder, a symlink's
+/// target, or a regular file's digest (from `previous` when the stat is unchanged). `None` for
+/// what a tree does not hold (FIFOs, sockets, devices); `NotFound` when the entry changed type
+/// since it was listed.
+fn read_at(
+    dir: &OwnedFd,
+    name: &std::ffi::CStr,
+    kind: FileType,
+    stat: Option<rustix::fs::Stat>,
+    previous: impl FnOnce() -> Option<Known>,
+    stats: &mut ScanStats,
+) -> io::Result<Option<Scanned>> {
+    match kind {
+        FileType::Directory => return Ok(Some(Scanned { entry: Entry::Dir, stat: None })),
+        FileType::Symlink => {
+            let target = rustix::fs::readlinkat(dir, name, Vec::new())?;
+            let target = target
+                .into_string()
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "symlink target is not UTF-8"))?;
+            return Ok(Some(Scanned { entry: Entry::Symlink { target }, stat: None }));
         }
-        let st = match stat {
-            Some(st) => st,
-            None => rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?,
-        };
-        let kind = FileType::from_raw_mode(st.st_mode);
-        if kind != FileType::RegularFile {
-            // Replaced since it was listed.
-            return match kind {
-                FileType::Directory | FileType::Symlink => Err(io::ErrorKind::NotFound.into()),
-                _ => Ok(None),
-            };
-        }
-        let key = StatKey {
+        FileType::RegularFile => {}
+        _ => return Ok(None),
+    }
+    let st = match stat {
+        Some(st) => st,
+        None => rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?,
+    };
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => {}
+        // Replaced since it was listed.
+        FileType::Directory | FileType::Symlink => return Err(io::ErrorKind::NotFound.into()),
+        _ => return Ok(None),
+    }
+    if let Some(known) = previous().filter(|known| known.stat == StatKey::of_stat(&st)) {
+        let entry = Entry::File { hash: known.hash, size: known.size, exec: st.st_mode & 0o111 != 0 };
+        return Ok(Some(Scanned { entry, stat: Some(StatKey::of_stat(&st)) }));
+    }
+    let read_at = SystemTime::now();
+    // Opened without blocking and checked again: what is hashed is the regular file whose stat
+    // is recorded, whatever took the name's place since the look.
+    let opened = match crate::beneath::open_file_at(dir, name) {
+        Ok(opened) => opened,
+        Err(crate::beneath::OpenError::NotRegular(_)) => return Err(io::ErrorKind::NotFound.into()),
+        Err(crate::beneath::OpenError::Io(e)) => return Err(e),
+    };
+    let key = StatKey::of_stat(&opened.stat);
+    let exec = opened.stat.st_mode & 0o111 != 0;
+    let (hash, size) = hash_reader(opened.file)?;
+    stats.hashed_files += 1;
+    stats.hashed_bytes += size;
+    // The stat was read before the content: a change in between shows as a new stat next time.
+    Ok(Some(Scanned { entry: Entry::File { hash, size, exec }, stat: key.settled(read_at) }))
+}
+
+impl StatKey {
+    /// The key of a stat read by `fstat`/`fstatat` (the field types differ between libcs).
+    #[allow(clippy::unnecessary_cast)]
+    pub fn of_stat(st: &rustix::fs::Stat) -> StatKey {
+        StatKey {
             size: st.st_size as u64,
             mtime_ns: (st.st_mtime as i64).saturating_mul(1_000_000_000).saturating_add(st.st_mtime_nsec as i64),
             ctime_ns: (st.st_ctime as i64).saturating_mul(1_000_000_000).saturating_add(st.st_ctime_nsec as i64),
             ino: st.st_ino as u64,
-        };
-        let exec = st.st_mode & 0o111 != 0;
-        if let Some(known) = previous().filter(|known| known.stat == key) {
-            let entry = Entry::File { hash: known.hash, size: known.size, exec };
-            return Ok(Some(Scanned { entry, stat: Some(key) }));
         }
-        let read_at = SystemTime::now();
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
-        let file = File::from(rustix::fs::openat(dir, name, flags, Mode::empty())?);
-        let (hash, size) = hash_reader(file)?;
-        self.stats.hashed_files += 1;
-        self.stats.hashed_bytes += size;
-        // The stat was read before the content: a change in between shows as a new stat next time.
-        Ok(Some(Scanned { entry: Entry::File { hash, size, exec }, stat: key.settled(read_at) }))
     }
 }
 
@@ -482,51 +529,8 @@ fn problem(rel: &str, err: &io::Error) -> Problem {
     Problem { path: rel.to_owned(), message: err.to_string() }
 }
 
-/// Reads one path given its (lstat) metadata. `None` for what a tree does not hold (fifos,
-/// sockets, devices).
-pub fn read_entry(
-    abs: &Path,
-    meta: &Metadata,
-    previous: Option<&Scanned>,
-    stats: &mut ScanStats,
-) -> io::Result<Option<Scanned>> {
-    let kind = meta.file_type();
-    if kind.is_dir() {
-        return Ok(Some(Scanned { entry: Entry::Dir, stat: None }));
-    }
-    if kind.is_symlink() {
-        let target = fs::read_link(abs)?;
-        let target = target
-            .into_os_string()
-            .into_string()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "symlink target is not UTF-8"))?;
-        return Ok(Some(Scanned { entry: Entry::Symlink { target }, stat: None }));
-    }
-    if !kind.is_file() {
-        return Ok(None);
-    }
-    let stat = StatKey::of(meta);
-    let exec = meta.permissions().mode() & 0o111 != 0;
-    if let Some(Scanned { entry: Entry::File { hash, size, .. }, stat: Some(old) }) = previous {
-        if *old == stat {
-            return Ok(Some(Scanned { entry: Entry::File { hash: *hash, size: *size, exec }, stat: Some(stat) }));
-        }
-    }
-    let read_at = SystemTime::now();
-    let (hash, size) = hash_file(abs)?;
-    stats.hashed_files += 1;
-    stats.hashed_bytes += size;
-    // The stat was read before the content: a change in between shows as a new stat next time.
-    Ok(Some(Scanned { entry: Entry::File { hash, size, exec }, stat: stat.settled(read_at) }))
-}
-
-/// blake3 of a file's content, and its length as read.
-pub fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    hash_reader(File::open(path)?)
-}
-
 /// blake3 of what `file` reads to its end, and its length.
-fn hash_reader(mut file: File) -> io::Result<(Digest, u64)> {
+pub fn hash_reader(mut file: impl Read) -> io::Result<(Digest, u64)> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 64 << 10];
     let mut size = 0u64;
@@ -858,7 +862,8 @@ mod tests {
             assert_eq!(unsafe { mkfifo(c.as_ptr(), 0o644) }, 0);
         } else {
             write(dir.path(), "secret", "s");
-            fs::set_permissions(dir.path().join("secret"), fs::Permissions::from_mode(0o000)).unwrap();
+            fs::set_permissions(dir.path().join("secret"), std::os::unix::fs::PermissionsExt::from_mode(0o000))
+                .unwrap();
         }
         let out = scan(&filter, &Tree::new());
         assert_eq!(out.problems.len(), 1, "{:?}", out.problems);

@@ -366,3 +366,67 @@ fn a_new_connection_of_the_same_session_takes_over_from_a_stale_one() {
     assert_eq!(applied.written, 1);
     fresh.bye();
 }
+
+/// Whoever can write `.devloop/session.lock` chooses the pid a new connection of the holder's
+/// session stops. Only a `devloop-agent serve` holding this very lock is ever signalled: not
+/// another agent serving another root, not a process whose arguments merely contain `serve`.
+#[test]
+fn a_forged_lock_file_signals_nobody() {
+    let (dir, root, _outside) = setup();
+    let other_root = dir.path().join("other");
+    std::fs::create_dir_all(&other_root).unwrap();
+    let mut holder = Agent::start_as(&root, "cli-1");
+    holder.until(|m| matches!(m, FromAgent::ManifestEnd { .. }));
+    let mut other_agent = Agent::start_as(&other_root, "cli-2");
+    other_agent.until(|m| matches!(m, FromAgent::ManifestEnd { .. }));
+    let mut bystander = Command::new("sh").args(["-c", "sleep 30", "sh", "serve"]).spawn().unwrap();
+    let lock = root.join(".devloop/session.lock");
+    for victim in [other_agent.child.id(), bystander.id()] {
+        std::fs::write(&lock, format!("{victim} cli-1")).unwrap();
+        let mut fresh = Agent::start_as(&root, "cli-1");
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(other_agent.child.try_wait().unwrap().is_none(), "the agent of another root was signalled");
+        assert!(bystander.try_wait().unwrap().is_none(), "a process named in the lock file was signalled");
+        // The new connection waits for the real holder; it still cannot take the root.
+        assert!(fresh.child.try_wait().unwrap().is_none());
+        fresh.child.kill().unwrap();
+        fresh.child.wait().unwrap();
+    }
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+    other_agent.bye();
+    holder.bye();
+}
+
+/// Before: a hand-built batch of a million refused entries drove the agent to 417 MiB, and its
+/// answer (every path in words) outgrew the frame limit. Now a batch ends at the entry limit,
+/// the answer names each refused entry by its place and describes a few in words.
+#[test]
+fn a_batch_of_endless_refused_entries_is_cut_at_the_limit() {
+    use devloop_agent::protocol::{MAX_BATCH_ENTRIES, REFUSED_EXAMPLES};
+    let (_dir, root, _outside) = setup();
+    let mut agent = Agent::connect(&root);
+    agent.batch_start(1, &[], vec![]);
+    let entries = 100_000;
+    let mut chunk = Vec::with_capacity(256 << 10);
+    for i in 0..entries {
+        let name = format!("{}{i:08}", "f".repeat(80));
+        let header = Tar::header(name.as_bytes(), tar::EntryType::Fifo, 0, 0o644);
+        chunk.extend_from_slice(header.as_bytes());
+        if chunk.len() >= 256 << 10 {
+            agent.data(&chunk);
+            chunk.clear();
+        }
+    }
+    chunk.extend_from_slice(&[0u8; 1024]);
+    agent.data(&chunk);
+    let applied = agent.applied();
+    assert_eq!(applied.refused_at.len(), MAX_BATCH_ENTRIES, "every refused entry by its place, up to the limit");
+    assert_eq!(applied.refused_at[..3], [0, 1, 2]);
+    assert!(!applied.refused.is_empty() && applied.refused.len() <= REFUSED_EXAMPLES, "{}", applied.refused.len());
+    assert_eq!(applied.written, 0);
+    // The batch broke the limit: the session ends.
+    let status = agent.child.wait().unwrap();
+    assert!(!status.success());
+    assert!(std::fs::read_dir(&root).unwrap().all(|e| e.unwrap().file_name() == ".devloop"), "nothing was made");
+}

@@ -12,7 +12,7 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 #[test]
 fn handshake_bytes() {
     assert_eq!(&MAGIC, b"\x7fDEVLOOP");
-    assert_eq!(PROTOCOL_VERSION, 2);
+    assert_eq!(PROTOCOL_VERSION, 3);
 }
 
 #[test]
@@ -79,9 +79,14 @@ fn agent_messages() {
             bytes: 10,
             deleted: 1,
             refused: vec![Problem { path: "../x".into(), message: "path climbs out with `..`".into() }],
+            refused_at: vec![0, 4],
             micros: 120
         })),
-        r#"{"type":"applied","id":3,"written":2,"bytes":10,"deleted":1,"refused":[{"path":"../x","message":"path climbs out with `..`"}],"micros":120}"#
+        r#"{"type":"applied","id":3,"written":2,"bytes":10,"deleted":1,"refused":[{"path":"../x","message":"path climbs out with `..`"}],"refused_at":[0,4],"micros":120}"#
+    );
+    assert_eq!(
+        json(&FromAgent::Welcome { agent: "0.1.0".into(), root: "/app".into(), max_file_size: 1 << 30 }),
+        r#"{"type":"welcome","agent":"0.1.0","root":"/app","max_file_size":1073741824}"#
     );
     assert_eq!(
         json(&FromAgent::ManifestDigest { digest: hash, entries: 4 }),

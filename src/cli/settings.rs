@@ -86,11 +86,16 @@ pub fn parse_target(target: &str, root: &Path) -> Result<Target, SettingsError> 
             return Err(bad("no folder after `local:`"));
         }
         let dir = std::path::absolute(dir).map_err(|e| bad(&e.to_string()))?;
-        let resolved = dir.canonicalize().unwrap_or_else(|_| dir.clone());
-        if resolved.starts_with(root) || root.starts_with(&resolved) {
-            return Err(bad("the target folder overlaps the folder being synced (it would sync into itself)"));
+        let resolved = resolve(&dir).map_err(|e| bad(&format!("cannot resolve it: {e}")))?;
+        let root = resolve(root).unwrap_or_else(|_| root.to_path_buf());
+        if resolved.starts_with(&root) || root.starts_with(&resolved) {
+            let shown = resolved.display();
+            return Err(bad(&format!(
+                "the target folder `{shown}` overlaps the folder being synced `{}` (it would sync into itself)",
+                root.display()
+            )));
         }
-        return Ok(Target::Local(dir));
+        return Ok(Target::Local(resolved));
     }
     if let Some(line) = target.strip_prefix("cmd:") {
         let argv = shell_words::split(line).map_err(|e| bad(&format!("cannot split the command line: {e}")))?;
@@ -100,6 +105,30 @@ pub fn parse_target(target: &str, root: &Path) -> Result<Target, SettingsError> 
         return Ok(Target::Command(argv));
     }
     Err(bad("it must start with `local:` or `cmd:`"))
+}
+
+/// The path `path` will name once its missing folders are created (`mkdir -p`): every existing
+/// prefix resolved through its symlinks, `..` of a missing folder taken lexically (as the
+/// folder will exist by then), so `B/x/../src/out` and a symlinked parent resolve as the agent
+/// will see them.
+fn resolve(path: &Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
+    let mut resolved = PathBuf::from("/");
+    for component in path.components() {
+        match component {
+            Component::Prefix(_) | Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => {
+                resolved.pop();
+            }
+            Component::Normal(name) => {
+                resolved.push(name);
+                if std::fs::symlink_metadata(&resolved).is_ok() {
+                    resolved = resolved.canonicalize()?;
+                }
+            }
+        }
+    }
+    Ok(resolved)
 }
 
 #[cfg(test)]
@@ -127,6 +156,26 @@ mod tests {
         assert!(parse_target("cmd:", root).is_err());
         assert!(parse_target("cmd:'unclosed", root).is_err());
         let err = parse_target("/tmp/out", root).unwrap_err();
+        assert!(err.hint().unwrap().contains("local:DIR"));
+    }
+
+    /// The guard compares where the target will really be: `..` after a folder that does not
+    /// exist yet, and a symlinked parent, both led into the source before.
+    #[test]
+    fn a_target_inside_the_source_is_refused_however_it_is_spelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let src = base.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::os::unix::fs::symlink(&src, base.join("link")).unwrap();
+        for spelled in ["x/../src/out", "x/y/../../src/out", "link/out", "link/new/deeper", "src/./a/../out", "link"] {
+            let target = format!("local:{}", base.join(spelled).display());
+            let err = parse_target(&target, &src).unwrap_err();
+            assert!(err.to_string().contains("overlaps"), "{spelled}: {err}");
+        }
+        let target = format!("local:{}", base.join("x/../elsewhere").display());
+        assert_eq!(parse_target(&target, &src).unwrap(), Target::Local(base.join("elsewhere")));
+        let err = parse_target("/tmp/out", &src).unwrap_err();
         assert!(err.hint().unwrap().contains("local:DIR"));
     }
 }

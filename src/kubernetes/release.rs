@@ -88,7 +88,7 @@ impl Release {
 pub fn secrets_env(values: &[PathBuf], separator: &str) -> Result<BTreeMap<String, String>, UpError> {
     let mut env = BTreeMap::new();
     for path in values {
-        let text = std::fs::read_to_string(path)
+        let text = crate::config::read_bounded(path, crate::config::MAX_CONFIG_BYTES * 16)
             .map_err(|e| UpError::Values { path: path.clone(), message: e.to_string() })?;
         let doc: Value = serde_yaml_ng::from_str(&text)
             .map_err(|e| UpError::Values { path: path.clone(), message: e.to_string() })?;

@@ -21,24 +21,27 @@ pub struct Sent<'a> {
     pub upserts: Vec<(String, Entry)>,
 }
 
-/// Folds the agent's answer to `sent` into the baseline and the refused paths.
+/// Folds the agent's answer to `sent` into the baseline and the refused paths. The answer names
+/// each refused entry by its place in the batch: the deletions, then the exec-bit changes, then
+/// the upserts, each in the order sent.
 pub fn fold(baseline: &mut Manifest, refused: &mut Refused, sent: Sent<'_>, answer: &Applied) {
-    let no: HashSet<&str> = answer.refused.iter().map(|p| p.path.as_str()).collect();
-    for path in sent.deletes {
-        if !no.contains(path.as_str()) {
+    let no: HashSet<usize> = answer.refused_at.iter().map(|&at| at as usize).collect();
+    let (deletes, chmods) = (sent.deletes.len(), sent.chmods.len());
+    for (at, path) in sent.deletes.iter().enumerate() {
+        if !no.contains(&at) {
             baseline.remove(path);
         }
     }
-    for chmod in sent.chmods {
-        if no.contains(chmod.path.as_str()) {
+    for (i, chmod) in sent.chmods.iter().enumerate() {
+        if no.contains(&(deletes + i)) {
             continue;
         }
         if let Some(Entry::File { exec, .. }) = baseline.get_mut(&chmod.path) {
             *exec = chmod.exec;
         }
     }
-    for (path, entry) in sent.upserts {
-        if no.contains(path.as_str()) {
+    for (i, (path, entry)) in sent.upserts.into_iter().enumerate() {
+        if no.contains(&(deletes + chmods + i)) {
             refused.insert(path, entry);
         } else {
             refused.remove(&path);
@@ -57,9 +60,11 @@ mod tests {
         Entry::File { hash: Digest::of(body), size: body.len() as u64, exec: false }
     }
 
-    fn answer(refused: &[&str]) -> Applied {
-        let refused = refused.iter().map(|p| Problem { path: p.to_string(), message: "no".into() }).collect();
-        Applied { id: 1, refused, ..Applied::default() }
+    /// The agent's answer refusing the entries at `places` (in words for the first only, as
+    /// when many are refused).
+    fn answer(places: &[u32]) -> Applied {
+        let refused = vec![Problem { path: "shown".into(), message: "no".into() }];
+        Applied { id: 1, refused, refused_at: places.to_vec(), ..Applied::default() }
     }
 
     #[test]
@@ -74,7 +79,8 @@ mod tests {
         let upserts =
             vec![("new.txt".to_string(), file(b"new")), ("evil".to_string(), Entry::Symlink { target: "/".into() })];
         let sent = Sent { deletes: &deletes, chmods: &chmods, upserts };
-        fold(&mut baseline, &mut refused, sent, &answer(&["kept", "evil"]));
+        // Places: deletions 0-1 (`gone`, `kept`), the chmod 2, the upserts 3-4 (`new.txt`, `evil`).
+        fold(&mut baseline, &mut refused, sent, &answer(&[1, 4]));
 
         assert!(!baseline.contains_key("gone"));
         assert_eq!(baseline["kept"], file(b"k"), "a refused deletion leaves the path in the baseline");
@@ -90,7 +96,7 @@ mod tests {
         let mut baseline: Manifest = [("a".to_string(), file(b"a"))].into_iter().collect();
         let chmods = [Chmod { path: "a".into(), exec: true }];
         let sent = Sent { deletes: &[], chmods: &chmods, upserts: Vec::new() };
-        fold(&mut baseline, &mut Refused::new(), sent, &answer(&["a"]));
+        fold(&mut baseline, &mut Refused::new(), sent, &answer(&[0]));
         assert_eq!(baseline["a"], file(b"a"));
     }
 }

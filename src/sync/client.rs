@@ -35,6 +35,8 @@ pub struct Greeting {
     pub agent: String,
     pub digest: Digest,
     pub entries: u64,
+    /// The largest file the agent takes (0: it did not say).
+    pub max_file_size: u64,
 }
 
 impl Drop for AgentClient {
@@ -76,18 +78,22 @@ impl AgentClient {
         out.message(&hello).await?;
         out.flush().await?;
         let mut agent = String::new();
+        let mut max_file_size = 0;
         let (mut deadline, mut limit) = (deadline, welcome_limit);
         let greeting = loop {
             let message = tokio::time::timeout_at(deadline, frames.message::<FromAgent>())
                 .await
                 .map_err(|_| SessionError::Timeout(limit))??;
             match message {
-                FromAgent::Welcome { agent: version, .. } => {
+                FromAgent::Welcome { agent: version, max_file_size: max, .. } => {
                     agent = version;
+                    max_file_size = max;
                     // The agent is there; now it reads its tree.
                     (deadline, limit) = (tokio::time::Instant::now() + scan_limit, scan_limit);
                 }
-                FromAgent::ManifestDigest { digest, entries } => break Greeting { agent, digest, entries },
+                FromAgent::ManifestDigest { digest, entries } => {
+                    break Greeting { agent, digest, entries, max_file_size }
+                }
                 FromAgent::Fatal { message } => return Err(SessionError::Agent(message)),
                 other @ (FromAgent::Output { .. } | FromAgent::Exited { .. }) => {
                     show_app_message(reporter, other);

@@ -48,6 +48,8 @@ pub enum SessionError {
     Filter(#[from] FilterError),
     #[error(transparent)]
     Pack(#[from] PackError),
+    #[error("the target does not equal the source: {count} path{} could not be synced (`{first}` first; each is named above)", if *.count == 1 { "" } else { "s" })]
+    Unequal { count: usize, first: String },
 }
 
 impl SessionError {
@@ -60,7 +62,8 @@ impl SessionError {
             | SessionError::App(_)
             | SessionError::Transport(_)
             | SessionError::Watch(_)
-            | SessionError::Filter(_) => false,
+            | SessionError::Filter(_)
+            | SessionError::Unequal { .. } => false,
         }
     }
 
@@ -74,6 +77,9 @@ impl SessionError {
             ),
             SessionError::Transport(e) => e.hint(),
             SessionError::App(_) => Some("the app's own output above says why; fix it and run again".into()),
+            SessionError::Unequal { .. } => Some(
+                "make those paths readable, or exclude them (sync.exclude in devloop.yaml, .dockerignore), and run again".into(),
+            ),
             _ => None,
         }
     }

@@ -4,9 +4,11 @@
 //! Each regular file's blake3 goes into its PAX header, computed from the very bytes packed, so
 //! the agent can verify what arrived and the session knows exactly what the target now holds.
 
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::OwnedFd;
 use std::path::Path;
+
+use devloop_agent::beneath::{OpenError, Opened};
 
 use devloop_agent::manifest::{Digest, Entry};
 use devloop_agent::protocol::{Problem, PAX_BLAKE3};
@@ -40,18 +42,21 @@ pub fn pack<W: Write>(root: &Path, upserts: &[Upsert], sink: W, progress: &dyn F
     let mut builder = tar::Builder::new(sink);
     builder.mode(tar::HeaderMode::Deterministic);
     let mut packed = Packed::default();
-    // Files are opened relative to the root: a path lookup of one or two names each, not of
-    // the root's whole path again.
-    let root_dir = File::open(root).ok();
+    // Files are opened beneath the root's descriptor, following no symlink on the way: a folder
+    // swapped for a symlink to outside the tree since the scan is never read through.
+    let root_dir = devloop_agent::beneath::open_root(root);
     for (path, entry, stat) in upserts {
         let result = match entry {
             Entry::Dir => append_dir(&mut builder, path).map(|()| Some(Entry::Dir)),
             Entry::Symlink { target } => {
                 append_symlink(&mut builder, path, target).map(|()| Some(Entry::Symlink { target: target.clone() }))
             }
-            Entry::File { exec, .. } => {
-                append_file(&mut builder, root, root_dir.as_ref(), path, *exec, known_digest(entry, *stat))
-            }
+            Entry::File { exec, .. } => match &root_dir {
+                Ok(dir) => append_file(&mut builder, dir, path, *exec, *stat, entry.digest()),
+                Err(e) => {
+                    Err(Failure::Read(io::Error::new(e.kind(), format!("cannot open the folder being synced: {e}"))))
+                }
+            },
         };
         match result {
             Ok(Some(entry)) => {
@@ -96,46 +101,40 @@ fn append_symlink<W: Write>(builder: &mut tar::Builder<W>, path: &str, target: &
     builder.append_link(&mut h, path, target).map_err(Failure::Sink)
 }
 
-/// The scanned digest, with the stat it was computed at.
-fn known_digest(entry: &Entry, stat: Option<StatKey>) -> Option<(Digest, StatKey)> {
-    match (entry, stat) {
-        (Entry::File { hash, .. }, Some(stat)) => Some((*hash, stat)),
-        _ => None,
-    }
-}
-
+/// Packs the regular file `path` as it is now, if it is still the file the scan saw (`scanned`:
+/// the stat it was hashed at). `None` when it vanished or changed type or identity since: the
+/// session looks at it again.
 fn append_file<W: Write>(
     builder: &mut tar::Builder<W>,
-    root: &Path,
-    root_dir: Option<&File>,
+    root: &OwnedFd,
     path: &str,
     exec: bool,
-    known: Option<(Digest, StatKey)>,
+    scanned: Option<StatKey>,
+    known: Option<Digest>,
 ) -> Result<Option<Entry>, Failure> {
-    let abs = root.join(path);
-    let opened = match root_dir {
-        Some(dir) => open_beneath(dir, path),
-        None => File::open(&abs),
+    let Opened { mut file, stat } = match devloop_agent::beneath::open_file(root, path) {
+        Ok(opened) => opened,
+        Err(OpenError::Io(e)) if e.kind() == io::ErrorKind::NotFound || is_changed_type(&e) => return Ok(None),
+        Err(OpenError::NotRegular(_)) => return Ok(None),
+        Err(OpenError::Io(e)) => return Err(Failure::Read(e)),
     };
-    let mut file = match opened {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Failure::Read(e)),
-    };
-    let meta = file.metadata().map_err(Failure::Read)?;
-    let size = meta.len();
+    let now = StatKey::of_stat(&stat);
+    // Another file took the name since the scan: look at it again rather than send it unseen.
+    if scanned.is_some_and(|scanned| scanned.ino != now.ino) {
+        return Ok(None);
+    }
     let mode = if exec { 0o755 } else { 0o644 };
     // The open file still has the stat the scan hashed it at: its digest is known, one pass less.
     // (A write racing this read makes the agent's digest check refuse it; the watcher resends.)
-    if let Some((digest, stat)) = known.filter(|(_, stat)| *stat == StatKey::of(&meta)) {
+    if let (Some(digest), Some(scanned)) = (known, scanned.filter(|scanned| *scanned == now)) {
         builder.append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())]).map_err(Failure::Sink)?;
-        let mut h = header(EntryType::Regular, mode, stat.size);
-        let exact = ExactSize { inner: (&mut file).take(stat.size), remaining: stat.size };
+        let mut h = header(EntryType::Regular, mode, scanned.size);
+        let exact = ExactSize { inner: (&mut file).take(scanned.size), remaining: scanned.size };
         builder.append_data(&mut h, path, exact).map_err(Failure::Sink)?;
-        return Ok(Some(Entry::File { hash: digest, size: stat.size, exec }));
+        return Ok(Some(Entry::File { hash: digest, size: scanned.size, exec }));
     }
-    if size <= READ_ONCE_LIMIT {
-        let mut content = Vec::with_capacity(size as usize);
+    if now.size <= READ_ONCE_LIMIT {
+        let mut content = Vec::with_capacity(now.size as usize);
         file.read_to_end(&mut content).map_err(Failure::Read)?;
         let digest = Digest::of(&content);
         builder.append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())]).map_err(Failure::Sink)?;
@@ -143,7 +142,9 @@ fn append_file<W: Write>(
         builder.append_data(&mut h, path, content.as_slice()).map_err(Failure::Sink)?;
         return Ok(Some(Entry::File { hash: digest, size: content.len() as u64, exec }));
     }
-    let (digest, hashed_size) = devloop_agent::walk::hash_file(&abs).map_err(Failure::Read)?;
+    // Hashed, then read again from the start through the same descriptor.
+    let (digest, hashed_size) = devloop_agent::walk::hash_reader(&mut file).map_err(Failure::Read)?;
+    file.seek(io::SeekFrom::Start(0)).map_err(Failure::Read)?;
     builder.append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())]).map_err(Failure::Sink)?;
     let mut h = header(EntryType::Regular, mode, hashed_size);
     // If the file changes between the two reads the agent's digest check refuses it, and the
@@ -153,18 +154,9 @@ fn append_file<W: Write>(
     Ok(Some(Entry::File { hash: digest, size: hashed_size, exec }))
 }
 
-/// Opens `rel` for reading relative to the folder `dir`, not following a symlink in its last
-/// name (a file replaced by a symlink since the scan is skipped and looked at again).
-fn open_beneath(dir: &File, rel: &str) -> io::Result<File> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let name = std::ffi::CString::new(rel).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
-    // SAFETY: `name` is a valid C string; the descriptor returned is owned by the new File.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(unsafe { File::from_raw_fd(fd) })
+/// A path that stopped being reachable as scanned: something on the way is no longer a folder.
+fn is_changed_type(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR))
 }
 
 /// Yields exactly `remaining` bytes: the file's, then zeros if it shrank.

@@ -56,7 +56,7 @@ pub enum Outcome {
 /// Most entries (deletions, exec-bit changes, files) one batch carries: every message stays far
 /// below the frame limit (a deletion list of 300,000 paths would not fit in one), and so does the
 /// agent's answer, which names each refused path.
-const BATCH_ENTRIES: usize = 16 * 1024;
+const BATCH_ENTRIES: usize = protocol::MAX_BATCH_ENTRIES;
 
 /// Longest wait for the agent to read its tree, once it has said welcome.
 const SCAN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -83,6 +83,11 @@ pub struct Session {
     restart_owed: bool,
     /// Names this CLI process to the agent across reconnects (see `ToAgent::Hello`).
     id: String,
+    /// The largest file the connected agent takes (0: no limit said).
+    max_file_size: u64,
+    /// Paths the last full scan could not read (unreadable, not a file, folder or symlink):
+    /// the target cannot equal the source there.
+    unreadable: BTreeSet<String>,
     /// The local tree's stats or digests changed since the stat cache was loaded: save it at
     /// the end.
     cache_dirty: bool,
@@ -109,6 +114,8 @@ impl Session {
             last_restart: None,
             restart_owed: false,
             id: session_id(),
+            max_file_size: 0,
+            unreadable: BTreeSet::new(),
             cache_dirty: false,
         })
     }
@@ -167,7 +174,10 @@ impl Session {
         self.baseline = std::mem::take(&mut self.baseline).into_iter().collect();
         release_memory();
         let Some(watcher) = watcher.as_mut() else {
-            let verdict = self.ready_verdict().await;
+            let verdict = match self.unequal() {
+                Some(differ) => Err(differ),
+                None => self.ready_verdict().await,
+            };
             self.close().await;
             return verdict.map(|()| Outcome::Synced);
         };
@@ -230,6 +240,17 @@ impl Session {
             result = self.reconnect() => result.map(|()| None),
             _ = shutdown.wait_for(|stop| *stop) => Ok(Some(Outcome::Stopped)),
         }
+    }
+
+    /// `--once`: the paths where the target does not equal the source after the sync (refused
+    /// by the agent, unreadable here, vanished while sent), as the error that says so.
+    fn unequal(&self) -> Option<SessionError> {
+        let mut differ: BTreeSet<&str> = self.unreadable.iter().map(String::as_str).collect();
+        differ.extend(self.refused.keys().map(String::as_str));
+        differ.extend(self.pending.iter().map(String::as_str));
+        let count = differ.len();
+        let first = differ.into_iter().next()?;
+        Some(SessionError::Unequal { count, first: first.to_owned() })
     }
 
     /// `--once`: the app must be running and ready. Asks the agent when no restart happened.
@@ -386,6 +407,7 @@ impl Session {
             millis: full.took.as_millis() as u64,
         });
         self.report_problems(&full.problems);
+        self.unreadable = full.problems.iter().map(|p| p.path.clone()).collect();
         self.cache_dirty |= full.cache_changed;
         self.local = full.tree;
         full.previous
@@ -433,6 +455,7 @@ impl Session {
     /// Takes the agent's manifest as the baseline and sends what differs from the local tree.
     /// Equal digests stand for equal trees: then the records do not travel.
     async fn resync(&mut self, (mut client, greeting): (AgentClient, Greeting)) -> Result<(), SessionError> {
+        self.max_file_size = greeting.max_file_size;
         let same = greeting.digest == walk::digest(&self.local);
         let timeout = self.config.connect_timeout;
         let manifest = tokio::time::timeout(timeout, client.manifest(!same))
@@ -478,6 +501,18 @@ impl Session {
             match change {
                 Change::Delete { path } => deletes.push(path),
                 Change::Chmod { path, exec } => chmods.push(Chmod { path, exec }),
+                Change::Upsert { path, entry } if self.max_file_size > 0 && entry.size() > self.max_file_size => {
+                    // Refused before a byte of it travels: the agent would refuse it at the end.
+                    if self.refused.get(&path) != Some(&entry) {
+                        let message = format!(
+                            "{} bytes, larger than the {} the agent takes (devloop-agent --max-file-size); not sent",
+                            entry.size(),
+                            self.max_file_size
+                        );
+                        self.reporter.emit(Event::Problem { path: path.clone(), message });
+                        self.refused.insert(path, entry);
+                    }
+                }
                 Change::Upsert { path, entry } => {
                     if self.refused.get(&path) != Some(&entry) {
                         let stat = self.local.get(&path).and_then(|s| s.stat);
@@ -559,12 +594,21 @@ impl Session {
                 message: format!("refused by the agent: {}", problem.message),
             });
         }
+        let unshown = applied.refused_count().saturating_sub(applied.refused.len() as u64);
+        if unshown > 0 {
+            self.reporter.emit(Event::Problem {
+                path: String::new(),
+                message: format!(
+                    "the agent refused {unshown} more paths (the first ones of each reason are shown above)"
+                ),
+            });
+        }
         self.reporter.emit(Event::Applied {
             round,
             files: applied.written,
             deleted: applied.deleted,
             bytes: applied.bytes,
-            refused: applied.refused.len() as u64,
+            refused: applied.refused_count(),
             millis: (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
         });
         Ok(())
