@@ -143,12 +143,13 @@ pub const DEFAULT_VALUES: &str = "values.dev.yaml";
 impl Config {
     /// The values files, relative to the config's folder: `values:`, or [`DEFAULT_VALUES`].
     /// They hold `secrets:`: they never sync into the container and never enter a build context.
+    /// The values files, as paths relative to the folder (`./values.dev.yaml` is `values.dev.yaml`:
+    /// it matches the watcher's paths and the rebuild rules alike).
     pub fn values_files(&self) -> Vec<String> {
         if self.values.is_empty() {
-            vec![DEFAULT_VALUES.to_string()]
-        } else {
-            self.values.clone()
+            return vec![DEFAULT_VALUES.to_string()];
         }
+        self.values.iter().map(|v| v.trim_start_matches("./").to_string()).collect()
     }
 
     /// What sync leaves out on top of the ignore files: `sync.exclude`, the values files

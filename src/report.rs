@@ -28,6 +28,15 @@ pub enum Event {
         release: String,
         millis: u64,
     },
+    /// The new pod runs, but its app is not Ready (it crashed, or is slow to start): `up` goes on
+    /// and syncs into it, so that the fix reaches it.
+    RolledOutNotReady {
+        release: String,
+        pod: String,
+        why: String,
+        last_lines: Vec<String>,
+        millis: u64,
+    },
     Removed {
         release: String,
         namespace: String,
@@ -357,6 +366,17 @@ impl Reporter {
                 format!("{tag} deploying {} to namespace {namespace} (helm upgrade --install)", style(release).cyan())
             }
             Event::RolledOut { release, millis } => format!("{tag} {} rolled out in {millis} ms", style(release).cyan()),
+            Event::RolledOutNotReady { release, pod, why, last_lines, millis } => {
+                let mut text = format!(
+                    "{tag} {} rolled out in {millis} ms, but the app of pod {pod} is {}: {why}; syncing into it anyway, so your fix reaches it",
+                    style(release).cyan(),
+                    style("not ready").yellow()
+                );
+                for line in last_lines {
+                    text.push_str(&format!("\n{tag}   {line}"));
+                }
+                text
+            }
             Event::Removed { release, namespace } => {
                 format!("{tag} removed release {} from namespace {namespace}", style(release).cyan())
             }

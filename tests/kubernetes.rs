@@ -217,9 +217,15 @@ async fn exec_runs_the_agent_protocol_through_the_api_server() {
     protocol::handshake(&mut reader, &mut writer).await.unwrap();
     let mut frames = FrameReader::new(reader);
     let mut out = FrameWriter::new(writer);
-    out.message(&ToAgent::Hello { client: "test".into(), session: String::new(), excludes: vec![], ask: false })
-        .await
-        .unwrap();
+    out.message(&ToAgent::Hello {
+        client: "test".into(),
+        session: String::new(),
+        excludes: vec![],
+        docker_context: None,
+        ask: false,
+    })
+    .await
+    .unwrap();
     out.flush().await.unwrap();
     let mut paths = Vec::new();
     loop {

@@ -28,18 +28,33 @@ pub struct FilterError {
 pub struct Filter {
     root: PathBuf,
     excludes: Gitignore,
+    /// Reading the tree as docker's build context for this Dockerfile: only the root
+    /// `.dockerignore` applies (not `.gitignore`), and the Dockerfile itself is always in, as
+    /// `docker build` sends it whatever `.dockerignore` says.
+    docker_context: Option<String>,
     /// Per folder (relative path, "" for the root): its ignore rules, read lazily.
     folders: RwLock<HashMap<String, Option<Arc<Gitignore>>>>,
 }
 
 impl Filter {
     pub fn new(root: &Path, excludes: &[String]) -> Result<Filter, FilterError> {
+        Filter::with(root, excludes, None)
+    }
+
+    /// A filter for the build context of `dockerfile` (see [`Filter::docker_context`]) when it
+    /// is named, else the sync's filter.
+    pub fn with(root: &Path, excludes: &[String], docker_context: Option<&str>) -> Result<Filter, FilterError> {
         let mut builder = GitignoreBuilder::new(root);
         for pattern in excludes {
             builder.add_line(None, pattern).map_err(|source| FilterError { pattern: pattern.clone(), source })?;
         }
         let excludes = builder.build().map_err(|source| FilterError { pattern: excludes.join(" "), source })?;
-        Ok(Filter { root: root.to_path_buf(), excludes, folders: RwLock::new(HashMap::new()) })
+        Ok(Filter {
+            root: root.to_path_buf(),
+            excludes,
+            docker_context: docker_context.map(str::to_owned),
+            folders: RwLock::new(HashMap::new()),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -57,6 +72,9 @@ impl Filter {
         let name = rel.rsplit('/').next().unwrap_or(rel);
         if name == ".git" || rel == RESERVED_DIR {
             return true;
+        }
+        if self.docker_context.as_deref() == Some(rel) {
+            return false;
         }
         if self.excludes.matched(rel, is_dir).is_ignore() {
             return true;
@@ -94,7 +112,10 @@ impl Filter {
         let dir = if folder.is_empty() { self.root.clone() } else { self.root.join(folder) };
         let mut builder = GitignoreBuilder::new(&dir);
         let mut any = false;
-        let mut names = vec![GITIGNORE];
+        let mut names = Vec::new();
+        if self.docker_context.is_none() {
+            names.push(GITIGNORE);
+        }
         if folder.is_empty() {
             // Docker reads only the build context's own .dockerignore.
             names.push(DOCKERIGNORE);
@@ -185,5 +206,22 @@ mod tests {
         let dir = tree(&[]);
         let err = Filter::new(dir.path(), &["src/{a".into()]).err().unwrap();
         assert!(err.to_string().contains("src/{a"), "{err}");
+    }
+
+    /// Docker's build context: `.dockerignore` only (Visual Studio's lists `**/Dockerfile*` and
+    /// `**/charts`), the Dockerfile always sent.
+    #[test]
+    fn the_build_context_is_what_docker_sends() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".dockerignore"), "**/Dockerfile*\n**/charts\n").unwrap();
+        std::fs::write(dir.path().join(".gitignore"), "bin/\n").unwrap();
+        let context = Filter::with(dir.path(), &[], Some("Dockerfile.develop")).unwrap();
+        assert!(!context.is_excluded("Dockerfile.develop", false), "the Dockerfile is always sent");
+        assert!(context.is_excluded("Dockerfile", false));
+        assert!(context.is_excluded("charts/web/values.yaml", false));
+        assert!(!context.is_excluded("bin/app.dll", false), ".gitignore does not shape the build context");
+        let sync = Filter::new(dir.path(), &[]).unwrap();
+        assert!(sync.is_excluded("Dockerfile.develop", false));
+        assert!(sync.is_excluded("bin/app.dll", false));
     }
 }

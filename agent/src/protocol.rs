@@ -59,6 +59,10 @@ pub enum ToAgent {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         session: String,
         excludes: Vec<String>,
+        /// Read the tree as docker's build context for this Dockerfile (the builder's copy of a
+        /// service folder): only `.dockerignore` applies, and the Dockerfile is always in.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        docker_context: Option<String>,
         /// Ask before the manifest: the agent first sends [`FromAgent::ManifestDigest`] and
         /// waits for [`ToAgent::Manifest`], so that equal trees exchange a digest, not 100,000
         /// records. Without it the manifest follows the welcome at once.
@@ -85,6 +89,12 @@ pub enum ToAgent {
     /// Make sure the app runs and is ready (start it if it is not running); answered by
     /// [`FromAgent::Restart`]. Used by `--once` when nothing needed a restart.
     Ready,
+    /// Are you there? Answered by [`FromAgent::Pong`] with the same `id`: the CLI's heartbeat
+    /// on an idle stream, so that a link that went silent is noticed within seconds, not after
+    /// TCP's retransmissions give up.
+    Ping {
+        id: u64,
+    },
     Bye,
 }
 
@@ -142,6 +152,10 @@ pub enum FromAgent {
     Exited {
         pid: u32,
         code: i32,
+    },
+    /// The answer to [`ToAgent::Ping`].
+    Pong {
+        id: u64,
     },
     /// The agent cannot go on; the session ends after this.
     Fatal {

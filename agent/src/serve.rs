@@ -62,9 +62,9 @@ where
     let writer = tokio::spawn(write_all(FrameWriter::new(writer), rx));
     let result = async {
         let hello = match frames.message::<ToAgent>().await? {
-            ToAgent::Hello { client, session, excludes, ask } => {
+            ToAgent::Hello { client, session, excludes, docker_context, ask } => {
                 info!(%client, %session, root = %options.root.display(), "session");
-                Hello { session, excludes, ask }
+                Hello { session, excludes, docker_context, ask }
             }
             other => return Err(unexpected("hello", &other).into()),
         };
@@ -103,6 +103,7 @@ type Out = mpsc::UnboundedSender<FromAgent>;
 struct Hello {
     session: String,
     excludes: Vec<String>,
+    docker_context: Option<String>,
     ask: bool,
 }
 
@@ -112,7 +113,7 @@ async fn session<R: AsyncRead + Unpin>(
     options: &ServeOptions,
     hello: &Hello,
 ) -> Result<(), ServeError> {
-    let Hello { session: session_id, excludes, ask } = hello;
+    let Hello { session: session_id, excludes, docker_context, ask } = hello;
     let root = options.root.clone();
     let root_err = |source| ServeError::Root { root: root.clone(), source };
     fs::create_dir_all(&root).map_err(root_err)?;
@@ -123,7 +124,7 @@ async fn session<R: AsyncRead + Unpin>(
         Err(holder) => return Err(ServeError::Busy { root: root.clone(), holder, waited: LOCK_WAIT }),
     };
     let mut applier = Some(Applier::new(&root, options.max_file_size).map_err(root_err)?);
-    let filter = Arc::new(Filter::new(&root, excludes)?);
+    let filter = Arc::new(Filter::with(&root, excludes, docker_context.as_deref())?);
 
     let _ = out.send(FromAgent::Welcome {
         agent: env!("CARGO_PKG_VERSION").into(),
@@ -243,6 +244,9 @@ async fn batches<R: AsyncRead + Unpin>(
             ToAgent::Ready => {
                 let report = options.link.ready().await;
                 let _ = out.send(FromAgent::Restart(report));
+            }
+            ToAgent::Ping { id } => {
+                let _ = out.send(FromAgent::Pong { id });
             }
             ToAgent::Bye => return Ok(()),
             other @ (ToAgent::Hello { .. } | ToAgent::Manifest { .. }) => {

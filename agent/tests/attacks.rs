@@ -46,6 +46,7 @@ impl Agent {
             client: "attack".into(),
             session: session.into(),
             excludes: vec![],
+            docker_context: None,
             ask: false,
         }));
         stdin.write_all(&hello).unwrap();

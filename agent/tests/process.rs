@@ -56,6 +56,7 @@ fn hostile_batch_through_the_real_binary_writes_nothing_outside() {
         client: "test".into(),
         session: String::new(),
         excludes: vec![],
+        docker_context: None,
         ask: false,
     }));
     input.extend(message(&ToAgent::Batch { id: 1, deletes: vec![], chmods: vec![] }));
@@ -108,6 +109,7 @@ fn junk_before_the_handshake_is_skipped() {
         client: "test".into(),
         session: String::new(),
         excludes: vec![],
+        docker_context: None,
         ask: false,
     }));
     input.extend(message(&ToAgent::Bye));

@@ -41,6 +41,7 @@ async fn open(root: &Path, max_file_size: u64, ask: bool) -> Client {
             client: "test".into(),
             session: String::new(),
             excludes: vec!["ignored/".into()],
+            docker_context: None,
             ask,
         })
         .await

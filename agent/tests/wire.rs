@@ -29,6 +29,7 @@ fn client_messages() {
             client: "devloop 0.1.0".into(),
             session: String::new(),
             excludes: vec!["bin/".into()],
+            docker_context: None,
             ask: false
         }),
         r#"{"type":"hello","client":"devloop 0.1.0","excludes":["bin/"]}"#
@@ -43,7 +44,13 @@ fn client_messages() {
     );
     assert_eq!(json(&ToAgent::Batch { id: 4, deletes: vec![], chmods: vec![] }), r#"{"type":"batch","id":4}"#);
     assert_eq!(
-        json(&ToAgent::Hello { client: "devloop 0.1.0".into(), session: "7-1f".into(), excludes: vec![], ask: true }),
+        json(&ToAgent::Hello {
+            client: "devloop 0.1.0".into(),
+            session: "7-1f".into(),
+            excludes: vec![],
+            docker_context: None,
+            ask: true
+        }),
         r#"{"type":"hello","client":"devloop 0.1.0","session":"7-1f","excludes":[],"ask":true}"#
     );
     assert_eq!(json(&ToAgent::Manifest { wanted: false }), r#"{"type":"manifest","wanted":false}"#);

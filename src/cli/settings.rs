@@ -68,6 +68,7 @@ pub fn watch(file: &Path, target: Option<&str>, once: bool) -> Result<WatchSetti
     let session = SessionConfig {
         root,
         excludes: config.sync_excludes(),
+        docker_context: None,
         // The values files never sync, yet a change to them redeploys.
         rules: Rules {
             rebuild: Globs::new(&[config.rebuild.clone(), config.values_files()].concat()),

@@ -87,21 +87,47 @@ impl ClusterError {
     }
 }
 
-/// A client like kube's default one, whose connections to the API server send small writes at
-/// once (TCP_NODELAY): the agent protocol's frames are small, and with Nagle's algorithm a batch
-/// or a restart request could wait for the ACK of the previous one (a delayed ACK, ~40 ms).
-fn client(config: Config) -> Result<Client, kube::Error> {
+/// How long opening a connection to the API server may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long data sent to the API server may stay unacknowledged before the connection counts
+/// as dead (`TCP_USER_TIMEOUT`): a dropped link fails a request or a stream in seconds instead
+/// of after TCP's minutes of retransmissions.
+const USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A client built from kube's own layer stack (connect/read/write timeouts, retries of
+/// 429/503/504, authentication, impersonation headers), whose connections to the API server
+/// send small writes at once (TCP_NODELAY: the agent protocol's frames are small, and with
+/// Nagle's algorithm a batch could wait for a delayed ACK, ~40 ms), probe an idle link
+/// (keepalive) and give up on a dead one ([`USER_TIMEOUT`]). A kubeconfig with a `proxy-url`
+/// gets kube's default client, which speaks to proxies.
+fn client(mut config: Config) -> Result<Client, kube::Error> {
     use hyper_util::client::legacy::connect::HttpConnector;
     use kube::client::ConfigExt;
+    if config.proxy_url.is_some() {
+        return Client::try_from(config);
+    }
+    config.connect_timeout = Some(config.connect_timeout.map_or(CONNECT_TIMEOUT, |t| t.min(CONNECT_TIMEOUT)));
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
+    http.set_keepalive(Some(std::time::Duration::from_secs(5)));
+    http.set_keepalive_interval(Some(std::time::Duration::from_secs(2)));
+    http.set_keepalive_retries(Some(3));
+    http.set_tcp_user_timeout(Some(USER_TIMEOUT));
     let https = config.rustls_https_connector_with_connector(http)?;
+    let mut connector = hyper_timeout::TimeoutConnector::new(https);
+    connector.set_connect_timeout(config.connect_timeout);
+    connector.set_read_timeout(config.read_timeout);
+    connector.set_write_timeout(config.write_timeout);
     let hyper: hyper_util::client::legacy::Client<_, kube::client::Body> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+    let retry =
+        config.default_retry.then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
+        .option_layer(retry)
         .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
         .map_err(tower::BoxError::from)
         .service(hyper);
     Ok(Client::new(service, config.default_namespace))

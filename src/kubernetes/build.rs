@@ -112,6 +112,40 @@ impl StaticAgent {
     }
 }
 
+/// Work to finish before the process exits after an interruption (a build's `buildctl` to
+/// stop), queued by what was dropped.
+type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+static CLEANUP: std::sync::Mutex<Vec<Job>> = std::sync::Mutex::new(Vec::new());
+
+/// Runs what interrupted builds left to clean up, for at most `limit`.
+pub async fn cleanup(limit: Duration) {
+    let jobs: Vec<Job> = std::mem::take(&mut *CLEANUP.lock().expect("cleanup"));
+    let _ = tokio::time::timeout(limit, futures_util::future::join_all(jobs)).await;
+}
+
+/// A running `buildctl` in the builder: stopped (SIGTERM) if the build is dropped before it
+/// ends (Ctrl+C during a build), so no build goes on for nobody.
+struct KillOnDrop {
+    client: kube::Client,
+    namespace: String,
+    pid: u32,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let (client, namespace, pid) = (self.client.clone(), self.namespace.clone(), self.pid);
+        let job: Job = Box::pin(async move {
+            let pods_api: Api<Pod> = Api::namespaced(client, &namespace);
+            let params = AttachParams::default().container("buildkitd").stdout(true).stderr(false).stdin(false);
+            let command = vec!["kill".to_string(), pid.to_string()];
+            if let Ok(attached) = pods_api.exec(BUILDER, command, &params).await {
+                let _ = attached.join().await;
+            }
+        });
+        CLEANUP.lock().expect("cleanup").push(job);
+    }
+}
+
 /// A ready builder pod on its node.
 pub struct Builder {
     client: kube::Client,
@@ -138,7 +172,12 @@ pub async fn ensure(
             .expect("a valid secret");
             let data = BTreeMap::from([(format!("agent.{i:02}"), ByteString(chunk.to_vec()))]);
             let secret = Secret { data: Some(data), ..secret };
-            secrets.create(&PostParams::default(), &secret).await.map_err(|e| explain(e, namespace))?;
+            match secrets.create(&PostParams::default(), &secret).await {
+                Ok(_) => {}
+                // Another `up` of this namespace made it at the same moment: the same bytes.
+                Err(kube::Error::Api(status)) if status.code == 409 => {}
+                Err(e) => return Err(explain(e, namespace).into()),
+            }
         }
         secret_names.push(name);
     }
@@ -155,11 +194,25 @@ pub async fn ensure(
             wait_ready(&pods_api, namespace).await?;
             return Ok(Builder { client: client.clone(), namespace: namespace.into(), node });
         }
+        // Another service of the namespace may be building on it right now: a live builder
+        // running this agent is kept even when this service's `builder:` settings differ
+        // (one builder per namespace, one configuration); only a dead one or another agent
+        // version replaces it.
+        if same_agent && alive {
+            wait_ready(&pods_api, namespace).await?;
+            let node = existing.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or(node);
+            return Ok(Builder { client: client.clone(), namespace: namespace.into(), node });
+        }
         pods_api.delete(BUILDER, &DeleteParams::default().grace_period(0)).await.map_err(|e| explain(e, namespace))?;
         let gone = await_condition(pods_api.clone(), BUILDER, kube::runtime::conditions::is_deleted(""));
         let _ = tokio::time::timeout(Duration::from_secs(60), gone).await;
     }
-    pods_api.create(&PostParams::default(), &pod).await.map_err(|e| explain(e, namespace))?;
+    match pods_api.create(&PostParams::default(), &pod).await {
+        Ok(_) => {}
+        // Two `up`s started together: the other one created it; both use it.
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(e) => return Err(explain(e, namespace).into()),
+    }
     wait_ready(&pods_api, namespace).await?;
     Ok(Builder { client: client.clone(), namespace: namespace.into(), node })
 }
@@ -299,11 +352,12 @@ impl Builder {
         let context = format!("{CONTEXTS}/{}", config.name);
         let command = vec![format!("{TOOLS}/devloop-agent"), "serve".into(), "--root".into(), context.clone()];
         let transport = KubeTransport::pod(self.client.clone(), &self.namespace, BUILDER, command);
-        // The agent binary is put there by the builder, not synced: left alone by the sync.
-        let excludes = config.sync_excludes();
+        // What `docker build` would send: `.dockerignore` shapes it, the Dockerfile is always in.
+        let excludes = context_excludes(config);
         let session = SessionConfig {
             root: root.to_path_buf(),
             excludes: excludes.clone(),
+            docker_context: Some(DOCKERFILE.into()),
             rules: Rules { rebuild: Globs::new(&[]), no_restart: Globs::new(&[]) },
             window: Window::default(),
             connect_timeout: Duration::from_secs(60),
@@ -330,7 +384,8 @@ impl Builder {
         reporter.emit(Event::ContextSynced { files, bytes, millis: started.elapsed().as_millis() as u64 });
         self.exec_ok(vec!["cp".into(), format!("{TOOLS}/devloop-agent"), format!("{context}/devloop-agent")]).await?;
         let filter = Arc::new(
-            devloop_agent::filter::Filter::new(root, &excludes).map_err(|e| BuildError::Context(e.to_string()))?,
+            devloop_agent::filter::Filter::with(root, &excludes, Some(DOCKERFILE))
+                .map_err(|e| BuildError::Context(e.to_string()))?,
         );
         let scanned =
             tokio::task::spawn_blocking(move || devloop_agent::walk::scan(&filter, &devloop_agent::walk::Tree::new()))
@@ -397,7 +452,7 @@ impl Builder {
         reporter: &Reporter,
     ) -> Result<(), BuildError> {
         let context = format!("{CONTEXTS}/{name}");
-        let mut command: Vec<String> = [
+        let command: Vec<String> = [
             "buildctl",
             "--addr",
             BUILDKIT_SOCKET,
@@ -420,24 +475,54 @@ impl Builder {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        for (key, value) in args {
-            command.extend(["--opt".to_string(), format!("build-arg:{key}={value}")]);
+        // Build args travel on the exec's stdin, never in its command line (the API server's
+        // audit log records that): a count, then one `KEY=VALUE` line each, read by the shell
+        // that then becomes buildctl (and says its pid first, so an interrupted build is killed).
+        if let Some((key, _)) = args.iter().find(|(k, v)| k.contains(['\n', '=']) || v.contains('\n')) {
+            return Err(BuildError::Failed {
+                step: None,
+                output: format!("build arg `{key}` holds a line break or `=` in its name"),
+            });
         }
+        let mut stdin = format!("{}\n", args.len());
+        for (key, value) in args {
+            stdin.push_str(&format!("{key}={value}\n"));
+        }
+        let script = "read -r n; i=0; while [ \"$i\" -lt \"$n\" ]; do IFS= read -r a; set -- \"$@\" --opt \"build-arg:$a\"; i=$((i+1)); done; echo \"devloop-build-pid $$\" >&2; exec \"$@\"";
+        let command: Vec<String> =
+            ["sh".to_string(), "-c".into(), script.into(), "sh".into()].into_iter().chain(command).collect();
         let started = Instant::now();
         let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
-        let params = AttachParams::default().container("buildkitd").stdout(true).stderr(true).stdin(false);
+        let params = AttachParams::default().container("buildkitd").stdout(true).stderr(true).stdin(true);
         let mut attached = pods_api.exec(BUILDER, command, &params).await.map_err(|e| explain(e, &self.namespace))?;
+        let mut exec_in = attached.stdin().expect("stdin");
+        {
+            use tokio::io::AsyncWriteExt;
+            exec_in
+                .write_all(stdin.as_bytes())
+                .await
+                .map_err(|e| BuildError::Failed { step: None, output: e.to_string() })?;
+            exec_in.flush().await.map_err(|e| BuildError::Failed { step: None, output: e.to_string() })?;
+        }
         let stderr = attached.stderr().expect("stderr");
         let status = attached.take_status().expect("status");
         let mut lines = tokio::io::BufReader::new(stderr).lines();
         let mut progress = Progress::default();
+        let mut guard = None;
         while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(pid) = line.strip_prefix("devloop-build-pid ").and_then(|p| p.trim().parse::<u32>().ok()) {
+                guard = Some(KillOnDrop { client: self.client.clone(), namespace: self.namespace.clone(), pid });
+                continue;
+            }
             if let Some(event) = progress.line(&line) {
                 reporter.emit(event);
             }
         }
         let status = status.await;
+        drop(exec_in);
         let _ = attached.join().await;
+        // buildctl has ended: nothing to kill.
+        std::mem::forget(guard);
         let ok = status.as_ref().is_some_and(|s| s.status.as_deref() == Some("Success"));
         if !ok {
             return Err(BuildError::Failed { step: progress.failing_step(), output: progress.failing_output() });
@@ -568,10 +653,18 @@ pub struct DevImage {
     pub tolerations: Vec<serde_json::Value>,
 }
 
-/// The build inputs of a service: the files its `rebuild:` rules name, without what only
+/// What the build context leaves out besides `.dockerignore`: the values files (secrets never
+/// reach the builder) and the agent the builder puts there itself. devloop.yaml's sync
+/// excludes shape the sync, not the image (docker does not know them).
+fn context_excludes(config: &Config) -> Vec<String> {
+    let values = config.values_files().into_iter().map(|v| format!("/{}", v.trim_start_matches("./")));
+    values.chain(std::iter::once("/devloop-agent".to_string())).collect()
+}
+
+/// The build inputs of a service: of its build context (docker's), the files its `rebuild:` rules name, without what only
 /// deploys (the chart, the values files) or reconfigures (devloop.yaml).
 pub fn build_inputs(config: &Config, root: &Path) -> Result<devloop_agent::manifest::Manifest, BuildError> {
-    let filter = devloop_agent::filter::Filter::new(root, &config.sync_excludes())
+    let filter = devloop_agent::filter::Filter::with(root, &context_excludes(config), Some(DOCKERFILE))
         .map_err(|e| BuildError::Context(e.to_string()))?;
     let scanned = devloop_agent::walk::scan(&Arc::new(filter), &devloop_agent::walk::Tree::new());
     let rules = Globs::new(&config.rebuild);

@@ -1,22 +1,24 @@
-//! The Kubernetes transport: one kube-rs exec of `devloop-agent serve` into the Ready pod of a
-//! service, per connection.
+//! The Kubernetes transport: one kube-rs exec of `devloop-agent serve` into the newest running
+//! pod of a service's current ReplicaSet (Ready or not: a crashed app must still get its fix),
+//! per connection, into the app's container (never a sidecar).
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::AttachParams;
 
-use super::access::explain;
-use super::pods::{self, PodError};
+use super::access::{explain, ClusterError};
+use super::pods::{self, PodError, Until};
 use crate::sync::transport::{ConnectFuture, Connection, Transport, TransportError};
 
 /// The folder the code lives in inside the dev container (where `Dockerfile.develop` puts it).
 pub const CONTAINER_ROOT: &str = "/app";
 
-/// An exec session into the Ready pod of a service, running `devloop-agent serve`.
+/// An exec session into a service's pod, running `devloop-agent serve`.
 ///
 /// One exec per connection. The pod is watched while the session lasts: when it is deleted,
-/// replaced or stops being Ready, the stream ends, and the session reconnects to the new pod and
-/// resyncs by itself.
+/// replaced or its container stops, the stream ends, and the session reconnects to the pod of
+/// the moment and resyncs by itself. A pod whose app is not Ready keeps its session.
 pub struct KubeTransport {
+    client: kube::Client,
     pods: kube::Api<Pod>,
     namespace: String,
     target: Target,
@@ -24,7 +26,7 @@ pub struct KubeTransport {
 }
 
 enum Target {
-    /// The newest Ready pod of a service.
+    /// The newest running pod of a service's current ReplicaSet.
     Service(String),
     /// One pod by name (the builder).
     Pod(String),
@@ -35,7 +37,8 @@ impl KubeTransport {
     pub fn new(client: kube::Client, namespace: &str, name: &str) -> KubeTransport {
         let command = ["devloop-agent", "serve", "--root", CONTAINER_ROOT].map(String::from).to_vec();
         KubeTransport {
-            pods: kube::Api::namespaced(client, namespace),
+            pods: kube::Api::namespaced(client.clone(), namespace),
+            client,
             namespace: namespace.into(),
             target: Target::Service(name.into()),
             command,
@@ -45,20 +48,26 @@ impl KubeTransport {
     /// Pod `pod`, running `command` (an agent serving some folder of it).
     pub fn pod(client: kube::Client, namespace: &str, pod: &str, command: Vec<String>) -> KubeTransport {
         KubeTransport {
-            pods: kube::Api::namespaced(client, namespace),
+            pods: kube::Api::namespaced(client.clone(), namespace),
+            client,
             namespace: namespace.into(),
             target: Target::Pod(pod.into()),
             command,
         }
     }
 
-    async fn ready_pod(&self) -> Result<Pod, PodError> {
+    /// The pod to attach to, its container (for a service), and what ends the session on it.
+    async fn choose(&self) -> Result<(Pod, Option<String>, Until), PodError> {
         match &self.target {
-            Target::Service(name) => pods::ready(&self.pods, &self.namespace, name).await,
+            Target::Service(name) => {
+                let pod = pods::attachable(&self.client, &self.namespace, name).await?;
+                let container = pods::dev_container(&pod, name);
+                Ok((pod, container, Until::Stopped))
+            }
             Target::Pod(name) => {
                 let pod = self.pods.get(name).await.map_err(|e| PodError::Cluster(explain(e, &self.namespace)))?;
                 if pods::is_ready(&pod) {
-                    Ok(pod)
+                    Ok((pod, None, Until::NotReady))
                 } else {
                     Err(PodError::NotReady { pod: name.clone(), why: pods::not_ready_reason(&pod) })
                 }
@@ -77,26 +86,40 @@ impl From<PodError> for TransportError {
 impl Transport for KubeTransport {
     fn connect(&self) -> ConnectFuture<'_> {
         Box::pin(async move {
-            let pod = self.ready_pod().await?;
+            // An API server that went silent (dropped packets, a stopped process) is reported
+            // in seconds; the session's reconnect loop tries again.
+            let (pod, container, until) =
+                tokio::time::timeout(CONNECT_LIMIT, self.choose()).await.map_err(|_| {
+                    PodError::Cluster(ClusterError::Unreachable(format!("no answer within {CONNECT_LIMIT:?}")))
+                })??;
             let name = pod.metadata.name.clone().unwrap_or_default();
             let uid = pod.metadata.uid.clone().unwrap_or_default();
-            let params = AttachParams::default().stdin(true).stdout(true).stderr(false);
-            let mut attached = self
-                .pods
-                .exec(&name, self.command.clone(), &params)
-                .await
-                .map_err(|e| PodError::Cluster(explain(e, &self.namespace)))?;
+            let mut params = AttachParams::default().stdin(true).stdout(true).stderr(false);
+            if let Some(container) = &container {
+                params = params.container(container.as_str());
+            }
+            let mut attached =
+                tokio::time::timeout(CONNECT_LIMIT, self.pods.exec(&name, self.command.clone(), &params))
+                    .await
+                    .map_err(|_| {
+                        PodError::Cluster(ClusterError::Unreachable(format!("no answer within {CONNECT_LIMIT:?}")))
+                    })?
+                    .map_err(|e| PodError::Cluster(explain(e, &self.namespace)))?;
             let (mut exec_out, mut exec_in) = (attached.stdout().expect("stdout"), attached.stdin().expect("stdin"));
             // The session talks to one end of a pipe; a task joins the other end to the exec and
             // closes it when the pod goes away.
             let (ours, theirs) = tokio::io::duplex(DUPLEX_BUFFER);
             let (mut from_session, mut to_session) = tokio::io::split(theirs);
             let watched = self.pods.clone();
+            let service = match &self.target {
+                Target::Service(service) => service.clone(),
+                Target::Pod(_) => String::new(),
+            };
             tokio::spawn(async move {
                 tokio::select! {
                     _ = tokio::io::copy(&mut exec_out, &mut to_session) => {}
                     _ = tokio::io::copy(&mut from_session, &mut exec_in) => {}
-                    _ = pods::gone(watched, &name, &uid) => {}
+                    _ = pods::gone(watched, &name, &uid, &service, until) => {}
                 }
                 attached.abort();
             });
@@ -114,3 +137,5 @@ impl Transport for KubeTransport {
 }
 
 const DUPLEX_BUFFER: usize = 1 << 20;
+/// Longest wait for the API server while connecting (choosing the pod, opening the exec).
+const CONNECT_LIMIT: std::time::Duration = std::time::Duration::from_secs(6);

@@ -139,7 +139,6 @@ pub async fn deploy(
     context: Option<&str>,
 ) -> Result<(), UpError> {
     let env = secrets_env(&release.values, &release.separator)?;
-    let secrets_file = tempfile::Builder::new().prefix("devloop-secrets-").suffix(".yaml").tempfile()?;
     let mut values = serde_json::json!({"env": env});
     if let Some(dev) = dev {
         let (repository, tag) = dev.image.rsplit_once(':').expect("built images are tagged");
@@ -147,28 +146,31 @@ pub async fn deploy(
         values["nodeSelector"] = serde_json::json!({"kubernetes.io/hostname": dev.node});
         values["tolerations"] = serde_json::Value::Array(dev.tolerations.clone());
     }
+    // The private values reach helm on its stdin (`--values -`): never a file in $TMPDIR that an
+    // interrupted `up` would leave behind, never a command line.
     let document = serde_yaml_ng::to_string(&values).map_err(std::io::Error::other)?;
-    std::fs::write(secrets_file.path(), document)?;
     let mut args: Vec<String> = vec!["upgrade".into(), "--install".into(), release.name.clone()];
     args.push(release.chart.display().to_string());
     for values in &release.values {
         args.extend(["--values".into(), values.display().to_string()]);
     }
-    args.extend(["--values".into(), secrets_file.path().display().to_string()]);
+    args.extend(["--values".into(), "-".into()]);
     if let Some(image) = &release.image {
         let (repository, tag) = image.rsplit_once(':').filter(|(_, t)| !t.contains('/')).unwrap_or((image, "latest"));
         args.extend(["--set-string".into(), format!("image.repository={repository},image.tag={tag}")]);
     }
     let secrets: Vec<&str> = env.values().map(String::as_str).filter(|v| v.len() >= 3).collect();
-    helm("upgrade", release, &args, kubeconfig, context, &secrets).await
+    helm("upgrade", release, &args, kubeconfig, context, &secrets, Some(document)).await
 }
 
 /// `helm uninstall`.
 pub async fn remove(release: &Release, kubeconfig: Option<&Path>, context: Option<&str>) -> Result<(), UpError> {
     let args = vec!["uninstall".to_string(), release.name.clone(), "--wait".into()];
-    helm("uninstall", release, &args, kubeconfig, context, &[]).await
+    helm("uninstall", release, &args, kubeconfig, context, &[], None).await
 }
 
+/// Runs helm; `stdin` is what it reads for `--values -`. Killed if this future is dropped
+/// (Ctrl+C): no helm outlives devloop.
 async fn helm(
     action: &'static str,
     release: &Release,
@@ -176,7 +178,9 @@ async fn helm(
     kubeconfig: Option<&Path>,
     context: Option<&str>,
     redact: &[&str],
+    stdin: Option<String>,
 ) -> Result<(), UpError> {
+    use tokio::io::AsyncWriteExt;
     let mut command = tokio::process::Command::new("helm");
     command.args(args).args(["--namespace", &release.namespace]);
     if let Some(kubeconfig) = kubeconfig {
@@ -185,10 +189,17 @@ async fn helm(
     if let Some(context) = context {
         command.args(["--kube-context", context]);
     }
-    let output = command.stdin(Stdio::null()).output().await.map_err(|e| match e.kind() {
+    command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    command.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = command.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => UpError::NoHelm,
         _ => UpError::Io(e),
     })?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes()).await?;
+        drop(pipe);
+    }
+    let output = child.wait_with_output().await?;
     if output.status.success() {
         return Ok(());
     }
@@ -199,43 +210,220 @@ async fn helm(
     Err(UpError::Helm { action, output: text })
 }
 
-/// Waits until the release's Deployment has rolled out; on timeout says why its pods are not Ready.
-pub async fn wait_rollout(client: &kube::Client, release: &Release, timeout: Duration) -> Result<(), UpError> {
+/// How a rollout ended.
+#[derive(Debug, PartialEq)]
+pub enum Rollout {
+    /// Every replica is updated and available, and no old one is left.
+    Done,
+    /// A dev pod of the new ReplicaSet runs (its agent answers) but its app is not Ready: `up`
+    /// goes on, so that the fix can reach it.
+    AppNotReady { pod: String, why: String, last_lines: Vec<String> },
+}
+
+/// How long a running dev pod may stay not Ready before `up` goes on without it.
+const NOT_READY_GRACE: Duration = Duration::from_secs(4);
+
+/// Waits until the release's Deployment has rolled out. A new pod that cannot start
+/// (ErrImageNeverPull, CrashLoopBackOff, unschedulable) or a Deployment past its progress
+/// deadline is an error naming the reason; with `dev`, a new pod whose container runs but whose
+/// app stays not Ready ends the wait too ([`Rollout::AppNotReady`]).
+pub async fn wait_rollout(
+    client: &kube::Client,
+    release: &Release,
+    timeout: Duration,
+    dev: bool,
+) -> Result<Rollout, UpError> {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &release.namespace);
     let rolled_out = await_condition(deployments, &release.name, is_rolled_out);
-    match tokio::time::timeout(timeout, rolled_out).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(UpError::Rollout { release: release.name.clone(), timeout, why: e.to_string() }),
-        Err(_) => {
-            let pods: Api<Pod> = Api::namespaced(client.clone(), &release.namespace);
-            let found = pods::of_service(&pods, &release.namespace, &release.name).await.map_err(UpError::Cluster)?;
+    let failed = |why: String| UpError::Rollout { release: release.name.clone(), timeout, why };
+    tokio::select! {
+        done = rolled_out => match done {
+            Ok(_) => Ok(Rollout::Done),
+            Err(e) => Err(failed(e.to_string())),
+        },
+        trouble = trouble(client, release, dev) => trouble.map_err(failed),
+        _ = tokio::time::sleep(timeout) => {
+            let found = pods::current(client, &release.namespace, &release.name).await.map_err(UpError::Cluster)?;
             let why = match found.first() {
                 Some(pod) => {
                     format!("pod {}: {}", pod.metadata.name.as_deref().unwrap_or("?"), pods::not_ready_reason(pod))
                 }
                 None => "no pod was created (check the ReplicaSet's events: quota, admission)".into(),
             };
-            Err(UpError::Rollout { release: release.name.clone(), timeout, why })
+            Err(failed(why))
         }
     }
 }
 
-/// A Deployment whose controller saw its latest spec and whose replicas are all updated and
-/// available (what `kubectl rollout status` waits for).
+/// Watches the newest pod of a rollout for what ends it without success (`Err`, the reason),
+/// and, for a dev pod, for an app that stays not Ready while its container runs. Never
+/// resolves otherwise. (It reads the Deployment, its current ReplicaSet and its pods: a
+/// quarter-second look at all three.)
+async fn trouble(client: &kube::Client, release: &Release, dev: bool) -> Result<Rollout, String> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &release.namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &release.namespace);
+    let mut running_since: Option<(String, tokio::time::Instant)> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Ok(Some(deployment)) = deployments.get_opt(&release.name).await else { continue };
+        if let Some(why) = progress_failed(&deployment) {
+            return Err(why);
+        }
+        let Ok(found) = pods::current(client, &release.namespace, &release.name).await else { continue };
+        // The newest pod of the current ReplicaSet: the one the rollout waits for.
+        let Some(pod) = found.first() else { continue };
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        if let Some(why) = cannot_start(pod) {
+            return Err(format!("pod {name}: {why}"));
+        }
+        if !dev || pods::is_ready(pod) || !pods::is_running(pod, &release.name) {
+            running_since = None;
+            continue;
+        }
+        let since = match &running_since {
+            Some((seen, since)) if *seen == name => *since,
+            _ => {
+                running_since = Some((name.clone(), tokio::time::Instant::now()));
+                continue;
+            }
+        };
+        if since.elapsed() >= NOT_READY_GRACE {
+            let container = pods::dev_container(pod, &release.name);
+            let params = kube::api::LogParams { container, tail_lines: Some(10), ..Default::default() };
+            let log = pods.logs(&name, &params).await.unwrap_or_default();
+            let last_lines = log.lines().map(str::to_owned).collect();
+            return Ok(Rollout::AppNotReady { pod: name, why: pods::not_ready_reason(pod), last_lines });
+        }
+    }
+}
+
+/// Why a Deployment's rollout stopped progressing (`Progressing` false, as
+/// ProgressDeadlineExceeded), if it did.
+fn progress_failed(deployment: &Deployment) -> Option<String> {
+    let conditions = deployment.status.as_ref()?.conditions.as_ref()?;
+    let stalled = conditions
+        .iter()
+        .find(|c| c.type_.as_deref() == Some("Progressing") && c.status.as_deref() == Some("False"))?;
+    Some(format!(
+        "{}: {}",
+        stalled.reason.as_deref().unwrap_or("not progressing"),
+        stalled.message.as_deref().unwrap_or("")
+    ))
+}
+
+/// Why a new pod cannot start and waiting will not help: the image cannot be had, the
+/// container keeps dying, no node takes the pod.
+pub fn cannot_start(pod: &Pod) -> Option<String> {
+    const FATAL: [&str; 7] = [
+        "ErrImageNeverPull",
+        "InvalidImageName",
+        "ImagePullBackOff",
+        "CrashLoopBackOff",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    ];
+    let status = pod.status.as_ref()?;
+    for container in status.container_statuses.iter().flatten() {
+        let Some(waiting) = container.state.as_ref().and_then(|s| s.waiting.as_ref()) else { continue };
+        let reason = waiting.reason.as_deref().unwrap_or_default();
+        if FATAL.contains(&reason) {
+            let message = waiting.message.as_deref().unwrap_or_default();
+            return Some(format!("container {} is {reason} {message}", container.name).trim().to_string());
+        }
+    }
+    let unschedulable =
+        status.conditions.iter().flatten().find(|c| {
+            c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+        })?;
+    Some(format!("no node can run it: {}", unschedulable.message.as_deref().unwrap_or("Unschedulable")))
+}
+
+/// A Deployment rolled out as `kubectl rollout status` sees it: its controller saw the latest
+/// spec, every replica is updated, no old one is left, and every updated one is available.
 fn is_rolled_out(deployment: Option<&Deployment>) -> bool {
     let Some(deployment) = deployment else { return false };
     let wanted = deployment.spec.replicas.unwrap_or(1);
     let generation = deployment.metadata.generation.unwrap_or(0);
     deployment.status.as_ref().is_some_and(|status| {
+        let updated = status.updated_replicas.unwrap_or(0);
         status.observed_generation.unwrap_or(0) >= generation
-            && status.updated_replicas.unwrap_or(0) >= wanted
-            && status.available_replicas.unwrap_or(0) >= wanted
+            && updated >= wanted
+            && status.replicas.unwrap_or(0) <= updated
+            && status.available_replicas.unwrap_or(0) >= updated
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn deployment(
+        generation: i64,
+        observed: i64,
+        replicas: i32,
+        updated: i32,
+        available: i32,
+        total: i32,
+    ) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "generation": generation},
+            "spec": {"replicas": replicas, "selector": {}, "template": {}},
+            "status": {
+                "observedGeneration": observed,
+                "updatedReplicas": updated,
+                "availableReplicas": available,
+                "replicas": total
+            }
+        }))
+        .unwrap()
+    }
+
+    /// What `kubectl rollout status` waits for, case by case.
+    #[test]
+    fn rolled_out_as_kubectl_sees_it() {
+        assert!(is_rolled_out(Some(&deployment(2, 2, 1, 1, 1, 1))));
+        assert!(!is_rolled_out(None));
+        assert!(!is_rolled_out(Some(&deployment(3, 2, 1, 1, 1, 1))), "the controller has not seen the new spec");
+        assert!(!is_rolled_out(Some(&deployment(2, 2, 1, 0, 1, 1))), "no replica is updated yet");
+        assert!(!is_rolled_out(Some(&deployment(2, 2, 1, 1, 1, 2))), "the old pod is still counted");
+        assert!(!is_rolled_out(Some(&deployment(2, 2, 1, 1, 0, 1))), "the new pod is not available");
+        assert!(!is_rolled_out(Some(&deployment(2, 2, 2, 2, 1, 2))), "one of two updated is not available");
+    }
+
+    #[test]
+    fn a_new_pod_that_cannot_start_says_why() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1"},
+            "status": {"containerStatuses": [{
+                "name": "web", "image": "devloop.local/web:1", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "image is not present with pull policy of Never"}}
+            }]}
+        }))
+        .unwrap();
+        assert_eq!(
+            cannot_start(&pod).unwrap(),
+            "container web is ErrImageNeverPull image is not present with pull policy of Never"
+        );
+        let unschedulable: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1"},
+            "status": {"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector."
+            }]}
+        }))
+        .unwrap();
+        assert!(cannot_start(&unschedulable).unwrap().contains("didn't match"), "{:?}", cannot_start(&unschedulable));
+        let starting: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1"},
+            "status": {"phase": "Pending", "containerStatuses": [{
+                "name": "web", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ContainerCreating"}}
+            }]}
+        }))
+        .unwrap();
+        assert_eq!(cannot_start(&starting), None);
+    }
 
     #[test]
     fn secrets_flatten_the_way_dotnet_binds_them() {

@@ -1,8 +1,10 @@
 //! Localhost tunnels to the service's pod (kube-rs port-forward), and the record of running `up`
 //! sessions that `list-uris` reads.
 //!
-//! Each accepted connection is forwarded to the Ready pod of that moment, so a tunnel survives
-//! the pod being replaced.
+//! Each accepted connection is forwarded to a pod of the service's current ReplicaSet (a Ready
+//! one when there is one), chosen when it is accepted, so a tunnel follows rollouts and
+//! replaced pods. The port-forward's error channel is read, and a connection ends when its pod
+//! goes away: no connection hangs on a pod that is gone.
 
 use std::path::PathBuf;
 
@@ -16,6 +18,8 @@ use tracing::debug;
 pub struct Tunnel {
     pub local: u16,
     pub remote: u16,
+    /// The service whose pods it reaches.
+    pub name: String,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -25,11 +29,10 @@ impl Drop for Tunnel {
     }
 }
 
-/// Opens a tunnel on `preferred` when it is free, else on any free port.
 /// Listens on `127.0.0.1:preferred` (or any free port when taken) and forwards each connection to
-/// port `remote` of service `name`'s Ready pod of that moment.
+/// port `remote` of a current pod of service `name`.
 pub async fn open(
-    pods: Api<Pod>,
+    client: kube::Client,
     namespace: String,
     name: String,
     preferred: u16,
@@ -40,34 +43,55 @@ pub async fn open(
         Err(_) => TcpListener::bind(("127.0.0.1", 0)).await?,
     };
     let local = listener.local_addr()?.port();
+    let service = name.clone();
     let task = tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let (pods, namespace, name) = (pods.clone(), namespace.clone(), name.clone());
+        loop {
+            // A failed accept (too many open files, a connection reset before it was taken)
+            // ends nothing: the next one is accepted.
+            let mut conn = match listener.accept().await {
+                Ok((conn, _)) => conn,
+                Err(e) => {
+                    debug!(error = %e, "tunnel accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = conn.set_nodelay(true);
+            let (client, namespace, name) = (client.clone(), namespace.clone(), name.clone());
             tokio::spawn(async move {
-                if let Err(e) = forward(&pods, &namespace, &name, remote, &mut conn).await {
+                if let Err(e) = forward(&client, &namespace, &name, remote, &mut conn).await {
                     debug!(error = %e, "tunnel connection");
                 }
             });
         }
     });
-    Ok(Tunnel { local, remote, task })
+    Ok(Tunnel { local, remote, name: service, task })
 }
 
 async fn forward(
-    pods: &Api<Pod>,
+    client: &kube::Client,
     namespace: &str,
     name: &str,
     remote: u16,
     conn: &mut tokio::net::TcpStream,
 ) -> anyhow::Result<()> {
-    let pod = super::pods::ready(pods, namespace, name).await?;
+    let pod = super::pods::serving(client, namespace, name).await?;
+    let container_uid = pod.metadata.uid.clone().unwrap_or_default();
     let pod = pod.metadata.name.unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let mut forwarder = pods.portforward(&pod, &[remote]).await?;
     let mut stream = forwarder.take_stream(remote).ok_or_else(|| anyhow::anyhow!("no stream for port {remote}"))?;
-    tokio::io::copy_bidirectional(conn, &mut stream).await?;
+    let error = forwarder.take_error(remote).ok_or_else(|| anyhow::anyhow!("no error channel for port {remote}"))?;
+    let gone = super::pods::gone(pods.clone(), &pod, &container_uid, name, super::pods::Until::Stopped);
+    let result = tokio::select! {
+        copied = tokio::io::copy_bidirectional(conn, &mut stream) => copied.map(|_| ()).map_err(anyhow::Error::from),
+        // What the kubelet says of the port (nothing listens, the pod's network is gone).
+        Some(message) = error => Err(anyhow::anyhow!("port-forward to {pod}: {message}")),
+        () = gone => Err(anyhow::anyhow!("pod {pod} went away")),
+    };
     drop(stream);
     forwarder.abort();
-    Ok(())
+    result
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

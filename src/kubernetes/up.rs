@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::access::{self, Selection};
 use super::exec::KubeTransport;
-use super::release::{self, Release};
+use super::release::{self, Release, Rollout};
 use super::{build, list, tunnel};
 use crate::cli::settings::{self, WatchSettings};
 use crate::cli::Global;
@@ -30,14 +30,67 @@ pub fn selection(global: &Global) -> Selection {
 /// While it runs, a change to a build input rebuilds the image and upgrades the release, a chart
 /// or values change upgrades it, a devloop.yaml change reloads it; a failed build or upgrade
 /// leaves the running pod serving and the loop watching.
+///
+/// Ctrl+C (or SIGTERM) ends it within [`STOP_GRACE`] wherever it is: a session stops by itself
+/// (keeping its caches); a build, helm, the rollout wait or a broken devloop.yaml are dropped,
+/// which kills helm and the build's `buildctl`.
 pub async fn up(global: &Global, once: bool, reporter: Reporter) -> Result<Outcome, Error> {
+    let mut stop = crate::sync::stop_signal();
+    let phase = Phase::default();
+    let flow = up_flow(global, once, reporter.clone(), phase.clone());
+    tokio::pin!(flow);
+    tokio::select! {
+        result = &mut flow => return result,
+        _ = stop.wait_for(|stop| *stop) => {}
+    }
+    if let Ok(result) = tokio::time::timeout(STOP_GRACE, &mut flow).await {
+        return result;
+    }
+    drop(flow);
+    build::cleanup(Duration::from_millis(400)).await;
+    if let Some(note) = phase.interrupted_note(global) {
+        reporter.emit(Event::Error { message: note.0, hint: Some(note.1) });
+    }
+    Ok(Outcome::Stopped)
+}
+
+/// How long a stopping `up` lets its current step end by itself before dropping it.
+const STOP_GRACE: Duration = Duration::from_millis(1200);
+
+/// What `up` is doing, for the note an interruption leaves.
+#[derive(Clone, Default)]
+struct Phase(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl Phase {
+    /// Marks that the release `name` is being upgraded by helm (`None`: it is not).
+    fn helm(&self, name: Option<&str>) {
+        *self.0.lock().expect("phase") = name.map(str::to_owned);
+    }
+
+    /// What to tell the user when `up` was stopped in the middle of a helm upgrade.
+    fn interrupted_note(&self, global: &Global) -> Option<(String, String)> {
+        let name = self.0.lock().expect("phase").clone()?;
+        let namespace = global.namespace.as_deref().map(|ns| format!(" -n {ns}")).unwrap_or_default();
+        Some((
+            format!("stopped while helm was upgrading release {name}: it may be left half-made (pending-upgrade)"),
+            format!(
+                "run `devloop up` again, or `helm rollback {name}{namespace}` to go back to its last good revision"
+            ),
+        ))
+    }
+}
+
+async fn up_flow(global: &Global, once: bool, reporter: Reporter, phase: Phase) -> Result<Outcome, Error> {
     let settings = settings::watch(&global.file, None, once)?;
     reporter.set_service(&settings.config.name);
     let (client, namespace) = access::connect(&selection(global)).await?;
-    deploy(global, &client, &namespace, &settings, &reporter).await?;
+    deploy(global, &client, &namespace, &settings, &reporter, &phase).await?;
     mark_syncs(&reporter, &client, &namespace, &settings.config.name);
     // While `up` runs: a localhost tunnel to the app, recorded for `list-uris`.
-    let _tunnel = if once { None } else { Some(open_tunnel(&settings, &client, &namespace, &reporter).await?) };
+    let mut tunnel = match once {
+        true => None,
+        false => Some(open_tunnel(&settings, &client, &namespace, &reporter).await?),
+    };
     let mut current = Some(settings);
     // Sessions in a row that broke off as they began.
     let mut broken = 0;
@@ -54,6 +107,14 @@ pub async fn up(global: &Global, once: bool, reporter: Reporter) -> Result<Outco
                 }
             },
         };
+        // A `port:` or `name:` change gets a tunnel of its own.
+        if let Some((open, _)) = &tunnel {
+            if open.remote != settings.config.port.unwrap_or(80) || open.name != settings.config.name {
+                // The old one lets go of its port first: the new one may want the same.
+                drop(tunnel.take());
+                tunnel = Some(open_tunnel(&settings, &client, &namespace, &reporter).await?);
+            }
+        }
         let transport = KubeTransport::new(client.clone(), &namespace, &settings.config.name);
         let outcome = match crate::sync::run(settings, Box::new(transport), reporter.clone()).await {
             Ok(outcome) => outcome,
@@ -75,21 +136,45 @@ pub async fn up(global: &Global, once: bool, reporter: Reporter) -> Result<Outco
         let config = settings::load_config(&global.file).map(|(c, _)| c).ok();
         reporter.emit(Event::Rebuilding { path: path.clone(), reason: trigger_reason(config.as_ref(), path).into() });
         let Ok(settings) = settings::watch(&global.file, None, once) else { continue };
-        if let Err(e) = deploy(global, &client, &namespace, &settings, &reporter).await {
+        if let Err(e) = deploy(global, &client, &namespace, &settings, &reporter, &phase).await {
             // The running pod keeps serving; the next change tries again.
             reporter.emit(Event::Error { message: e.to_string(), hint: e.hint() });
         }
-        current = Some(settings);
+        current = settings::watch(&global.file, None, once).ok();
     }
 }
 
 /// Builds the dev image when the config names none, deploys the release, waits for the rollout.
+/// A deploy input (a build input, the chart, a values file, devloop.yaml) edited while this
+/// ran is deployed at once, before any session: no edit waits for the next one.
 async fn deploy(
     global: &Global,
     client: &kube::Client,
     namespace: &str,
     settings: &WatchSettings,
     reporter: &Reporter,
+    phase: &Phase,
+) -> Result<(), Error> {
+    let mut reloaded;
+    let mut settings = settings;
+    loop {
+        let before = deploy_inputs(&settings.config, &settings.session.root).await;
+        deploy_once(global, client, namespace, settings, reporter, phase).await?;
+        let after = deploy_inputs(&settings.config, &settings.session.root).await;
+        let Some(path) = first_difference(&before, &after) else { return Ok(()) };
+        reporter.emit(Event::Rebuilding { path, reason: "edited while the last deploy ran".into() });
+        reloaded = settings::watch(&global.file, None, settings.once)?;
+        settings = &reloaded;
+    }
+}
+
+async fn deploy_once(
+    global: &Global,
+    client: &kube::Client,
+    namespace: &str,
+    settings: &WatchSettings,
+    reporter: &Reporter,
+    phase: &Phase,
 ) -> Result<(), Error> {
     let release = Release::new(&settings.config, &settings.session.root, namespace)?;
     let dev = match release.image {
@@ -98,10 +183,65 @@ async fn deploy(
     };
     reporter.emit(Event::Deploying { release: release.name.clone(), namespace: namespace.to_string() });
     let started = Instant::now();
-    release::deploy(&release, dev.as_ref(), global.kubeconfig.as_deref(), global.context.as_deref()).await?;
-    release::wait_rollout(client, &release, ROLLOUT_TIMEOUT).await?;
-    reporter.emit(Event::RolledOut { release: release.name.clone(), millis: started.elapsed().as_millis() as u64 });
+    phase.helm(Some(&release.name));
+    let deployed =
+        release::deploy(&release, dev.as_ref(), global.kubeconfig.as_deref(), global.context.as_deref()).await;
+    phase.helm(None);
+    deployed?;
+    let millis = || started.elapsed().as_millis() as u64;
+    match release::wait_rollout(client, &release, ROLLOUT_TIMEOUT, true).await? {
+        Rollout::Done => reporter.emit(Event::RolledOut { release: release.name.clone(), millis: millis() }),
+        // A dev pod whose app crashes still gets the session: the fix must reach it.
+        Rollout::AppNotReady { pod, why, last_lines } => reporter.emit(Event::RolledOutNotReady {
+            release: release.name.clone(),
+            pod,
+            why,
+            last_lines,
+            millis: millis(),
+        }),
+    }
     Ok(())
+}
+
+/// What a deploy is made of, path by path: the build inputs (docker's build context), the
+/// chart, the values files and devloop.yaml. Unreadable parts count as absent.
+async fn deploy_inputs(config: &crate::config::Config, root: &std::path::Path) -> devloop_agent::manifest::Manifest {
+    let (config, root) = (config.clone(), root.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let mut inputs = build::build_inputs(&config, &root).unwrap_or_default();
+        let mut files: Vec<String> = config.values_files();
+        files.push(crate::config::FILE_NAME.into());
+        if let Some(chart) = &config.chart {
+            chart_files(&root, chart.trim_end_matches('/'), &mut files);
+        }
+        for file in files {
+            if let Ok((hash, size)) = std::fs::File::open(root.join(&file)).and_then(devloop_agent::walk::hash_reader) {
+                inputs.insert(file, devloop_agent::manifest::Entry::File { hash, size, exec: false });
+            }
+        }
+        inputs
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// The files under the folder `rel` of `root` (a chart: a few files, a few levels).
+fn chart_files(root: &std::path::Path, rel: &str, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(root.join(rel)) else { return };
+    for entry in entries.flatten() {
+        let path = format!("{rel}/{}", entry.file_name().to_string_lossy());
+        match entry.file_type() {
+            Ok(kind) if kind.is_dir() => chart_files(root, &path, out),
+            Ok(kind) if kind.is_file() => out.push(path),
+            _ => {}
+        }
+    }
+}
+
+/// The first path whose entry differs between two manifests.
+fn first_difference(a: &devloop_agent::manifest::Manifest, b: &devloop_agent::manifest::Manifest) -> Option<String> {
+    let changed = a.iter().find(|(path, entry)| b.get(*path) != Some(entry)).map(|(path, _)| path.clone());
+    changed.or_else(|| b.keys().find(|path| !a.contains_key(*path)).cloned())
 }
 
 /// Why a changed path needs more than a sync.
@@ -135,9 +275,8 @@ async fn open_tunnel(
     reporter: &Reporter,
 ) -> Result<(tunnel::Tunnel, Option<tunnel::RecordGuard>), Error> {
     let remote = settings.config.port.unwrap_or(80);
-    let pods = kube::Api::namespaced(client.clone(), namespace);
     let name = settings.config.name.clone();
-    let tunnel = tunnel::open(pods, namespace.to_string(), name.clone(), remote, remote)
+    let tunnel = tunnel::open(client.clone(), namespace.to_string(), name.clone(), remote, remote)
         .await
         .map_err(|e| Error::Other { message: format!("cannot open a localhost tunnel: {e}"), hint: None })?;
     let url = format!("http://localhost:{}/", tunnel.local);

@@ -27,7 +27,15 @@ pub struct AgentClient {
     reader: JoinHandle<()>,
     child: Option<tokio::process::Child>,
     reporter: Reporter,
+    /// The ping waiting for its pong, and when it was sent.
+    ping: Option<(u64, tokio::time::Instant)>,
+    pings: u64,
 }
+
+/// How often an idle session makes sure the agent still answers.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long a ping may wait for its answer before the stream counts as gone.
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(5);
 
 /// What the agent said first: its version, and the digest and size of the tree it holds (the
 /// records follow only when asked for, see [`AgentClient::manifest`]).
@@ -53,7 +61,7 @@ impl AgentClient {
     pub async fn connect(
         transport: &dyn Transport,
         session: &str,
-        excludes: &[String],
+        (excludes, docker_context): (&[String], Option<&str>),
         reporter: &Reporter,
         limits: (Duration, Duration),
     ) -> Result<(AgentClient, Greeting), SessionError> {
@@ -73,6 +81,7 @@ impl AgentClient {
             client: format!("devloop {}", env!("CARGO_PKG_VERSION")),
             session: session.to_string(),
             excludes: excludes.to_vec(),
+            docker_context: docker_context.map(str::to_owned),
             ask: true,
         };
         out.message(&hello).await?;
@@ -121,7 +130,8 @@ impl AgentClient {
                 }
             }
         });
-        let client = AgentClient { out, rx, reader, child: connection.child, reporter: reporter.clone() };
+        let client =
+            AgentClient { out, rx, reader, child: connection.child, reporter: reporter.clone(), ping: None, pings: 0 };
         Ok((client, greeting))
     }
 
@@ -211,11 +221,34 @@ impl AgentClient {
                 None => return Err(ProtocolError::Truncated.into()),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(FromAgent::Fatal { message })) => return Err(SessionError::Agent(message)),
+                Some(Ok(FromAgent::Pong { id })) => {
+                    if self.ping.is_some_and(|(sent, _)| sent == id) {
+                        self.ping = None;
+                    }
+                }
                 Some(Ok(message)) => {
                     if let Some(other) = show_app_message(&self.reporter, message) {
                         return Ok(other);
                     }
                 }
+            }
+        }
+    }
+
+    /// One beat of the heartbeat of an idle session (called every [`HEARTBEAT`]): a ping when
+    /// none is waiting for its answer, and an error when the one waiting has had none for
+    /// [`REPLY_DEADLINE`] (the link or the cluster went silent; TCP would retransmit for
+    /// minutes before saying so).
+    pub async fn heartbeat(&mut self) -> Result<(), SessionError> {
+        match self.ping {
+            Some((_, sent)) if sent.elapsed() >= REPLY_DEADLINE => Err(SessionError::Silent(REPLY_DEADLINE)),
+            Some(_) => Ok(()),
+            None => {
+                self.pings += 1;
+                self.ping = Some((self.pings, tokio::time::Instant::now()));
+                self.out.message(&ToAgent::Ping { id: self.pings }).await?;
+                self.out.flush().await?;
+                Ok(())
             }
         }
     }

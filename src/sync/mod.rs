@@ -40,6 +40,8 @@ pub enum SessionError {
     Agent(String),
     #[error("the agent did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("no answer from the agent for {0:?}: the connection (or the cluster) is unreachable")]
+    Silent(Duration),
     #[error("{0}")]
     App(String),
     #[error(transparent)]
@@ -57,7 +59,7 @@ impl SessionError {
     pub fn is_recoverable(&self) -> bool {
         match self {
             SessionError::Protocol(e) => e.is_disconnect(),
-            SessionError::Pack(_) | SessionError::Timeout(_) => true,
+            SessionError::Pack(_) | SessionError::Timeout(_) | SessionError::Silent(_) => true,
             SessionError::Agent(_)
             | SessionError::App(_)
             | SessionError::Transport(_)
@@ -92,21 +94,32 @@ pub async fn run(
     reporter: crate::report::Reporter,
 ) -> Result<Outcome, crate::error::Error> {
     let session = Session::new(settings.session, transport, reporter)?;
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    // Ctrl+C, or SIGTERM (an IDE or `kill` stopping it): a clean stop that keeps the stat cache.
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let terminated = async {
-            match term.as_mut() {
-                Some(term) => term.recv().await,
-                None => std::future::pending().await,
+    Ok(session.run(settings.once, stop_signal()).await?)
+}
+
+/// Turns true on Ctrl+C or SIGTERM (an IDE or `kill` stopping devloop). One handler for the
+/// whole process, installed on first use: once tokio handles SIGINT the default (ending the
+/// process) is gone, so every wait of every command must watch this, never a handler of its own
+/// that a later phase would not see.
+pub fn stop_signal() -> tokio::sync::watch::Receiver<bool> {
+    static STOP: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>> = std::sync::OnceLock::new();
+    STOP.get_or_init(|| {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let terminated = async {
+                match term.as_mut() {
+                    Some(term) => term.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminated => {}
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminated => {}
-        }
-        let _ = stop.send(true);
-    });
-    Ok(session.run(settings.once, shutdown).await?)
+            let _ = stop.send(true);
+        });
+        stopped
+    })
+    .clone()
 }

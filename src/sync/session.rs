@@ -23,7 +23,7 @@ use tracing::{info_span, Instrument};
 
 use super::baseline::{self, Refused, Sent};
 use super::classify::{classify, classify_resync, Plan, Rules};
-use super::client::{AgentClient, Greeting};
+use super::client::{self, AgentClient, Greeting};
 use super::diff::{diff, diff_paths, Change};
 use super::pack;
 use super::scan;
@@ -36,6 +36,8 @@ use crate::report::{Event, Reporter};
 pub struct SessionConfig {
     pub root: PathBuf,
     pub excludes: Vec<String>,
+    /// Sync the folder as docker's build context for this Dockerfile (the builder's copy).
+    pub docker_context: Option<String>,
     pub rules: Rules,
     pub window: Window,
     /// Longest wait for the agent's handshake and manifest.
@@ -99,7 +101,7 @@ impl Session {
         transport: Box<dyn Transport>,
         reporter: Reporter,
     ) -> Result<Session, SessionError> {
-        let filter = Arc::new(Filter::new(&config.root, &config.excludes)?);
+        let filter = Arc::new(Filter::with(&config.root, &config.excludes, config.docker_context.as_deref())?);
         Ok(Session {
             config,
             transport,
@@ -193,10 +195,15 @@ impl Session {
         watcher: &mut Watcher,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Outcome, SessionError> {
+        let mut heartbeat = tokio::time::interval(client::HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let live = self.live.as_mut().expect("connected");
             let step = tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
+                // An idle stream is checked every few seconds: a link gone silent ends the
+                // session (and the reconnect loop says so) within seconds.
+                _ = heartbeat.tick() => live.heartbeat().await.map(|()| None),
                 hints = watcher.next(self.config.window) => match hints {
                     Some(hints) => self.round(watcher, hints).await,
                     None => return Ok(Outcome::Stopped),
@@ -430,7 +437,8 @@ impl Session {
                 Err(SessionError::Transport(e)) if e.is_permanent() => return Err(SessionError::Transport(e)),
                 Err(err) if err.is_recoverable() || matches!(err, SessionError::Transport(_)) => {
                     self.reporter.emit(Event::Disconnected { reason: err.to_string() });
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    // At most 2 s apart: work resumes within seconds of the cluster answering again.
+                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
                 Err(err) => return Err(err),
             }
@@ -449,7 +457,8 @@ impl Session {
     /// tree within [`SCAN_TIMEOUT`] (a million files on a cold disk take minutes).
     async fn connect_timed(&self) -> Result<(AgentClient, Greeting), SessionError> {
         let limits = (self.config.connect_timeout, SCAN_TIMEOUT);
-        AgentClient::connect(self.transport.as_ref(), &self.id, &self.config.excludes, &self.reporter, limits).await
+        let rules = (self.config.excludes.as_slice(), self.config.docker_context.as_deref());
+        AgentClient::connect(self.transport.as_ref(), &self.id, rules, &self.reporter, limits).await
     }
 
     /// Takes the agent's manifest as the baseline and sends what differs from the local tree.
