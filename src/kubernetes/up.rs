@@ -37,8 +37,8 @@ pub fn selection(global: &Global) -> Selection {
 pub async fn up(global: &Global, once: bool, reporter: Reporter) -> Result<Outcome, Error> {
     let mut stop = crate::sync::stop_signal();
     let phase = Phase::default();
-    let flow = up_flow(global, once, reporter.clone(), phase.clone());
-    tokio::pin!(flow);
+    // Boxed, so that dropping it below really ends it (helm killed, `buildctl` queued to stop).
+    let mut flow = Box::pin(up_flow(global, once, reporter.clone(), phase.clone()));
     tokio::select! {
         result = &mut flow => return result,
         _ = stop.wait_for(|stop| *stop) => {}
