@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::kubernetes::{client, cluster, Scratch, SERIAL};
 use crate::support::{self, Fixture};
 
-const NODE: &str = "devloop-node";
+pub(crate) const NODE: &str = "devloop-node";
 
 /// A Deployment of one replica on the real node: `devloop-agent run` as the container's main
 /// process, supervising the stand-in app (started on the first sync) on port 8080.
@@ -72,7 +72,7 @@ async fn deploy_on_the_real_node(client: &Client, ns: &str, name: &str) -> Pod {
 
 /// The host pid of the process whose command line contains all of `words` (the container's
 /// processes are the host's, in their own namespaces).
-fn host_pid(words: &[&str]) -> i32 {
+pub(crate) fn host_pid(words: &[&str]) -> i32 {
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
@@ -98,7 +98,7 @@ async fn once(fx: &Fixture, kubeconfig: &str, ns: &str) -> support::Run {
     tokio::task::spawn_blocking(move || once_blocking(&src, &cache, &args)).await.unwrap()
 }
 
-fn once_blocking(src: &std::path::Path, cache: &std::path::Path, args: &[String]) -> support::Run {
+pub(crate) fn once_blocking(src: &std::path::Path, cache: &std::path::Path, args: &[String]) -> support::Run {
     let output = std::process::Command::new(support::devloop_bin())
         .current_dir(src)
         .args(args)
@@ -163,8 +163,17 @@ async fn a_real_container_runs_the_agent_as_pid_1_takes_50_mb_through_exec_and_s
 /// A service folder as `prep` leaves it, with a dev image the real node can build offline:
 /// FROM the busybox base image, the agent that devloop puts into the context, the code.
 fn built_service(state: &std::path::Path) -> (tempfile::TempDir, PathBuf) {
+    built_service_named(
+        state,
+        "built",
+        r#"["standin", "--port", "8080", "--file", "message.txt", "--bind", "0.0.0.0"]"#,
+    )
+}
+
+/// [`built_service`] named `name`, its app started by `cmd` (a JSON exec-form array).
+pub(crate) fn built_service_named(state: &std::path::Path, name: &str, cmd: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("built");
+    let src = dir.path().join(name);
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("requirements.txt"), "").unwrap();
     let prep = std::process::Command::new(support::devloop_bin())
@@ -178,13 +187,13 @@ fn built_service(state: &std::path::Path) -> (tempfile::TempDir, PathBuf) {
     std::fs::write(
         src.join("Dockerfile.develop"),
         format!("# run {run}\n") + "FROM devloop.local/devbase:1\nCOPY devloop-agent /bin/devloop-agent\nCOPY . /app\nWORKDIR /app\n\
-         ENTRYPOINT [\"devloop-agent\", \"run\", \"--root\", \"/app\", \"--grace\", \"2s\", \"--ready\", \"tcp:8080\", \"--\"]\n\
-         CMD [\"standin\", \"--port\", \"8080\", \"--file\", \"message.txt\", \"--bind\", \"0.0.0.0\"]\n",
+         ENTRYPOINT [\"devloop-agent\", \"run\", \"--root\", \"/app\", \"--grace\", \"2s\", \"--ready\", \"tcp:8080\", \"--\"]\n"
+            + &format!("CMD {cmd}\n"),
     )
     .unwrap();
     std::fs::write(src.join("message.txt"), "built in the cluster").unwrap();
     let config = format!(
-        "name: built\nchart: charts/built\nport: 8080\n\
+        "name: {name}\nchart: charts/{name}\nport: 8080\n\
          builder: {{node: {NODE}, containerd: {}, root: {}}}\n",
         state.join("containerd/containerd.sock").display(),
         state.join("buildkit").display()
@@ -193,7 +202,7 @@ fn built_service(state: &std::path::Path) -> (tempfile::TempDir, PathBuf) {
     (dir, src)
 }
 
-async fn up_once(src: &std::path::Path, kubeconfig: &str, ns: &str) -> support::Run {
+pub(crate) async fn up_once(src: &std::path::Path, kubeconfig: &str, ns: &str) -> support::Run {
     let (src, cache) = (src.to_path_buf(), src.parent().unwrap().join("cache"));
     let args: Vec<String> =
         ["--kubeconfig", kubeconfig, "-n", ns, "--json", "up", "--once"].iter().map(|a| a.to_string()).collect();
@@ -286,11 +295,22 @@ async fn up_builds_the_dev_image_in_the_cluster_and_only_when_its_inputs_change(
 /// GET / of the service's newest Ready pod (port 8080, through the API server's port-forward),
 /// retried until it answers `want`. Runs on a blocking thread, driving the runtime it came from.
 fn served(handle: &tokio::runtime::Handle, pods: &Api<Pod>, want: &str, timeout: Duration) -> Result<(), String> {
+    served_by(handle, pods, "built", want, timeout)
+}
+
+/// [`served`] by service `name`.
+pub(crate) fn served_by(
+    handle: &tokio::runtime::Handle,
+    pods: &Api<Pod>,
+    name: &str,
+    want: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     let deadline = std::time::Instant::now() + timeout;
     let mut last = None;
     while std::time::Instant::now() < deadline {
         last = handle.block_on(async {
-            let pod = devloop::kubernetes::pods::ready(pods, "", "built").await.ok()?;
+            let pod = devloop::kubernetes::pods::ready(pods, "", name).await.ok()?;
             let name = pod.metadata.name?;
             tokio::time::timeout(Duration::from_secs(5), try_get(pods, &name)).await.ok()?
         });
@@ -303,7 +323,7 @@ fn served(handle: &tokio::runtime::Handle, pods: &Api<Pod>, want: &str, timeout:
 }
 
 /// GET / of pod port 8080 through the API server's port-forward, `None` when it fails.
-async fn try_get(pods: &Api<Pod>, pod: &str) -> Option<String> {
+pub(crate) async fn try_get(pods: &Api<Pod>, pod: &str) -> Option<String> {
     let mut forwarder = pods.portforward(pod, &[8080]).await.ok()?;
     let mut stream = forwarder.take_stream(8080)?;
     stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await.ok()?;

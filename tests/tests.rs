@@ -7,6 +7,8 @@
 mod support;
 
 mod container;
+#[cfg(feature = "kubernetes")]
+mod edge;
 mod errors;
 mod hardening;
 #[cfg(feature = "kubernetes")]

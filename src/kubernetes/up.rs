@@ -55,7 +55,7 @@ pub async fn up(global: &Global, once: bool, reporter: Reporter) -> Result<Outco
 }
 
 /// How long a stopping `up` lets its current step end by itself before dropping it.
-const STOP_GRACE: Duration = Duration::from_millis(1200);
+const STOP_GRACE: Duration = Duration::from_millis(1000);
 
 /// What `up` is doing, for the note an interruption leaves.
 #[derive(Clone, Default)]
