@@ -740,3 +740,52 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Before: a namespace whose Pod Security refuses privileged pods, or a user without the rights,
+/// met the builder only when it was created: an RBAC hint, and the agent's Secrets left behind.
+/// Now both are checked first, the error says which and what to do, and nothing is made.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the real control plane: tests/run starts it and runs the ignored tests"]
+async fn the_builder_is_checked_before_it_is_made() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Patch, PatchParams};
+    let cluster = cluster();
+    let _serial = SERIAL.lock().await;
+    let (admin, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&admin).await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("web");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("devloop.yaml"), "name: web\nchart: charts/web\nport: 8080\n").unwrap();
+    std::fs::write(src.join("Dockerfile.develop"), "FROM scratch\n").unwrap();
+    let up = |kubeconfig: PathBuf| {
+        let out = std::process::Command::new(crate::support::devloop_bin())
+            .current_dir(&src)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["-n", &scratch.name, "up", "--once"])
+            .env("XDG_CACHE_HOME", dir.path().join("cache"))
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let label = |level: Option<&str>| serde_json::json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": level}}});
+    namespaces.patch(&scratch.name, &PatchParams::default(), &Patch::Merge(&label(Some("baseline")))).await.unwrap();
+    let (code, stderr) = up(cluster.kubeconfig.clone());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("enforces Pod Security `baseline`"), "{stderr}");
+    assert!(stderr.contains("hint: ") && stderr.contains("image: REPO:TAG"), "{stderr}");
+    assert!(!stderr.contains("ask a cluster admin for a Role"), "not the RBAC hint: {stderr}");
+
+    namespaces.patch(&scratch.name, &PatchParams::default(), &Patch::Merge(&label(None))).await.unwrap();
+    let (code, stderr) = up(cluster.state.join("restricted.kubeconfig"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("you may not create pods, create pods/exec, create secrets"), "{stderr}");
+
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &scratch.name);
+    let left = secrets.list(&ListParams::default().labels("devloop.dev/part=agent")).await.unwrap();
+    assert!(left.items.is_empty(), "no agent Secret is left behind");
+    let pods: Api<Pod> = Api::namespaced(admin, &scratch.name);
+    assert!(pods.list(&ListParams::default()).await.unwrap().items.is_empty());
+}

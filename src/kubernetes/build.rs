@@ -58,6 +58,10 @@ pub enum BuildError {
     Context(String),
     #[error("the image build failed{}:\n{output}", step.as_ref().map(|s| format!(" at {s}")).unwrap_or_default())]
     Failed { step: Option<String>, output: String },
+    #[error("namespace {namespace} enforces Pod Security `{level}`, which refuses the privileged pod the in-cluster build runs in")]
+    PodSecurity { namespace: String, level: String },
+    #[error("you may not {denied} in namespace {namespace}, which the in-cluster build needs")]
+    NotAllowed { namespace: String, denied: String },
     #[error(transparent)]
     Cluster(#[from] ClusterError),
     #[error("{0}")]
@@ -72,6 +76,10 @@ impl BuildError {
             BuildError::Builder(_) => format!("`kubectl describe pod {BUILDER}` and `kubectl logs {BUILDER}` say more; the builder needs a privileged pod and the node's containerd socket (`builder.containerd`)"),
             BuildError::Context(_) => return None,
             BuildError::Failed { .. } => "fix the Dockerfile step above; the running pod keeps serving meanwhile".into(),
+            BuildError::PodSecurity { namespace, .. } => format!(
+                "label the namespace for it (`kubectl label namespace {namespace} pod-security.kubernetes.io/enforce=privileged`), use a namespace that allows it, or name a dev image built elsewhere in devloop.yaml (`image: REPO:TAG`)"
+            ),
+            BuildError::NotAllowed { .. } => "ask a cluster admin for a Role with those verbs in this namespace, or name a dev image built elsewhere in devloop.yaml (`image: REPO:TAG`)".into(),
             BuildError::Cluster(e) => return e.hint(),
             BuildError::Io(_) => return None,
         })
@@ -160,6 +168,16 @@ pub async fn ensure(
     config: &BuilderConfig,
     agent: &StaticAgent,
 ) -> Result<Builder, BuildError> {
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let exists = match pods_api.get_opt(BUILDER).await {
+        Ok(found) => found.is_some(),
+        // Not even allowed to look: the preflight says what is missing.
+        Err(kube::Error::Api(status)) if status.code == 403 => false,
+        Err(e) => return Err(explain(e, namespace).into()),
+    };
+    if !exists {
+        preflight(client, namespace).await?;
+    }
     let node = choose_node(client, config).await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let mut secret_names = Vec::new();
@@ -181,7 +199,6 @@ pub async fn ensure(
         }
         secret_names.push(name);
     }
-    let pods_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let pod = builder_pod(config, namespace, &node, &secret_names, &agent.digest);
     if let Some(existing) = pods_api.get_opt(BUILDER).await.map_err(|e| explain(e, namespace))? {
         let annotation = |pod: &Pod, key: &str| pod.metadata.annotations.as_ref().and_then(|a| a.get(key)).cloned();
@@ -215,6 +232,42 @@ pub async fn ensure(
     }
     wait_ready(&pods_api, namespace).await?;
     Ok(Builder { client: client.clone(), namespace: namespace.into(), node })
+}
+
+/// Before the first privileged builder of a namespace is made (and before any Secret): does the
+/// namespace's Pod Security admit a privileged pod, and may this user create pods, exec into
+/// them and create Secrets here? Refused → an error that says which, and nothing is left behind.
+async fn preflight(client: &kube::Client, namespace: &str) -> Result<(), BuildError> {
+    use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
+    use k8s_openapi::api::core::v1::Namespace;
+    const ENFORCE: &str = "pod-security.kubernetes.io/enforce";
+    // Reading the namespace may be forbidden to a developer: then only the create tells.
+    if let Ok(found) = Api::<Namespace>::all(client.clone()).get(namespace).await {
+        let level = found.metadata.labels.as_ref().and_then(|l| l.get(ENFORCE)).cloned();
+        if let Some(level) = level.filter(|l| l == "baseline" || l == "restricted") {
+            return Err(BuildError::PodSecurity { namespace: namespace.into(), level });
+        }
+    }
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let mut denied = Vec::new();
+    for (verb, resource, subresource) in [("create", "pods", ""), ("create", "pods", "exec"), ("create", "secrets", "")]
+    {
+        let review: SelfSubjectAccessReview = serde_json::from_value(serde_json::json!({
+            "spec": {"resourceAttributes": {
+                "namespace": namespace, "verb": verb, "resource": resource, "subresource": subresource
+            }}
+        }))
+        .expect("a valid review");
+        let answer = reviews.create(&PostParams::default(), &review).await.map_err(|e| explain(e, namespace))?;
+        if !answer.status.is_some_and(|s| s.allowed) {
+            let what = if subresource.is_empty() { resource.to_string() } else { format!("{resource}/{subresource}") };
+            denied.push(format!("{verb} {what}"));
+        }
+    }
+    if denied.is_empty() {
+        return Ok(());
+    }
+    Err(BuildError::NotAllowed { namespace: namespace.into(), denied: denied.join(", ") })
 }
 
 async fn wait_ready(pods_api: &Api<Pod>, namespace: &str) -> Result<(), BuildError> {
@@ -739,7 +792,36 @@ mod tests {
     }
 
     #[test]
-    fn tags_follow_the_build_inputs_only() {
+    fn the_build_inputs_are_the_rebuild_files_of_dockers_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let write = |rel: &str, body: &str| {
+            let path = root.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, body).unwrap();
+        };
+        write("devloop.yaml", "name: web\nchart: charts/web\n");
+        write("Dockerfile.develop", "FROM x\n");
+        write("app.py", "print(1)\n");
+        write("charts/web/Chart.yaml", "name: web\n");
+        write("values.dev.yaml", "secrets: {a: b}\n");
+        // Visual Studio's .dockerignore: the Dockerfile is an input all the same, as docker
+        // sends it; .gitignore does not shape the context.
+        write(".dockerignore", "**/Dockerfile*\n**/charts\n");
+        write(".gitignore", "Dockerfile.develop\n");
+        let config = Config::parse(&root.join("devloop.yaml"), "name: web\nchart: charts/web\n").unwrap();
+        let inputs = build_inputs(&config, root).unwrap();
+        assert_eq!(inputs.keys().collect::<Vec<_>>(), ["Dockerfile.develop"]);
+        let before = tag(&inputs, DOCKERFILE, &BTreeMap::new(), "agent1");
+        write("app.py", "print(2)\n");
+        write("charts/web/Chart.yaml", "name: web2\n");
+        assert_eq!(tag(&build_inputs(&config, root).unwrap(), DOCKERFILE, &BTreeMap::new(), "agent1"), before);
+        write("Dockerfile.develop", "FROM y\n");
+        assert_ne!(tag(&build_inputs(&config, root).unwrap(), DOCKERFILE, &BTreeMap::new(), "agent1"), before);
+    }
+
+    #[test]
+    fn tags_follow_their_inputs_the_build_args_and_the_agent() {
         use devloop_agent::manifest::{Digest, Entry, Manifest};
         let file =
             |b: &[u8]| Entry::File { hash: Digest(*blake3::hash(b).as_bytes()), size: b.len() as u64, exec: false };
@@ -758,6 +840,11 @@ mod tests {
         assert_ne!(
             tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent1"),
             tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent2")
+        );
+        let args = BTreeMap::from([("BASE".to_string(), "python:3.11".to_string())]);
+        assert_ne!(
+            tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent1"),
+            tag(&a, "Dockerfile.develop", &args, "agent1")
         );
         assert_eq!(tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent1").len(), 20);
     }
