@@ -565,6 +565,17 @@ mod tests {
         Config::parse(Path::new("devloop.yaml"), text)
     }
 
+    /// `./values.dev.yaml` is the file the watcher reports as `values.dev.yaml`: it redeploys
+    /// and never syncs, like the default.
+    #[test]
+    fn values_files_named_with_a_leading_dot_slash_match_like_the_default() {
+        let config = parse("name: web\nvalues: [./values.dev.yaml, ./secrets/more.yaml]\n").unwrap();
+        assert_eq!(config.values_files(), ["values.dev.yaml", "secrets/more.yaml"]);
+        let rules = Globs::new(&config.values_files());
+        assert!(rules.first_match("values.dev.yaml").is_some());
+        assert!(config.sync_excludes().contains(&"/values.dev.yaml".to_string()));
+    }
+
     #[test]
     fn minimal_config_takes_defaults() {
         let config = parse("name: producer\n").unwrap();

@@ -369,12 +369,13 @@ fn builder_pod(config: &BuilderConfig, namespace: &str, node: &str, secrets: &[S
 }
 
 /// The image tag of a set of build inputs: a digest of the context's manifest (paths, contents,
-/// exec bits, links), the Dockerfile's name and the agent's digest.
+/// exec bits, links), the Dockerfile's name, the build args and `built_for` (the agent's digest
+/// and the namespace).
 pub fn tag(
     context: &devloop_agent::manifest::Manifest,
     dockerfile: &str,
     args: &BTreeMap<String, String>,
-    agent_digest: &str,
+    built_for: &str,
 ) -> String {
     let mut hasher = blake3::Hasher::new();
     hasher.update(dockerfile.as_bytes());
@@ -382,7 +383,7 @@ pub fn tag(
         hasher.update(format!("\0{key}={value}").as_bytes());
     }
     hasher.update(b"\0");
-    hasher.update(agent_digest.as_bytes());
+    hasher.update(built_for.as_bytes());
     for (path, entry) in context {
         hasher.update(b"\0");
         hasher.update(path.as_bytes());
@@ -744,7 +745,10 @@ pub async fn dev_image(
         let (config, root) = (config.clone(), root.to_path_buf());
         tokio::task::spawn_blocking(move || build_inputs(&config, &root)).await.expect("scan task")?
     };
-    let image = image_ref(&config.name, &tag(&inputs, DOCKERFILE, &config.build_args, &agent.digest));
+    // The namespace is part of the tag: an image another namespace built is never taken for
+    // this one's, whatever the node's store holds.
+    let built_for = format!("{}@{namespace}", agent.digest);
+    let image = image_ref(&config.name, &tag(&inputs, DOCKERFILE, &config.build_args, &built_for));
     let builder = ensure(client, namespace, &config.builder, &agent).await?;
     if builder.built(&config.name, &image).await? {
         reporter.emit(Event::BuildSkipped { image: image.clone() });
@@ -838,8 +842,13 @@ mod tests {
             tag(&b, "Dockerfile.develop", &BTreeMap::new(), "agent1")
         );
         assert_ne!(
-            tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent1"),
-            tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent2")
+            tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent1@team-a"),
+            tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent2@team-a")
+        );
+        assert_ne!(
+            tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent1@team-a"),
+            tag(&a, "Dockerfile.develop", &BTreeMap::new(), "agent1@team-b"),
+            "another namespace's image is never this one's"
         );
         let args = BTreeMap::from([("BASE".to_string(), "python:3.11".to_string())]);
         assert_ne!(
