@@ -164,6 +164,9 @@ async fn rollouts_attach_only_to_new_pods_and_the_tunnel_never_hangs() {
             std::fs::write(src2.join("values.dev.yaml"), format!("secrets:\n  round: \"{round}\"\n")).unwrap();
             watch.wait_for("rolled_out", Duration::from_secs(60));
             watch.wait_for("connected", Duration::from_secs(30));
+            // The new pod's image holds the first message: the session's first sync brings the
+            // edit and restarts the app; GETs begin then, racing nothing but the tunnel.
+            watch.wait_for("restarted", Duration::from_secs(30));
             for get in 0..4 {
                 let started = Instant::now();
                 let body = crate::kubernetes::get_by_length(port);

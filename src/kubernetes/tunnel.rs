@@ -68,6 +68,10 @@ pub async fn open(
     Ok(Tunnel { local, remote, name: service, task })
 }
 
+/// Forwards one accepted connection. Its first bytes are read before a pod is dialled and kept:
+/// when the port-forward fails before the pod said anything (the app restarting, a pod that went
+/// away between the choice and the dial), the next pod of the moment is dialled with the same
+/// bytes, for up to [`REDIAL_FOR`]. Once the pod has answered, the connection is the pod's.
 async fn forward(
     client: &kube::Client,
     namespace: &str,
@@ -75,23 +79,91 @@ async fn forward(
     remote: u16,
     conn: &mut tokio::net::TcpStream,
 ) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A client that waits for the server to speak first (a database) sends nothing: then the
+    // pod is dialled at once and nothing is redialled.
+    let mut first = vec![0u8; 64 << 10];
+    match tokio::time::timeout(std::time::Duration::from_millis(300), conn.read(&mut first)).await {
+        Ok(Ok(0)) => return Ok(()),
+        Ok(Ok(n)) => first.truncate(n),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => first.clear(),
+    }
+    let deadline = tokio::time::Instant::now() + REDIAL_FOR;
+    loop {
+        match dial(client, namespace, name, remote, &first).await {
+            Ok(Dialled { forwarder, mut stream, answer, error, pod, uid }) => {
+                conn.write_all(&answer).await?;
+                let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+                let gone = super::pods::gone(pods, &pod, &uid, name, super::pods::Until::Stopped);
+                let result = tokio::select! {
+                    copied = tokio::io::copy_bidirectional(conn, &mut stream) => copied.map(|_| ()).map_err(anyhow::Error::from),
+                    // What the kubelet says of the port (nothing listens, the pod's network is gone).
+                    Some(message) = error => Err(anyhow::anyhow!("port-forward to {pod}: {message}")),
+                    () = gone => Err(anyhow::anyhow!("pod {pod} went away")),
+                };
+                drop(stream);
+                forwarder.abort();
+                return result;
+            }
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                debug!(error = %e, "tunnel: no answer yet, dialling again");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How long a connection whose pod has not answered yet is dialled again.
+const REDIAL_FOR: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A port-forward whose pod has answered the connection's first bytes.
+struct Dialled<E> {
+    forwarder: kube::api::Portforwarder,
+    stream: Box<dyn PortStream>,
+    answer: Vec<u8>,
+    error: E,
+    pod: String,
+    uid: String,
+}
+
+trait PortStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> PortStream for T {}
+
+/// Dials the pod of the moment, sends `first`, and waits for the first bytes of its answer.
+async fn dial(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    remote: u16,
+    first: &[u8],
+) -> anyhow::Result<Dialled<impl std::future::Future<Output = Option<String>>>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pod = super::pods::serving(client, namespace, name).await?;
-    let container_uid = pod.metadata.uid.clone().unwrap_or_default();
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
     let pod = pod.metadata.name.unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let mut forwarder = pods.portforward(&pod, &[remote]).await?;
     let mut stream = forwarder.take_stream(remote).ok_or_else(|| anyhow::anyhow!("no stream for port {remote}"))?;
-    let error = forwarder.take_error(remote).ok_or_else(|| anyhow::anyhow!("no error channel for port {remote}"))?;
-    let gone = super::pods::gone(pods.clone(), &pod, &container_uid, name, super::pods::Until::Stopped);
-    let result = tokio::select! {
-        copied = tokio::io::copy_bidirectional(conn, &mut stream) => copied.map(|_| ()).map_err(anyhow::Error::from),
-        // What the kubelet says of the port (nothing listens, the pod's network is gone).
-        Some(message) = error => Err(anyhow::anyhow!("port-forward to {pod}: {message}")),
-        () = gone => Err(anyhow::anyhow!("pod {pod} went away")),
+    let mut error =
+        Box::pin(forwarder.take_error(remote).ok_or_else(|| anyhow::anyhow!("no error channel for port {remote}"))?);
+    if first.is_empty() {
+        return Ok(Dialled { forwarder, stream: Box::new(stream), answer: Vec::new(), error, pod, uid });
+    }
+    stream.write_all(first).await?;
+    let mut answer = vec![0u8; 64 << 10];
+    let n = tokio::select! {
+        n = stream.read(&mut answer) => n?,
+        Some(message) = &mut error => anyhow::bail!("port-forward to {pod}: {message}"),
+        () = tokio::time::sleep(REDIAL_FOR) => anyhow::bail!("pod {pod} did not answer"),
     };
-    drop(stream);
-    forwarder.abort();
-    result
+    if n == 0 {
+        forwarder.abort();
+        anyhow::bail!("pod {pod} closed the connection before answering");
+    }
+    answer.truncate(n);
+    Ok(Dialled { forwarder, stream: Box::new(stream), answer, error, pod, uid })
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
