@@ -33,8 +33,25 @@ pub async fn run(command: Command, global: Global, reporter: Reporter) -> Result
         Command::ListUp => crate::kubernetes::up::list_up(&global, &reporter).await.map(|()| ExitCode::SUCCESS),
         #[cfg(feature = "kubernetes")]
         Command::ListUris => crate::kubernetes::up::list_uris(&global, &reporter).await.map(|()| ExitCode::SUCCESS),
+        #[cfg(feature = "kubernetes")]
+        Command::Doctor => Ok(match crate::kubernetes::doctor::run(&global, &reporter).await {
+            true => ExitCode::SUCCESS,
+            false => ExitCode::FAILURE,
+        }),
         #[cfg(not(feature = "kubernetes"))]
-        Command::Up(_) | Command::Down | Command::ListUp | Command::ListUris => Err(no_kubernetes()),
+        Command::Up(_) | Command::Down | Command::ListUp | Command::ListUris | Command::Doctor => Err(no_kubernetes()),
+        Command::Completions { shell } => {
+            let mut command = <crate::cli::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "devloop", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            let command = <crate::cli::Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command)
+                .render(&mut std::io::stdout())
+                .map_err(|e| Error::Other { message: format!("cannot write the manual: {e}"), hint: None })?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -28,6 +28,14 @@ pub enum Event {
         release: String,
         millis: u64,
     },
+    /// One check of `devloop doctor`: what it found, and what to do when it failed.
+    Check {
+        check: String,
+        ok: bool,
+        found: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        fix: Option<String>,
+    },
     /// The new pod runs, but its app is not Ready (it crashed, or is slow to start): `up` goes on
     /// and syncs into it, so that the fix reaches it.
     RolledOutNotReady {
@@ -382,7 +390,11 @@ impl Reporter {
             }
             Event::Prepared { stack, name } => format!("{tag} prepared {} ({stack})", style(name).cyan()),
             Event::ContextSynced { files, bytes, millis } => {
-                format!("{tag} build context in the builder: {files} files, {} sent in {millis} ms", human_bytes(*bytes))
+                format!(
+                    "{tag} build context in the builder: {}, {} sent in {millis} ms",
+                    count(*files, "file", "files"),
+                    human_bytes(*bytes)
+                )
             }
             Event::BuildStep { step, status, secs } => match secs {
                 Some(secs) => format!("{tag} {} {step} ({secs:.1}s)", style(status).dim()),
@@ -417,6 +429,10 @@ impl Reporter {
                 format!("{tag} reconnecting in {delay_ms} ms (attempt {attempt})")
             }
             Event::Warning { message, hint } => with_hint(format!("{tag} {} {message}", style("warning:").yellow()), hint),
+            Event::Check { check, ok, found, fix } => {
+                let mark = if *ok { style("ok").green() } else { style("FAIL").red().bold() };
+                with_hint(format!("{mark:>4} {check}: {found}"), fix)
+            }
             Event::Error { message, hint } => with_hint(format!("{} {message}", style("error:").red().bold()), hint),
         })
     }
@@ -438,7 +454,12 @@ impl Reporter {
                 if !self.inner.verbose && files + deletes < 20 {
                     return None;
                 }
-                format!("{tag} syncing {files} files, {deletes} deletions, {}", human_bytes(*bytes))
+                format!(
+                    "{tag} syncing {}, {}, {}",
+                    count(*files, "file", "files"),
+                    count(*deletes, "deletion", "deletions"),
+                    human_bytes(*bytes)
+                )
             }
             Event::SyncProgress { files_done, files, bytes_done, bytes, bytes_per_sec } => format!(
                 "{tag} syncing: {files_done}/{files} files, {}/{} ({}/s)",
@@ -448,8 +469,9 @@ impl Reporter {
             ),
             Event::Applied { files, deleted, bytes, refused, millis, .. } => {
                 let mut s = format!(
-                    "{tag} {} {files} files, {deleted} deleted, {} in {millis:.1} ms",
+                    "{tag} {} {}, {deleted} deleted, {} in {millis:.1} ms",
                     style("synced").green(),
+                    count(*files, "file", "files"),
                     human_bytes(*bytes)
                 );
                 if *refused > 0 {
@@ -582,4 +604,9 @@ fn human_bytes(bytes: u64) -> String {
         b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
         b => format!("{b} B"),
     }
+}
+
+/// `1 file`, `2 files`.
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }

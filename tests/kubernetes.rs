@@ -789,3 +789,65 @@ async fn the_builder_is_checked_before_it_is_made() {
     let pods: Api<Pod> = Api::namespaced(admin, &scratch.name);
     assert!(pods.list(&ListParams::default()).await.unwrap().items.is_empty());
 }
+
+/// `devloop doctor` says whether `up` can work, one line a check, and exits 0 only then: here as
+/// the admin, then in a namespace whose Pod Security refuses the builder, then as a user without
+/// rights.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the real control plane: tests/run starts it and runs the ignored tests"]
+async fn doctor_says_what_up_needs_and_what_is_missing() {
+    use kube::api::{Patch, PatchParams};
+    let cluster = cluster();
+    let _serial = SERIAL.lock().await;
+    let (admin, _) = client(&cluster, "admin").await;
+    let scratch = Scratch::new(&admin).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("devloop.yaml"), "name: web\nchart: charts/web\n").unwrap();
+    std::fs::write(dir.path().join("Dockerfile.develop"), "FROM scratch\n").unwrap();
+    let doctor = |kubeconfig: PathBuf| {
+        let out = std::process::Command::new(crate::support::devloop_bin())
+            .current_dir(dir.path())
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["-n", &scratch.name, "--json", "doctor"])
+            .env("XDG_CACHE_HOME", dir.path().join("cache"))
+            .output()
+            .unwrap();
+        let checks = crate::support::parse_events(&String::from_utf8_lossy(&out.stdout));
+        let failed: Vec<String> =
+            checks.iter().filter(|c| c["ok"] == false).map(|c| c["check"].as_str().unwrap().to_owned()).collect();
+        (out.status.code(), checks, failed)
+    };
+    let (code, checks, failed) = doctor(cluster.kubeconfig.clone());
+    assert_eq!(code, Some(0), "{checks:#?}");
+    assert!(failed.is_empty(), "{checks:#?}");
+    let names: Vec<&str> = checks.iter().map(|c| c["check"].as_str().unwrap()).collect();
+    for name in [
+        "cluster",
+        "namespace",
+        "rights",
+        "pod security",
+        "node runtimes",
+        "registry",
+        "helm",
+        "static agent",
+        "inotify",
+    ] {
+        assert!(names.contains(&name), "{name} is checked: {names:?}");
+    }
+
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let baseline = serde_json::json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "baseline"}}});
+    namespaces.patch(&scratch.name, &PatchParams::default(), &Patch::Merge(&baseline)).await.unwrap();
+    let (code, checks, failed) = doctor(cluster.kubeconfig.clone());
+    assert_eq!(code, Some(1), "{checks:#?}");
+    assert_eq!(failed, ["pod security"], "{checks:#?}");
+    let line = checks.iter().find(|c| c["check"] == "pod security").unwrap();
+    assert!(line["fix"].as_str().unwrap().contains("enforce=privileged"), "{line}");
+
+    let (code, checks, failed) = doctor(cluster.state.join("restricted.kubeconfig"));
+    assert_eq!(code, Some(1), "{checks:#?}");
+    assert!(failed.contains(&"rights".to_string()), "{checks:#?}");
+    let line = checks.iter().find(|c| c["check"] == "rights").unwrap();
+    assert!(line["found"].as_str().unwrap().contains("create pods/exec"), "{line}");
+}

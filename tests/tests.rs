@@ -7,6 +7,7 @@
 mod support;
 
 mod container;
+mod ecosystem;
 #[cfg(feature = "kubernetes")]
 mod edge;
 mod errors;

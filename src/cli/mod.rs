@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(
     name = "devloop",
-    version,
+    version = version(),
     about = "The inner loop for services on Kubernetes: edit, sync by content, restart."
 )]
 pub struct Cli {
@@ -57,13 +57,37 @@ pub enum Command {
     ListUp,
     /// Public URLs (ingress; Pending until it has an address) and the localhost tunnels of running `up`s.
     ListUris,
+    /// Check that `up` can work here (cluster, namespace, rights, Pod Security, nodes, helm, the
+    /// static agent, inotify, the tree) and say what to do where not. Exit 0 when it can.
+    Doctor,
+    /// Print shell completions (bash, zsh, fish, powershell, elvish) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to stdout: `devloop man > devloop.1`.
+    Man,
+}
+
+/// `devloop --version`: the version, the agent protocol it speaks, and the commit it was built from.
+pub fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        format!(
+            "{} (agent protocol {}, commit {})",
+            env!("CARGO_PKG_VERSION"),
+            devloop_agent::protocol::PROTOCOL_VERSION,
+            option_env!("DEVLOOP_GIT_COMMIT").unwrap_or("unknown")
+        )
+    })
 }
 
 #[derive(Debug, Args)]
 pub struct WatchArgs {
     /// Where the agent is: `local:DIR` (the agent as a child process serving DIR) or
     /// `cmd:COMMAND LINE` (any command whose stdin/stdout reach `devloop-agent serve`).
-    /// Without it: the Ready pod of this service in the cluster (label app.kubernetes.io/name).
+    /// Without it: this service's pod in the cluster (label app.kubernetes.io/name; the newest
+    /// running pod of its current rollout, Ready or not).
     #[arg(long, value_name = "TARGET")]
     pub target: Option<String>,
     /// Sync once and exit: 0 when the target equals the source, non-zero otherwise.

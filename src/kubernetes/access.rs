@@ -65,7 +65,7 @@ pub async fn connect(selection: &Selection) -> Result<(Client, String), ClusterE
         Some(path) => {
             Kubeconfig::read_from(path).map_err(|e| ClusterError::BadKubeconfig(format!("{}: {e}", path.display())))?
         }
-        None => Kubeconfig::read().map_err(|e| ClusterError::NoKubeconfig(e.to_string()))?,
+        None => Kubeconfig::read().map_err(|e| ClusterError::NoKubeconfig(default_kubeconfig_problem(&e)))?,
     };
     if let Some(context) = &selection.context {
         if !kubeconfig.contexts.iter().any(|c| &c.name == context) {
@@ -78,6 +78,20 @@ pub async fn connect(selection: &Selection) -> Result<(Client, String), ClusterE
     let namespace = selection.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
     let client = client(config).map_err(|e| ClusterError::Unreachable(e.to_string()))?;
     Ok((client, namespace))
+}
+
+/// Where the default kubeconfig was looked for and what went wrong, in plain words (kube's own
+/// message quotes the path twice over).
+fn default_kubeconfig_problem(err: &kube::config::KubeconfigError) -> String {
+    let mut cause: &dyn std::error::Error = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let place = match std::env::var_os("KUBECONFIG") {
+        Some(paths) => format!("$KUBECONFIG={}", paths.to_string_lossy()),
+        None => "~/.kube/config".to_string(),
+    };
+    format!("{place}: {cause}")
 }
 
 impl ClusterError {

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod build;
+pub mod doctor;
 pub mod exec;
 pub mod list;
 pub mod pods;

@@ -332,11 +332,12 @@ pub async fn transport(global: &Global, name: &str) -> Result<KubeTransport, Err
     Ok(KubeTransport::new(client, &namespace, name))
 }
 
-/// After each applied batch, the Deployment is annotated with the time (shown by `list-up`).
+/// After each applied batch, and when a session finds the pod up to date, the Deployment is
+/// annotated with the time (`list-up`'s LAST SYNC).
 fn mark_syncs(reporter: &Reporter, client: &kube::Client, namespace: &str, name: &str) {
     let (client, namespace, name) = (client.clone(), namespace.to_string(), name.to_string());
     reporter.observe(move |event| {
-        if let Event::Applied { .. } = event {
+        if let Event::Applied { .. } | Event::UpToDate { .. } = event {
             let (client, namespace, name) = (client.clone(), namespace.clone(), name.clone());
             tokio::spawn(async move { list::mark_synced(&client, &namespace, &name).await });
         }
