@@ -245,6 +245,55 @@ async fn two_services_at_once_a_visual_studio_dockerignore_and_a_sidecar() {
     assert!(steps.iter().any(|s| s.contains("RUN echo studio")), "the edit was built: {steps:?}");
     let live = live_pods(&pods, "studio").await;
     assert!(live.iter().all(|(_, image)| *image == after), "{live:?}");
+
+    // `down` of one service while the other builds: the builder stays, the build ends well.
+    let dockerfile = sidecar.join("Dockerfile.develop");
+    let text = std::fs::read_to_string(&dockerfile).unwrap();
+    std::fs::write(&dockerfile, text.replace("WORKDIR /app\n", "WORKDIR /app\nRUN sleep 8\n")).unwrap();
+    let (kubeconfig2, ns) = (kubeconfig.clone(), scratch.name.clone());
+    tokio::task::spawn_blocking(move || {
+        // The building service has no release yet (its first `up`, as it were): only the
+        // builder's own mark can tell the other `down` that it is in use.
+        let cache = sidecar.parent().unwrap().join("cache");
+        let down = crate::node::once_blocking(&sidecar, &cache, &args(&kubeconfig2, &ns, &["down"]));
+        assert_eq!(down.code, Some(0), "{}", down.stderr);
+        let mut building = std::process::Command::new(support::devloop_bin())
+            .current_dir(&sidecar)
+            .args(args(&kubeconfig2, &ns, &["up", "--once"]))
+            .env("XDG_CACHE_HOME", sidecar.parent().unwrap().join("cache"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = std::io::BufReader::new(building.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut lines = Vec::new();
+            for line in stdout.lines().map_while(Result::ok) {
+                if line.contains("RUN sleep 8") && line.contains("running") {
+                    let _ = tx.send(());
+                }
+                lines.push(line);
+            }
+            lines
+        });
+        rx.recv_timeout(Duration::from_secs(120)).expect("the other service's build runs");
+        let down = crate::node::once_blocking(
+            &studio,
+            &studio.parent().unwrap().join("cache"),
+            &args(&kubeconfig2, &ns, &["down"]),
+        );
+        assert_eq!(down.code, Some(0), "{}", down.stderr);
+        let removed: Vec<&str> = down.of("removed").iter().map(|e| e["release"].as_str().unwrap()).collect();
+        assert_eq!(removed, ["studio"], "the builder stays while another service builds");
+        let status = building.wait().unwrap();
+        let lines = reader.join().unwrap();
+        assert!(status.success(), "{lines:#?}");
+        assert!(lines.iter().any(|l| l.contains("\"event\":\"built\"")), "{lines:#?}");
+    })
+    .await
+    .unwrap();
 }
 
 /// Before: Ctrl+C was lost while `up` waited for a broken devloop.yaml (still running 10 s

@@ -154,6 +154,52 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The builder pod's annotation prefix of a build in progress (`devloop.dev/building-NAME`: the
+/// time it began). A mark older than [`BUILDING_STALE`] is from a devloop that died.
+const BUILDING: &str = "devloop.dev/building-";
+const BUILDING_STALE: Duration = Duration::from_secs(15 * 60);
+
+/// A build in progress, marked on the builder; cleared when the build ends (queued for the
+/// cleanup when it is dropped: Ctrl+C).
+struct BuildingMark {
+    builder: Option<Builder>,
+    name: String,
+}
+
+impl BuildingMark {
+    async fn clear(mut self) {
+        if let Some(builder) = self.builder.take() {
+            let _ = builder.annotate(&format!("{BUILDING}{}", self.name), None).await;
+        }
+    }
+}
+
+impl Drop for BuildingMark {
+    fn drop(&mut self) {
+        let Some(builder) = self.builder.take() else { return };
+        let key = format!("{BUILDING}{}", self.name);
+        let job: Job = Box::pin(async move {
+            let _ = builder.annotate(&key, None).await;
+        });
+        CLEANUP.lock().expect("cleanup").push(job);
+    }
+}
+
+/// Services building on `pod` now (marks younger than [`BUILDING_STALE`]).
+fn building(pod: &Pod) -> Vec<String> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    pod.metadata
+        .annotations
+        .iter()
+        .flatten()
+        .filter_map(|(key, since)| {
+            let name = key.strip_prefix(BUILDING)?;
+            let since: u64 = since.parse().ok()?;
+            (now.saturating_sub(since) < BUILDING_STALE.as_secs()).then(|| name.to_string())
+        })
+        .collect()
+}
+
 /// A ready builder pod on its node.
 pub struct Builder {
     client: kube::Client,
@@ -487,6 +533,32 @@ impl Builder {
         Ok(())
     }
 
+    /// Marks the builder as building for service `name` (an annotation with the time), until
+    /// the returned mark is cleared or dropped.
+    async fn mark_building(&self, name: &str) -> Result<BuildingMark, BuildError> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.annotate(&format!("{BUILDING}{name}"), Some(&now.to_string())).await?;
+        Ok(BuildingMark {
+            builder: Some(Builder {
+                client: self.client.clone(),
+                namespace: self.namespace.clone(),
+                node: self.node.clone(),
+            }),
+            name: name.into(),
+        })
+    }
+
+    async fn annotate(&self, key: &str, value: Option<&str>) -> Result<(), BuildError> {
+        use kube::api::{Patch, PatchParams};
+        let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
+        pods_api
+            .patch(BUILDER, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| explain(e, &self.namespace))?;
+        Ok(())
+    }
+
     /// Tolerations for the node's taints.
     async fn tolerations(&self) -> Result<Vec<serde_json::Value>, BuildError> {
         let nodes: Api<Node> = Api::all(self.client.clone());
@@ -682,6 +754,12 @@ pub async fn remove_if_unused(client: &kube::Client, namespace: &str) -> Result<
         return Ok(false);
     }
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    // Another service's first `up` may be building (its release does not exist yet).
+    if let Some(pod) = pods_api.get_opt(BUILDER).await.map_err(|e| explain(e, namespace))? {
+        if !building(&pod).is_empty() {
+            return Ok(false);
+        }
+    }
     let removed = match pods_api.delete(BUILDER, &DeleteParams::default().grace_period(0)).await {
         Ok(_) => true,
         Err(kube::Error::Api(status)) if status.code == 404 => false,
@@ -753,9 +831,16 @@ pub async fn dev_image(
     if builder.built(&config.name, &image).await? {
         reporter.emit(Event::BuildSkipped { image: image.clone() });
     } else {
-        builder.sync_context(config, root, &agent, reporter).await?;
-        builder.build(&config.name, DOCKERFILE, &config.build_args, &image, reporter).await?;
-        builder.record(&config.name, &image).await?;
+        // While this service builds, `down` of another service leaves the builder alone.
+        let mark = builder.mark_building(&config.name).await?;
+        let built = async {
+            builder.sync_context(config, root, &agent, reporter).await?;
+            builder.build(&config.name, DOCKERFILE, &config.build_args, &image, reporter).await?;
+            builder.record(&config.name, &image).await
+        }
+        .await;
+        mark.clear().await;
+        built?;
     }
     let tolerations = builder.tolerations().await?;
     Ok(DevImage { image, node: builder.node.clone(), tolerations })
