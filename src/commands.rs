@@ -45,6 +45,10 @@ pub async fn run(command: Command, global: Global, reporter: Reporter) -> Result
             clap_complete::generate(shell, &mut command, "devloop", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Schema => {
+            print!("{}", crate::config::schema());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Man => {
             let command = <crate::cli::Cli as clap::CommandFactory>::command();
             clap_mangen::Man::new(command)

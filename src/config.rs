@@ -12,8 +12,12 @@ pub const FILE_NAME: &str = "devloop.yaml";
 /// What forces a rebuild when nothing else is said.
 pub const DEFAULT_REBUILD: &[&str] = &["Dockerfile*", "charts/**", "devloop.yaml"];
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(
+    title = "devloop.yaml",
+    description = "devloop's one config file: the service, what syncs, how it runs and deploys."
+)]
 pub struct Config {
     /// The service's name (a DNS label: it names Kubernetes objects later).
     pub name: String,
@@ -65,7 +69,7 @@ pub struct Config {
 }
 
 /// The in-cluster builder: BuildKit next to a node's containerd.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Builder {
     /// The BuildKit image the builder pod runs.
@@ -111,7 +115,7 @@ fn default_separator() -> String {
 }
 
 /// A readiness check: `{tcp: PORT}`, `{http: URL}` or `{http: PATH, port: PORT}`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Ready {
     #[serde(default)]
@@ -172,7 +176,8 @@ fn default_ready_timeout() -> String {
 
 pub use devloop_agent::units::parse_duration;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+/// What syncs, on top of `.gitignore` and `.dockerignore`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyncConfig {
     /// gitignore-style patterns left out of sync, on top of `.gitignore` and `.dockerignore`.
@@ -281,6 +286,16 @@ fn shorten(text: &str) -> String {
         None => text.to_string(),
     }
 }
+
+/// The JSON Schema of devloop.yaml, generated from these types (`devloop schema`; committed as
+/// `devloop.schema.json`, which editors read through prep's `yaml-language-server` line).
+pub fn schema() -> String {
+    let schema = schemars::schema_for!(Config);
+    serde_json::to_string_pretty(&schema).expect("a schema serializes") + "\n"
+}
+
+/// The name of the schema file prep writes beside devloop.yaml.
+pub const SCHEMA_FILE: &str = "devloop.schema.json";
 
 /// A config error, located in its file.
 #[derive(Debug, thiserror::Error)]
@@ -649,5 +664,61 @@ mod tests {
         assert_eq!(globs.first_match("charts/web/values.yaml"), Some("charts/**"));
         assert_eq!(globs.first_match("src/Dockerfile"), None);
         assert_eq!(globs.first_match("devloop.yaml"), Some("devloop.yaml"));
+    }
+
+    /// The committed schema is the one the types give: CI fails when they part.
+    #[test]
+    fn the_committed_schema_is_the_generated_one() {
+        assert!(
+            schema() == include_str!("../devloop.schema.json"),
+            "devloop.schema.json is stale: run `devloop schema > devloop.schema.json`"
+        );
+    }
+
+    /// The schema and the loader agree: every example and every well-formed config the loader
+    /// takes, the schema takes; every shape the loader refuses (unknown key, wrong type, no
+    /// name), the schema refuses. (Names, globs and durations are the loader's alone.)
+    #[test]
+    fn the_schema_and_the_loader_agree() {
+        let schema: serde_json::Value = serde_json::from_str(&schema()).unwrap();
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        let valid = |text: &str| {
+            let value: serde_json::Value = serde_yaml_ng::from_str(text).unwrap_or(serde_json::Value::Null);
+            validator.is_valid(&value)
+        };
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let mut taken = vec![
+            "name: web\n".to_string(),
+            "name: web\nrun: [x]\nready: {tcp: 8080}\n".into(),
+            "name: web\nrun: [x]\nready: {http: /health, port: 5000, timeout: 5s}\n".into(),
+            "name: web\nsecret_separator: _\nvalues: [./values.dev.yaml]\nbuild_args: {BASE: 'python:3.11'}\n".into(),
+            "name: web\nbuilder: {node: n1, containerd: /run/k3s/containerd/containerd.sock}\nimage: reg/web:1\n"
+                .into(),
+        ];
+        for entry in std::fs::read_dir(&examples).unwrap().flatten() {
+            if let Ok(text) = std::fs::read_to_string(entry.path().join(FILE_NAME)) {
+                taken.push(text);
+            }
+        }
+        assert!(taken.len() >= 8, "the examples were read");
+        for text in &taken {
+            assert!(parse(text).is_ok(), "the loader takes:\n{text}");
+            assert!(valid(text), "the schema takes:\n{text}");
+        }
+        for text in [
+            "",
+            "run: [x]\n",
+            "name: web\nsync:\n  exclud: [bin/]\n",
+            "name: web\nrun: dotnet run\n",
+            "name: web\nport: http\n",
+            "name: web\nport: 99999\n",
+            "name: web\nready: {tcp: 1, timout: 5s}\n",
+            "name: web\npublic: maybe\n",
+            "name: web\nbuilder: {nodes: [a]}\n",
+            "name: web\nbuild_args: {BASE: [a]}\n",
+        ] {
+            assert!(parse(text).is_err(), "the loader refuses:\n{text}");
+            assert!(!valid(text), "the schema refuses:\n{text}");
+        }
     }
 }

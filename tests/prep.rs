@@ -44,16 +44,20 @@ fn prep_writes_then_keeps_then_rewrites_with_force() {
         let temp = tempfile::tempdir().unwrap();
         // Named like the example: a Python or Go service takes its folder's name.
         let dir = temp.path().join(example);
-        let generated = ["Dockerfile", "Dockerfile.develop", ".dockerignore", "charts", "devloop.yaml"];
+        let generated =
+            ["Dockerfile", "Dockerfile.develop", ".dockerignore", "charts", "devloop.yaml", "devloop.schema.json"];
         copy_tree(&examples.join(example), dir.as_path(), &generated);
 
         let first = prep(dir.as_path(), &["--public"]);
         assert!(outcomes(&first).iter().all(|o| o == "wrote"), "{example}: {first:?}");
         let done = first.iter().find(|e| e["event"] == "prepared").unwrap();
         assert_eq!((done["stack"].as_str(), done["name"].as_str()), (Some(stack), Some(name)));
-        for file in ["Dockerfile", "Dockerfile.develop", "devloop.yaml"] {
+        for file in ["Dockerfile", "Dockerfile.develop", "devloop.yaml", "devloop.schema.json"] {
             assert!(dir.as_path().join(file).is_file(), "{example}: {file}");
         }
+        // Editors find the schema through devloop.yaml's first line.
+        let yaml = std::fs::read_to_string(dir.as_path().join("devloop.yaml")).unwrap();
+        assert!(yaml.starts_with("# yaml-language-server: $schema=devloop.schema.json\n"), "{example}: {yaml}");
         let chart = dir.as_path().join("charts").join(name);
         for file in [
             "Chart.yaml",

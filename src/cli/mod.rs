@@ -67,6 +67,8 @@ pub enum Command {
     },
     /// Print the manual page (roff) to stdout: `devloop man > devloop.1`.
     Man,
+    /// Print the JSON Schema of devloop.yaml (what `prep` writes as devloop.schema.json).
+    Schema,
 }
 
 /// `devloop --version`: the version, the agent protocol it speaks, and the commit it was built from.

@@ -179,12 +179,15 @@ pub fn files(stack: &Stack, name: &str, options: &PrepOptions) -> Vec<(PathBuf, 
         (chart.join("templates/secret.yaml"), fill(include_str!("chart/templates/secret.yaml"))),
         (chart.join("templates/ingress.yaml"), fill(include_str!("chart/templates/ingress.yaml"))),
         ("devloop.yaml".into(), devloop_yaml(stack, name, port, options.public)),
+        // Beside devloop.yaml, named by its first line: editors validate and complete the file
+        // offline (`devloop schema` prints it again).
+        (crate::config::SCHEMA_FILE.into(), crate::config::schema()),
     ]
 }
 
 fn dockerignore(stack: &Stack) -> String {
     // The values file holds `secrets:`: never in an image.
-    let mut lines = vec![".git/", ".devloop/", crate::config::DEFAULT_VALUES];
+    let mut lines = vec![".git/", ".devloop/", crate::config::DEFAULT_VALUES, crate::config::SCHEMA_FILE];
     match stack {
         Stack::Dotnet { .. } => lines.extend(["bin/", "obj/"]),
         Stack::Node => lines.push("node_modules/"),
@@ -247,8 +250,10 @@ fn devloop_yaml(stack: &Stack, name: &str, port: u16, public: bool) -> String {
     };
     let body = serde_yaml_ng::to_string(&config).expect("the config serializes");
     format!(
-        "# devloop.yaml for {name} ({stack}), written by `devloop prep`.\n\
+        "# yaml-language-server: $schema={schema}\n\
+         # devloop.yaml for {name} ({stack}), written by `devloop prep`.\n\
          # chart, port and public are the Kubernetes side (devloop up).\n{body}",
+        schema = crate::config::SCHEMA_FILE,
         stack = stack.label()
     )
 }
