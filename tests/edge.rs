@@ -139,12 +139,25 @@ async fn rollouts_attach_only_to_new_pods_and_the_tunnel_never_hangs() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
     let handle = tokio::runtime::Handle::current();
 
-    // A Dockerfile edit: the new pod, running the new image, is the one the session attaches to.
+    // A Dockerfile edit, and another one saved while its build runs: the second is built
+    // too, before any session; the new pod, running the newest image, is the one the session
+    // attaches to.
     let dockerfile = src.join("Dockerfile.develop");
-    let text = std::fs::read_to_string(&dockerfile).unwrap() + "# a new image\n";
-    std::fs::write(&dockerfile, text).unwrap();
+    let original = std::fs::read_to_string(&dockerfile).unwrap();
+    let slow = original.replace("WORKDIR /app\n", "WORKDIR /app\nRUN sleep 3\n");
+    std::fs::write(&dockerfile, &slow).unwrap();
     let (pods2, src2) = (pods.clone(), src.clone());
     let watch = tokio::task::spawn_blocking(move || {
+        loop {
+            let step = watch.wait_for("build_step", Duration::from_secs(120));
+            if step["step"].as_str().unwrap().contains("RUN sleep 3") {
+                break;
+            }
+        }
+        std::fs::write(&dockerfile, original + "# edited during the build\n").unwrap();
+        let again = watch.wait_for("rebuilding", Duration::from_secs(60));
+        assert_eq!(again["reason"], "edited while the last deploy ran", "{again}");
+        assert_eq!(again["path"], "Dockerfile.develop", "{again}");
         let built = watch.wait_for("built", Duration::from_secs(120));
         let image = built["image"].as_str().unwrap().to_string();
         watch.wait_for("rolled_out", Duration::from_secs(120));

@@ -514,7 +514,7 @@ async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
     let env_from = pod.spec.unwrap().containers[0].env_from.clone().unwrap();
     assert_eq!(env_from[0].secret_ref.as_ref().unwrap().name, "consumer-env");
     // The values file holds the secret: it never reaches the container's tree.
-    crate::support::converge(&src, &pod_root, &["values.dev.yaml"]);
+    crate::support::converge(&src, &pod_root, &["values.dev.yaml", "devloop.schema.json"]);
     assert!(!pod_root.join("values.dev.yaml").exists(), "secrets stay out of the container");
 
     // The consumer is public: its ingress shows as Pending until it has an address.
@@ -582,7 +582,8 @@ async fn up_keeps_syncing_with_a_tunnel_that_list_commands_show() {
     let tunnel = up.seen.iter().find(|e| e["event"] == "tunnel").cloned().expect("a tunnel event");
     let url = tunnel["url"].as_str().unwrap().to_string();
     let port: u16 = url.trim_end_matches('/').rsplit(':').next().unwrap().parse().unwrap();
-    crate::support::converge(&src, &pod_root, &[]);
+    // prep's .dockerignore keeps the schema (for editors) out of the image and the sync.
+    crate::support::converge(&src, &pod_root, &["devloop.schema.json"]);
 
     // The tunnel reaches the app (through port-forward to the pod).
     let body = tokio::task::spawn_blocking(move || {
@@ -622,7 +623,8 @@ async fn up_keeps_syncing_with_a_tunnel_that_list_commands_show() {
     })
     .await
     .unwrap();
-    crate::support::converge(&src, &pod_root, &[]);
+    // prep's .dockerignore keeps the schema (for editors) out of the image and the sync.
+    crate::support::converge(&src, &pod_root, &["devloop.schema.json"]);
 
     // list-up and list-uris, while `up` runs.
     let list_up = devloop(&["--json", "list-up"]);
