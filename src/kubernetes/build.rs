@@ -52,8 +52,8 @@ pub enum BuildError {
     NoStaticAgent { looked: String },
     #[error("cannot choose the node to build on: {0}")]
     NoNode(String),
-    #[error("the builder pod did not become ready: {0}")]
-    Builder(String),
+    #[error("the builder pod did not become ready: {message}")]
+    Builder { namespace: String, message: String },
     #[error("the build context did not reach the builder: {0}")]
     Context(String),
     #[error("the image build failed{}:\n{output}", step.as_ref().map(|s| format!(" at {s}")).unwrap_or_default())]
@@ -73,7 +73,7 @@ impl BuildError {
         Some(match self {
             BuildError::NoStaticAgent { .. } => "build it: `rustup target add x86_64-unknown-linux-musl && cargo build -p devloop-agent --profile agent --target x86_64-unknown-linux-musl`, or point DEVLOOP_STATIC_AGENT at one".into(),
             BuildError::NoNode(_) => "name it in devloop.yaml (`builder: {node: NAME}`), or label one node devloop.dev/builder=true".into(),
-            BuildError::Builder(_) => format!("`kubectl describe pod {BUILDER}` and `kubectl logs {BUILDER}` say more; the builder needs a privileged pod and the node's containerd socket (`builder.containerd`)"),
+            BuildError::Builder { namespace, .. } => format!("`kubectl describe pod {BUILDER} -n {namespace}` and `kubectl logs {BUILDER} -n {namespace}` say more; the builder needs a privileged pod and the node's containerd socket (`builder.containerd`)"),
             BuildError::Context(_) => return None,
             BuildError::Failed { .. } => "fix the Dockerfile step above; the running pod keeps serving meanwhile".into(),
             BuildError::PodSecurity { namespace, .. } => format!(
@@ -320,10 +320,10 @@ async fn wait_ready(pods_api: &Api<Pod>, namespace: &str) -> Result<(), BuildErr
     let ready = await_condition(pods_api.clone(), BUILDER, |pod: Option<&Pod>| pod.is_some_and(pods::is_ready));
     match tokio::time::timeout(Duration::from_secs(120), ready).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(BuildError::Builder(e.to_string())),
+        Ok(Err(e)) => Err(BuildError::Builder { namespace: namespace.into(), message: e.to_string() }),
         Err(_) => {
             let pod = pods_api.get(BUILDER).await.map_err(|e| explain(e, namespace))?;
-            Err(BuildError::Builder(pods::not_ready_reason(&pod)))
+            Err(BuildError::Builder { namespace: namespace.into(), message: pods::not_ready_reason(&pod) })
         }
     }
 }

@@ -69,7 +69,8 @@ impl KubeTransport {
                 if pods::is_ready(&pod) {
                     Ok((pod, None, Until::NotReady))
                 } else {
-                    Err(PodError::NotReady { pod: name.clone(), why: pods::not_ready_reason(&pod) })
+                    let why = pods::not_ready_reason(&pod);
+                    Err(PodError::NotReady { namespace: self.namespace.clone(), pod: name.clone(), why })
                 }
             }
         }

@@ -86,9 +86,9 @@ pub enum PodError {
     #[error("no pod labelled {selector} in namespace {namespace}")]
     NoPod { namespace: String, selector: String },
     #[error("pod {pod} is not Ready: {why}")]
-    NotReady { pod: String, why: String },
+    NotReady { namespace: String, pod: String, why: String },
     #[error("pod {pod} is not running: {why}")]
-    NotRunning { pod: String, why: String },
+    NotRunning { namespace: String, pod: String, why: String },
     #[error(transparent)]
     Cluster(#[from] ClusterError),
 }
@@ -99,8 +99,8 @@ impl PodError {
             PodError::NoPod { namespace, .. } => {
                 Some(format!("deploy the service first, or pick its namespace with -n (now `{namespace}`)"))
             }
-            PodError::NotReady { pod, .. } | PodError::NotRunning { pod, .. } => {
-                Some(format!("`kubectl describe pod {pod}` says more"))
+            PodError::NotReady { namespace, pod, .. } | PodError::NotRunning { namespace, pod, .. } => {
+                Some(format!("`kubectl describe pod {pod} -n {namespace}` says more"))
             }
             PodError::Cluster(e) => e.hint(),
         }
@@ -176,9 +176,11 @@ pub async fn attachable(client: &kube::Client, namespace: &str, name: &str) -> R
     }
     match found.first() {
         None => Err(PodError::NoPod { namespace: namespace.to_string(), selector: selector(name) }),
-        Some(pod) => {
-            Err(PodError::NotRunning { pod: pod.metadata.name.clone().unwrap_or_default(), why: not_ready_reason(pod) })
-        }
+        Some(pod) => Err(PodError::NotRunning {
+            namespace: namespace.to_string(),
+            pod: pod.metadata.name.clone().unwrap_or_default(),
+            why: not_ready_reason(pod),
+        }),
     }
 }
 
@@ -200,9 +202,11 @@ pub async fn ready(pods: &Api<Pod>, namespace: &str, name: &str) -> Result<Pod, 
     }
     match found.first() {
         None => Err(PodError::NoPod { namespace: namespace.to_string(), selector: selector(name) }),
-        Some(pod) => {
-            Err(PodError::NotReady { pod: pod.metadata.name.clone().unwrap_or_default(), why: not_ready_reason(pod) })
-        }
+        Some(pod) => Err(PodError::NotReady {
+            namespace: namespace.to_string(),
+            pod: pod.metadata.name.clone().unwrap_or_default(),
+            why: not_ready_reason(pod),
+        }),
     }
 }
 

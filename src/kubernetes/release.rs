@@ -31,8 +31,8 @@ pub enum UpError {
     NoHelm,
     #[error("helm {action} failed: {output}")]
     Helm { action: &'static str, output: String },
-    #[error("the rollout of {release} did not finish within {timeout:?}: {why}")]
-    Rollout { release: String, timeout: Duration, why: String },
+    #[error("the rollout of {release} did not finish: {why}")]
+    Rollout { release: String, namespace: String, why: String },
     #[error(transparent)]
     Cluster(#[from] ClusterError),
     #[error("{0}")]
@@ -46,7 +46,9 @@ impl UpError {
             UpError::Values { .. } => Some("values files are YAML maps; check the file's syntax".into()),
             UpError::NoHelm => Some("install helm 3 (https://helm.sh/docs/intro/install/) and put it on PATH".into()),
             UpError::Helm { .. } => Some("helm's own message above says what it refused".into()),
-            UpError::Rollout { .. } => Some("`kubectl describe pod` and `kubectl logs` show more".into()),
+            UpError::Rollout { release, namespace, .. } => Some(format!(
+                "`kubectl describe pods -n {namespace} -l app.kubernetes.io/name={release}` and `kubectl logs -n {namespace} deploy/{release}` show more"
+            )),
             UpError::Cluster(e) => e.hint(),
             UpError::Io(_) => None,
         }
@@ -235,7 +237,8 @@ pub async fn wait_rollout(
 ) -> Result<Rollout, UpError> {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &release.namespace);
     let rolled_out = await_condition(deployments, &release.name, is_rolled_out);
-    let failed = |why: String| UpError::Rollout { release: release.name.clone(), timeout, why };
+    let failed =
+        |why: String| UpError::Rollout { release: release.name.clone(), namespace: release.namespace.clone(), why };
     tokio::select! {
         done = rolled_out => match done {
             Ok(_) => Ok(Rollout::Done),
@@ -243,12 +246,13 @@ pub async fn wait_rollout(
         },
         trouble = trouble(client, release, dev) => trouble.map_err(failed),
         _ = tokio::time::sleep(timeout) => {
+            let waited = format!("not done within {timeout:?}");
             let found = pods::current(client, &release.namespace, &release.name).await.map_err(UpError::Cluster)?;
             let why = match found.first() {
                 Some(pod) => {
-                    format!("pod {}: {}", pod.metadata.name.as_deref().unwrap_or("?"), pods::not_ready_reason(pod))
+                    format!("{waited}; pod {}: {}", pod.metadata.name.as_deref().unwrap_or("?"), pods::not_ready_reason(pod))
                 }
-                None => "no pod was created (check the ReplicaSet's events: quota, admission)".into(),
+                None => format!("{waited}; no pod was created (check the ReplicaSet's events: quota, admission)"),
             };
             Err(failed(why))
         }
@@ -377,6 +381,20 @@ mod tests {
             }
         }))
         .unwrap()
+    }
+
+    /// A hint names a command that works as it is: in the service's namespace, not the default one.
+    #[test]
+    fn hints_name_commands_for_the_right_namespace() {
+        let rollout = UpError::Rollout { release: "web".into(), namespace: "team-a".into(), why: "x".into() };
+        let hint = rollout.hint().unwrap();
+        assert!(hint.contains("kubectl describe pods -n team-a -l app.kubernetes.io/name=web"), "{hint}");
+        assert!(hint.contains("kubectl logs -n team-a deploy/web"), "{hint}");
+        let pod =
+            super::pods::PodError::NotRunning { namespace: "team-a".into(), pod: "web-1".into(), why: "x".into() };
+        assert!(pod.hint().unwrap().contains("kubectl describe pod web-1 -n team-a"));
+        let builder = super::super::build::BuildError::Builder { namespace: "team-a".into(), message: "x".into() };
+        assert!(builder.hint().unwrap().contains("kubectl logs devloop-builder -n team-a"));
     }
 
     /// What `kubectl rollout status` waits for, case by case.
