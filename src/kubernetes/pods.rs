@@ -171,42 +171,44 @@ pub async fn current(client: &kube::Client, namespace: &str, name: &str) -> Resu
 /// The pod a session attaches to: the newest running pod of the service's current ReplicaSet.
 pub async fn attachable(client: &kube::Client, namespace: &str, name: &str) -> Result<Pod, PodError> {
     let found = current(client, namespace, name).await?;
-    if let Some(pod) = found.iter().find(|p| is_running(p, name)) {
-        return Ok(pod.clone());
-    }
-    match found.first() {
-        None => Err(PodError::NoPod { namespace: namespace.to_string(), selector: selector(name) }),
-        Some(pod) => Err(PodError::NotRunning {
-            namespace: namespace.to_string(),
-            pod: pod.metadata.name.clone().unwrap_or_default(),
-            why: not_ready_reason(pod),
-        }),
-    }
+    pick(&found, namespace, name, &[&|p| is_running(p, name)], not_running)
 }
 
 /// The pod a tunnel connection goes to: a Ready pod of the current ReplicaSet when there is one
 /// (it answers), else the one a session would attach to.
 pub async fn serving(client: &kube::Client, namespace: &str, name: &str) -> Result<Pod, PodError> {
     let found = current(client, namespace, name).await?;
-    if let Some(pod) = found.iter().find(|p| is_ready(p) && is_running(p, name)) {
-        return Ok(pod.clone());
-    }
-    attachable(client, namespace, name).await
+    let ready_and_running = |p: &Pod| is_ready(p) && is_running(p, name);
+    pick(&found, namespace, name, &[&ready_and_running, &|p| is_running(p, name)], not_running)
 }
 
 /// The newest Ready pod of the service.
 pub async fn ready(pods: &Api<Pod>, namespace: &str, name: &str) -> Result<Pod, PodError> {
     let found = of_service(pods, namespace, name).await?;
-    if let Some(pod) = found.iter().find(|p| is_ready(p)) {
+    pick(&found, namespace, name, &[&is_ready], |namespace, pod, why| PodError::NotReady { namespace, pod, why })
+}
+
+fn not_running(namespace: String, pod: String, why: String) -> PodError {
+    PodError::NotRunning { namespace, pod, why }
+}
+
+/// Of `found` (newest first), the first pod the first of `wanted` accepts, else the next of
+/// `wanted`, and so on; none → no pod at all, or `refused` naming the newest and why.
+fn pick(
+    found: &[Pod],
+    namespace: &str,
+    name: &str,
+    wanted: &[&dyn Fn(&Pod) -> bool],
+    refused: fn(String, String, String) -> PodError,
+) -> Result<Pod, PodError> {
+    if let Some(pod) = wanted.iter().find_map(|accept| found.iter().find(|p| accept(p))) {
         return Ok(pod.clone());
     }
     match found.first() {
         None => Err(PodError::NoPod { namespace: namespace.to_string(), selector: selector(name) }),
-        Some(pod) => Err(PodError::NotReady {
-            namespace: namespace.to_string(),
-            pod: pod.metadata.name.clone().unwrap_or_default(),
-            why: not_ready_reason(pod),
-        }),
+        Some(pod) => {
+            Err(refused(namespace.to_string(), pod.metadata.name.clone().unwrap_or_default(), not_ready_reason(pod)))
+        }
     }
 }
 
@@ -241,5 +243,46 @@ pub async fn gone(pods: Api<Pod>, pod: &str, uid: &str, service: &str, until: Un
             // The API server is unreachable: the exec itself will tell; the watcher retries.
             Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, running: bool, ready: bool) -> Pod {
+        let state = if running {
+            serde_json::json!({"running": {}})
+        } else {
+            serde_json::json!({"waiting": {"reason": "ContainerCreating"}})
+        };
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "web"}]},
+            "status": {
+                "phase": if running { "Running" } else { "Pending" },
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+                "containerStatuses": [{"name": "web", "image": "x", "imageID": "", "ready": ready, "restartCount": 0, "state": state}]
+            }
+        }))
+        .unwrap()
+    }
+
+    /// A session takes the newest running pod, Ready or not; a tunnel connection a Ready one
+    /// first (it answers), else the same; neither takes a pod whose container does not run.
+    #[test]
+    fn sessions_take_running_pods_and_tunnels_prefer_ready_ones() {
+        let running = |p: &Pod| is_running(p, "web");
+        let ready_and_running = |p: &Pod| is_ready(p) && is_running(p, "web");
+        let found = [pod("new-crashed", true, false), pod("old-serving", true, true)];
+        let session = pick(&found, "ns", "web", &[&running], not_running).unwrap();
+        assert_eq!(session.metadata.name.as_deref(), Some("new-crashed"));
+        let tunnel = pick(&found, "ns", "web", &[&ready_and_running, &running], not_running).unwrap();
+        assert_eq!(tunnel.metadata.name.as_deref(), Some("old-serving"));
+        let starting = [pod("starting", false, false)];
+        let err = pick(&starting, "ns", "web", &[&running], not_running).unwrap_err();
+        assert!(matches!(&err, PodError::NotRunning { pod, .. } if pod == "starting"), "{err}");
+        let none = pick(&[], "ns", "web", &[&running], not_running).unwrap_err();
+        assert!(matches!(none, PodError::NoPod { .. }));
     }
 }
