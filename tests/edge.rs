@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 
-use crate::kubernetes::{client, cluster, Scratch, SERIAL};
+use crate::kubernetes::AsAdmin;
 use crate::node::{built_service_named, served_by, up_once};
 use crate::support;
 
@@ -25,6 +25,13 @@ fn up_running(src: &std::path::Path, kubeconfig: &str, ns: &str) -> support::Wat
     let args = args(kubeconfig, ns, &["up"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     support::Watch::start_within(src, &args, Duration::from_secs(240))
+}
+
+/// The localhost port of the tunnel a running `up` announced.
+fn tunnel_port(watch: &support::Watch) -> u16 {
+    let tunnel = watch.seen.iter().find(|e| e["event"] == "tunnel").expect("a tunnel");
+    let url = tunnel["url"].as_str().unwrap();
+    url.trim_start_matches("http://localhost:").trim_end_matches('/').parse().unwrap()
 }
 
 /// SIGINT, and how long the process took to end.
@@ -53,11 +60,9 @@ async fn live_pods(pods: &Api<Pod>, name: &str) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs the real node: tests/run starts it and runs the ignored tests"]
 async fn a_crashed_app_never_locks_the_developer_out() {
-    let cluster = cluster();
-    let _serial = SERIAL.lock().await;
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+    let admin = AsAdmin::new().await;
+    let (cluster, client, scratch, kubeconfig) =
+        (&admin.cluster, &admin.client, &admin.scratch, admin.kubeconfig.clone());
     let (_dir, src) = built_service_named(&cluster.state, "crashy", CRASHY);
 
     // An app that crashes at start: `up --once` still deploys, connects and syncs, shows the
@@ -123,19 +128,15 @@ async fn a_crashed_app_never_locks_the_developer_out() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs the real node: tests/run starts it and runs the ignored tests"]
 async fn rollouts_attach_only_to_new_pods_and_the_tunnel_never_hangs() {
-    let cluster = cluster();
-    let _serial = SERIAL.lock().await;
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+    let admin = AsAdmin::new().await;
+    let (cluster, client, scratch, kubeconfig) =
+        (&admin.cluster, &admin.client, &admin.scratch, admin.kubeconfig.clone());
     let (_dir, src) = built_service_named(&cluster.state, "rolling", CRASHY);
     std::fs::write(src.join("message.txt"), "rolled").unwrap();
     let ns = scratch.name.clone();
     let (src2, kubeconfig2) = (src.clone(), kubeconfig.clone());
     let mut watch = tokio::task::spawn_blocking(move || up_running(&src2, &kubeconfig2, &ns)).await.unwrap();
-    let tunnel = watch.seen.iter().find(|e| e["event"] == "tunnel").expect("a tunnel").clone();
-    let port: u16 =
-        tunnel["url"].as_str().unwrap().trim_start_matches("http://localhost:").trim_end_matches('/').parse().unwrap();
+    let port = tunnel_port(&watch);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &scratch.name);
     let handle = tokio::runtime::Handle::current();
 
@@ -203,11 +204,9 @@ async fn rollouts_attach_only_to_new_pods_and_the_tunnel_never_hangs() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs the real node: tests/run starts it and runs the ignored tests"]
 async fn two_services_at_once_a_visual_studio_dockerignore_and_a_sidecar() {
-    let cluster = cluster();
-    let _serial = SERIAL.lock().await;
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+    let admin = AsAdmin::new().await;
+    let (cluster, client, scratch, kubeconfig) =
+        (&admin.cluster, &admin.client, &admin.scratch, admin.kubeconfig.clone());
     let (_a, studio) = built_service_named(&cluster.state, "studio", CRASHY);
     std::fs::write(
         studio.join(".dockerignore"),
@@ -315,11 +314,8 @@ async fn two_services_at_once_a_visual_studio_dockerignore_and_a_sidecar() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs the real node: tests/run starts it and runs the ignored tests"]
 async fn ctrl_c_ends_up_within_two_seconds_wherever_it_is() {
-    let cluster = cluster();
-    let _serial = SERIAL.lock().await;
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+    let admin = AsAdmin::new().await;
+    let (cluster, scratch, kubeconfig) = (&admin.cluster, &admin.scratch, admin.kubeconfig.clone());
     let (_dir, src) = built_service_named(&cluster.state, "stopper", CRASHY);
     std::fs::write(src.join("message.txt"), "stop me").unwrap();
     let first = up_once(&src, &kubeconfig, &scratch.name).await;
@@ -446,11 +442,8 @@ impl Drop for RepairFakeNode {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs the real node: tests/run starts it and runs the ignored tests"]
 async fn an_api_server_that_drops_packets_or_stops_is_reported_and_recovered_from() {
-    let cluster = cluster();
-    let _serial = SERIAL.lock().await;
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+    let admin = AsAdmin::new().await;
+    let (cluster, scratch, kubeconfig) = (&admin.cluster, &admin.scratch, admin.kubeconfig.clone());
     let (_dir, src) = built_service_named(&cluster.state, "flaky", CRASHY);
     std::fs::write(src.join("message.txt"), "before the drop").unwrap();
     let port = api_port(&cluster.kubeconfig);
@@ -463,14 +456,7 @@ async fn an_api_server_that_drops_packets_or_stops_is_reported_and_recovered_fro
     let (src2, kubeconfig2, ns) = (src.clone(), kubeconfig.clone(), scratch.name.clone());
     let watch = tokio::task::spawn_blocking(move || {
         let mut watch = up_running(&src2, &kubeconfig2, &ns);
-        let tunnel = watch.seen.iter().find(|e| e["event"] == "tunnel").unwrap().clone();
-        let local: u16 = tunnel["url"]
-            .as_str()
-            .unwrap()
-            .trim_start_matches("http://localhost:")
-            .trim_end_matches('/')
-            .parse()
-            .unwrap();
+        let local = tunnel_port(&watch);
         for (outage, edit) in [("drop", "saved during the drop"), ("stop", "saved while it was stopped")] {
             let mark = watch.seen.len();
             let started = Instant::now();

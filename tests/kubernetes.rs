@@ -46,6 +46,28 @@ pub(crate) async fn client(cluster: &Cluster, user: &str) -> (Client, String) {
     cluster::connect(&selection).await.expect("client")
 }
 
+/// The start of a test that deploys as the admin: the tier's cluster, a fresh namespace, the
+/// admin's client and kubeconfig, and the serial lock, held until the namespace is deleted.
+pub(crate) struct AsAdmin {
+    // Dropped in this order: the namespace goes before the next test may begin.
+    pub(crate) scratch: Scratch,
+    pub(crate) client: Client,
+    pub(crate) cluster: Cluster,
+    pub(crate) kubeconfig: String,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl AsAdmin {
+    pub(crate) async fn new() -> AsAdmin {
+        let cluster = cluster();
+        let serial = SERIAL.lock().await;
+        let (client, _) = client(&cluster, "admin").await;
+        let scratch = Scratch::new(&client).await;
+        let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+        AsAdmin { scratch, client, cluster, kubeconfig, _serial: serial }
+    }
+}
+
 /// A fresh namespace, deleted afterwards.
 pub(crate) struct Scratch {
     client: Client,

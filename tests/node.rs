@@ -14,7 +14,7 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::kubernetes::{client, cluster, Scratch, SERIAL};
+use crate::kubernetes::{client, cluster, AsAdmin, Scratch, SERIAL};
 use crate::support::{self, Fixture};
 
 pub(crate) const NODE: &str = "devloop-node";
@@ -212,11 +212,9 @@ pub(crate) async fn up_once(src: &std::path::Path, kubeconfig: &str, ns: &str) -
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs the real node: tests/run starts it and runs the ignored tests"]
 async fn up_builds_the_dev_image_in_the_cluster_and_only_when_its_inputs_change() {
-    let cluster = cluster();
-    let _serial = SERIAL.lock().await;
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+    let admin = AsAdmin::new().await;
+    let (cluster, client, scratch, kubeconfig) =
+        (&admin.cluster, &admin.client, &admin.scratch, admin.kubeconfig.clone());
     let (_dir, src) = built_service(&cluster.state);
 
     let first = up_once(&src, &kubeconfig, &scratch.name).await;
@@ -352,11 +350,9 @@ pub(crate) async fn try_get(pods: &Api<Pod>, pod: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs the real node: tests/run starts it and runs the ignored tests"]
 async fn up_rebuilds_on_a_dockerfile_edit_and_a_broken_build_keeps_the_old_pod_serving() {
-    let cluster = cluster();
-    let _serial = SERIAL.lock().await;
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+    let admin = AsAdmin::new().await;
+    let (cluster, client, scratch, kubeconfig) =
+        (&admin.cluster, &admin.client, &admin.scratch, admin.kubeconfig.clone());
     let (_dir, src) = built_service(&cluster.state);
     let first = up_once(&src, &kubeconfig, &scratch.name).await;
     assert_eq!(first.code, Some(0), "{}\n{:#?}", first.stderr, first.events);
@@ -452,11 +448,8 @@ async fn up_rebuilds_on_a_dockerfile_edit_and_a_broken_build_keeps_the_old_pod_s
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs the real node: tests/run starts it and runs the ignored tests"]
 async fn the_python_example_from_prep_to_up_to_down_on_a_real_node() {
-    let cluster = cluster();
-    let _serial = SERIAL.lock().await;
-    let (client, _) = client(&cluster, "admin").await;
-    let scratch = Scratch::new(&client).await;
-    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_string();
+    let admin = AsAdmin::new().await;
+    let (cluster, scratch, kubeconfig) = (&admin.cluster, &admin.scratch, admin.kubeconfig.clone());
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("hello");
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello");

@@ -84,7 +84,8 @@ async fn up_flow(global: &Global, once: bool, reporter: Reporter, phase: Phase) 
     let settings = settings::watch(&global.file, None, once)?;
     reporter.set_service(&settings.config.name);
     let (client, namespace) = access::connect(&selection(global)).await?;
-    deploy(global, &client, &namespace, &settings, &reporter, &phase).await?;
+    let deployer = Deployer { global, client: &client, namespace: &namespace, reporter: &reporter, phase: &phase };
+    deployer.deploy(&settings).await?;
     mark_syncs(&reporter, &client, &namespace, &settings.config.name);
     // While `up` runs: a localhost tunnel to the app, recorded for `list-uris`.
     let mut tunnel = match once {
@@ -136,7 +137,7 @@ async fn up_flow(global: &Global, once: bool, reporter: Reporter, phase: Phase) 
         let config = settings::load_config(&global.file).map(|(c, _)| c).ok();
         reporter.emit(Event::Rebuilding { path: path.clone(), reason: trigger_reason(config.as_ref(), path).into() });
         let Ok(settings) = settings::watch(&global.file, None, once) else { continue };
-        if let Err(e) = deploy(global, &client, &namespace, &settings, &reporter, &phase).await {
+        if let Err(e) = deployer.deploy(&settings).await {
             // The running pod keeps serving; the next change tries again.
             reporter.emit(Event::Error { message: e.to_string(), hint: e.hint() });
         }
@@ -144,63 +145,63 @@ async fn up_flow(global: &Global, once: bool, reporter: Reporter, phase: Phase) 
     }
 }
 
-/// Builds the dev image when the config names none, deploys the release, waits for the rollout.
-/// A deploy input (a build input, the chart, a values file, devloop.yaml) edited while this
-/// ran is deployed at once, before any session: no edit waits for the next one.
-async fn deploy(
-    global: &Global,
-    client: &kube::Client,
-    namespace: &str,
-    settings: &WatchSettings,
-    reporter: &Reporter,
-    phase: &Phase,
-) -> Result<(), Error> {
-    let mut reloaded;
-    let mut settings = settings;
-    loop {
-        let before = deploy_inputs(&settings.config, &settings.session.root).await;
-        deploy_once(global, client, namespace, settings, reporter, phase).await?;
-        let after = deploy_inputs(&settings.config, &settings.session.root).await;
-        let Some(path) = first_difference(&before, &after) else { return Ok(()) };
-        reporter.emit(Event::Rebuilding { path, reason: "edited while the last deploy ran".into() });
-        reloaded = settings::watch(&global.file, None, settings.once)?;
-        settings = &reloaded;
-    }
+/// What every deploy of one `up` works with.
+struct Deployer<'a> {
+    global: &'a Global,
+    client: &'a kube::Client,
+    namespace: &'a str,
+    reporter: &'a Reporter,
+    phase: &'a Phase,
 }
 
-async fn deploy_once(
-    global: &Global,
-    client: &kube::Client,
-    namespace: &str,
-    settings: &WatchSettings,
-    reporter: &Reporter,
-    phase: &Phase,
-) -> Result<(), Error> {
-    let release = Release::new(&settings.config, &settings.session.root, namespace)?;
-    let dev = match release.image {
-        Some(_) => None,
-        None => Some(build::dev_image(client, namespace, &settings.config, &settings.session.root, reporter).await?),
-    };
-    reporter.emit(Event::Deploying { release: release.name.clone(), namespace: namespace.to_string() });
-    let started = Instant::now();
-    phase.helm(Some(&release.name));
-    let deployed =
-        release::deploy(&release, dev.as_ref(), global.kubeconfig.as_deref(), global.context.as_deref()).await;
-    phase.helm(None);
-    deployed?;
-    let millis = || started.elapsed().as_millis() as u64;
-    match release::wait_rollout(client, &release, ROLLOUT_TIMEOUT, true).await? {
-        Rollout::Done => reporter.emit(Event::RolledOut { release: release.name.clone(), millis: millis() }),
-        // A dev pod whose app crashes still gets the session: the fix must reach it.
-        Rollout::AppNotReady { pod, why, last_lines } => reporter.emit(Event::RolledOutNotReady {
-            release: release.name.clone(),
-            pod,
-            why,
-            last_lines,
-            millis: millis(),
-        }),
+impl Deployer<'_> {
+    /// Builds the dev image when the config names none, deploys the release, waits for the
+    /// rollout. A deploy input (a build input, the chart, a values file, devloop.yaml) edited
+    /// while this ran is deployed at once, before any session: no edit waits for the next one.
+    async fn deploy(&self, settings: &WatchSettings) -> Result<(), Error> {
+        let mut reloaded;
+        let mut settings = settings;
+        loop {
+            let before = deploy_inputs(&settings.config, &settings.session.root).await;
+            self.deploy_once(settings).await?;
+            let after = deploy_inputs(&settings.config, &settings.session.root).await;
+            let Some(path) = first_difference(&before, &after) else { return Ok(()) };
+            self.reporter.emit(Event::Rebuilding { path, reason: "edited while the last deploy ran".into() });
+            reloaded = settings::watch(&self.global.file, None, settings.once)?;
+            settings = &reloaded;
+        }
     }
-    Ok(())
+
+    async fn deploy_once(&self, settings: &WatchSettings) -> Result<(), Error> {
+        let Deployer { global, client, namespace, reporter, phase } = *self;
+        let release = Release::new(&settings.config, &settings.session.root, namespace)?;
+        let dev = match release.image {
+            Some(_) => None,
+            None => {
+                Some(build::dev_image(client, namespace, &settings.config, &settings.session.root, reporter).await?)
+            }
+        };
+        reporter.emit(Event::Deploying { release: release.name.clone(), namespace: namespace.to_string() });
+        let started = Instant::now();
+        phase.helm(Some(&release.name));
+        let deployed =
+            release::deploy(&release, dev.as_ref(), global.kubeconfig.as_deref(), global.context.as_deref()).await;
+        phase.helm(None);
+        deployed?;
+        let millis = || started.elapsed().as_millis() as u64;
+        match release::wait_rollout(client, &release, ROLLOUT_TIMEOUT, true).await? {
+            Rollout::Done => reporter.emit(Event::RolledOut { release: release.name.clone(), millis: millis() }),
+            // A dev pod whose app crashes still gets the session: the fix must reach it.
+            Rollout::AppNotReady { pod, why, last_lines } => reporter.emit(Event::RolledOutNotReady {
+                release: release.name.clone(),
+                pod,
+                why,
+                last_lines,
+                millis: millis(),
+            }),
+        }
+        Ok(())
+    }
 }
 
 /// What a deploy is made of, path by path: the build inputs (docker's build context), the
@@ -215,7 +216,9 @@ async fn deploy_inputs(config: &crate::config::Config, root: &std::path::Path) -
             chart_files(&root, chart.trim_end_matches('/'), &mut files);
         }
         for file in files {
-            if let Ok((hash, size)) = std::fs::File::open(root.join(&file)).and_then(devloop_agent::walk::hash_reader) {
+            // Opened as config files are: a FIFO in the chart is not waited on.
+            let opened = devloop_agent::beneath::open_named_file(&root.join(&file)).map_err(|e| e.into_io());
+            if let Ok((hash, size)) = opened.and_then(|o| devloop_agent::walk::hash_reader(o.file)) {
                 inputs.insert(file, devloop_agent::manifest::Entry::File { hash, size, exec: false });
             }
         }

@@ -57,7 +57,7 @@ pub enum Outcome {
 
 /// Most entries (deletions, exec-bit changes, files) one batch carries: every message stays far
 /// below the frame limit (a deletion list of 300,000 paths would not fit in one), and so does the
-/// agent's answer, which names each refused path.
+/// agent's answer, which names each refused entry by its place; the agent holds to it too.
 const BATCH_ENTRIES: usize = protocol::MAX_BATCH_ENTRIES;
 
 /// Longest wait for the agent to read its tree, once it has said welcome.
