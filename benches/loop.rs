@@ -619,8 +619,7 @@ fn cluster(bins: &Bins, work: &Path) {
     fs::write(src.join("Dockerfile.develop"), &dockerfile).unwrap();
     fs::write(src.join("message.txt"), "bench").unwrap();
     let config = format!(
-        "name: svc\nchart: charts/svc\nport: 8080\nbuilder: {{node: devloop-node, containerd: {}, root: {}}}\n",
-        state.join("containerd/containerd.sock").display(),
+        "name: svc\nchart: charts/svc\nport: 8080\nregistry: none\nbuilder: {{node: devloop-node, root: {}}}\n",
         state.join("buildkit").display()
     );
     fs::write(src.join("devloop.yaml"), config).unwrap();

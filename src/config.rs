@@ -66,6 +66,60 @@ pub struct Config {
     /// Build arguments of `Dockerfile.develop` (`BASE` names its base image in prep's files).
     #[serde(default)]
     pub build_args: std::collections::BTreeMap<String, String>,
+    /// Where the dev image goes: `auto` (the registry the cluster publishes in ConfigMap
+    /// kube-public/local-registry-hosting, else the builder's node), `none` (always the
+    /// builder's node: no registry, the pod pinned there), `HOST[:PORT][/PATH]`, or
+    /// `{push: …, pull: …}` when the builder and the nodes reach the registry by different names.
+    #[serde(default)]
+    pub registry: Registry,
+}
+
+/// `registry:` of devloop.yaml.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum Registry {
+    /// `auto`, `none`, or the registry's `HOST[:PORT][/PATH]`.
+    Named(String),
+    /// The registry by the names the builder and the nodes reach it by.
+    Hosts(RegistryHosts),
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::Named("auto".into())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryHosts {
+    /// Where the in-cluster builder pushes (`HOST[:PORT][/PATH]`).
+    pub push: String,
+    /// What the nodes' container runtime pulls from (default: `push`).
+    #[serde(default)]
+    pub pull: Option<String>,
+    /// Plain HTTP / unverified TLS for the push (default: only for loopback, private
+    /// addresses and cluster-local names).
+    #[serde(default)]
+    pub insecure: Option<bool>,
+}
+
+/// Whether `host` looks like a registry's `HOST[:PORT][/PATH]` (no scheme, no tag, no spaces).
+pub fn is_registry_host(host: &str) -> bool {
+    let (name, path) = host.split_once('/').unwrap_or((host, ""));
+    let (name, port) = match name.rsplit_once(':') {
+        Some((n, p)) => (n, Some(p)),
+        None => (name, None),
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    let path_ok = path.is_empty()
+        || path.split('/').all(|c| {
+            !c.is_empty() && c.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch))
+        });
+    name_ok && port_ok && path_ok
 }
 
 /// The in-cluster builder: BuildKit next to a node's containerd.
@@ -79,9 +133,10 @@ pub struct Builder {
     /// the one labelled `devloop.dev/builder=true`.
     #[serde(default)]
     pub node: Option<String>,
-    /// The node's containerd socket.
-    #[serde(default = "default_containerd")]
-    pub containerd: String,
+    /// The node's containerd socket (default: found from the node: what its kubelet is
+    /// configured with, else k3s's or the standard path).
+    #[serde(default)]
+    pub containerd: Option<String>,
     /// BuildKit's state on the node (a host folder that must be a shared mount).
     #[serde(default = "default_builder_root")]
     pub root: String,
@@ -89,21 +144,12 @@ pub struct Builder {
 
 impl Default for Builder {
     fn default() -> Self {
-        Builder {
-            image: default_builder_image(),
-            node: None,
-            containerd: default_containerd(),
-            root: default_builder_root(),
-        }
+        Builder { image: default_builder_image(), node: None, containerd: None, root: default_builder_root() }
     }
 }
 
 fn default_builder_image() -> String {
     "moby/buildkit:v0.34.2".into()
-}
-
-fn default_containerd() -> String {
-    "/run/containerd/containerd.sock".into()
 }
 
 fn default_builder_root() -> String {
@@ -376,6 +422,22 @@ impl Config {
         if let Some(ready) = &self.ready {
             self.validate_ready(ready, &at)?;
         }
+        self.validate_registry(&at)
+    }
+
+    fn validate_registry(&self, at: &Locator) -> Result<(), ConfigError> {
+        let hint = "registry: auto, none, HOST[:PORT] (e.g. localhost:5000), or {push: HOST[:PORT], pull: HOST[:PORT]}";
+        let hosts: Vec<&str> = match &self.registry {
+            Registry::Named(word) if word == "auto" || word == "none" => vec![],
+            Registry::Named(host) => vec![host],
+            Registry::Hosts(hosts) => std::iter::once(hosts.push.as_str()).chain(hosts.pull.as_deref()).collect(),
+        };
+        for host in hosts {
+            if !is_registry_host(host) {
+                let message = format!("`{}` is not a registry host (HOST[:PORT][/PATH], no scheme)", shorten(host));
+                return Err(at.error("registry", host, message, hint));
+            }
+        }
         Ok(())
     }
 
@@ -631,6 +693,25 @@ mod tests {
         assert!(err.to_string().contains("run"), "{err}");
         let err = parse("").unwrap_err();
         assert!(err.to_string().contains("name"), "{err}");
+    }
+
+    #[test]
+    fn the_registry_is_auto_none_a_host_or_push_and_pull_hosts() {
+        assert_eq!(parse("name: web\n").unwrap().registry, Registry::Named("auto".into()));
+        for good in ["none", "localhost:5000", "myregistry.azurecr.io/team-a", "10.0.0.1:5000"] {
+            assert_eq!(
+                parse(&format!("name: web\nregistry: {good}\n")).unwrap().registry,
+                Registry::Named(good.into())
+            );
+        }
+        let hosts = parse("name: web\nregistry: {push: 'registry:5000', pull: 'localhost:5000'}\n").unwrap().registry;
+        let want = RegistryHosts { push: "registry:5000".into(), pull: Some("localhost:5000".into()), insecure: None };
+        assert_eq!(hosts, Registry::Hosts(want));
+        for bad in ["https://ghcr.io", "'reg:5000:1'", "'my reg'", "'reg:99999'", "'reg/UPPER'", "'{push: a b}'"] {
+            let err = parse(&format!("name: web\nregistry: {bad}\n")).unwrap_err();
+            assert_eq!((err.line, err.key.as_deref()), (Some(2), Some("registry")), "{bad}: {err}");
+            assert!(err.hint.as_deref().unwrap().contains("HOST[:PORT]"), "{bad}: {err:?}");
+        }
     }
 
     #[test]

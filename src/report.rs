@@ -70,9 +70,16 @@ pub enum Event {
         image: String,
         millis: u64,
     },
-    /// The image for these build inputs is on the node already.
+    /// The image for these build inputs is on the node (or in the registry) already.
     BuildSkipped {
         image: String,
+        /// In a registry (rather than on the builder's node).
+        pushed: bool,
+    },
+    /// Where `up` puts the dev image, and why: the builder's node, or a registry.
+    ImageDestination {
+        destination: String,
+        why: String,
     },
     Rebuilding {
         path: String,
@@ -188,9 +195,13 @@ pub struct ServiceRow {
 #[derive(Clone, Debug, Serialize)]
 pub struct UriRow {
     pub name: String,
+    /// The URL, or `Pending` while the ingress has no address.
     pub url: String,
     /// `public` (an ingress) or `tunnel` (a running `devloop up` on this machine).
     pub kind: String,
+    /// Where the URL's host answers: the address the ingress controller published (a host name
+    /// in the URL may not be in any DNS yet), or why there is none.
+    pub address: String,
 }
 
 #[derive(Clone)]
@@ -401,8 +412,14 @@ impl Reporter {
                 None => format!("{tag} {} {step}", style(status).dim()),
             },
             Event::Built { image, millis } => format!("{tag} {} {} in {millis} ms", style("built").green(), style(image).cyan()),
-            Event::BuildSkipped { image } => {
+            Event::BuildSkipped { image, pushed: false } => {
                 format!("{tag} {} is on the node already: nothing to build", style(image).cyan())
+            }
+            Event::BuildSkipped { image, pushed: true } => {
+                format!("{tag} {} is in the registry already: nothing to build or push", style(image).cyan())
+            }
+            Event::ImageDestination { destination, why } => {
+                format!("{tag} image: {} ({why})", style(destination).cyan())
             }
             Event::Rebuilding { path, reason } => {
                 format!("{tag} {} {path} changed ({reason})", style("rebuilding:").yellow().bold())

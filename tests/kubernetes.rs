@@ -492,6 +492,11 @@ async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
     let mut config = std::fs::read_to_string(src.join("devloop.yaml")).unwrap();
     config.push_str("image: consumer-dev:test\n");
     std::fs::write(src.join("devloop.yaml"), config).unwrap();
+    // A class no controller serves (the tier's Traefik would publish an address for the
+    // default one: the article's test covers that): the ingress stays Pending, and says why.
+    let mut values = std::fs::read_to_string(src.join("values.dev.yaml")).unwrap();
+    values.push_str("ingress:\n  className: devloop-none\n");
+    std::fs::write(src.join("values.dev.yaml"), values).unwrap();
     let devloop = {
         let (src, kubeconfig, namespace) = (src.clone(), cluster.kubeconfig.clone(), scratch.name.clone());
         let cache = temp.path().join("cache");
@@ -547,7 +552,10 @@ async fn up_once_deploys_syncs_restarts_and_down_removes_it() {
     .await
     .unwrap();
     let uris = crate::support::parse_events(&String::from_utf8_lossy(&uris.stdout));
-    assert!(uris.iter().any(|u| u["name"] == "consumer" && u["url"] == "Pending" && u["kind"] == "public"), "{uris:?}");
+    let public = uris.iter().find(|u| u["name"] == "consumer" && u["kind"] == "public").expect("the public URL");
+    assert_eq!(public["url"], "Pending", "{uris:?}");
+    let why = public["address"].as_str().unwrap();
+    assert!(why.contains("IngressClass devloop-none does not exist"), "{why}");
 
     let down = tokio::task::spawn_blocking(move || devloop(&["down"])).await.unwrap();
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));

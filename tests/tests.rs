@@ -6,6 +6,9 @@
 
 mod support;
 
+#[cfg(feature = "kubernetes")]
+mod article;
+
 mod container;
 mod ecosystem;
 #[cfg(feature = "kubernetes")]

@@ -26,6 +26,7 @@ use tokio::io::AsyncBufReadExt;
 use super::access::{explain, ClusterError};
 use super::exec::KubeTransport;
 use super::pods;
+use super::registry;
 use crate::config::{Builder as BuilderConfig, Config, Globs};
 use crate::report::{Event, Reporter};
 use crate::sync::classify::Rules;
@@ -52,6 +53,8 @@ pub enum BuildError {
     NoStaticAgent { looked: String },
     #[error("cannot choose the node to build on: {0}")]
     NoNode(String),
+    #[error("node {node} runs {runtime}, not containerd, which the in-cluster builder works with")]
+    NotContainerd { node: String, runtime: String },
     #[error("the builder pod did not become ready: {message}")]
     Builder { namespace: String, message: String },
     #[error("the build context did not reach the builder: {0}")]
@@ -72,7 +75,8 @@ impl BuildError {
     pub fn hint(&self) -> Option<String> {
         Some(match self {
             BuildError::NoStaticAgent { .. } => "build it: `rustup target add x86_64-unknown-linux-musl && cargo build -p devloop-agent --profile agent --target x86_64-unknown-linux-musl`, or point DEVLOOP_STATIC_AGENT at one".into(),
-            BuildError::NoNode(_) => "name it in devloop.yaml (`builder: {node: NAME}`), or label one node devloop.dev/builder=true".into(),
+            BuildError::NoNode(_) => "name it in devloop.yaml (`builder: {node: NAME}`), label one node devloop.dev/builder=true, or push to a registry any node pulls from (`registry: HOST[:PORT]` in devloop.yaml, or one the cluster publishes in ConfigMap kube-public/local-registry-hosting)".into(),
+            BuildError::NotContainerd { .. } => "name a containerd node to build on (`builder: {node: NAME}`) and push to a registry every node pulls from (`registry:`), or name a dev image built elsewhere (`image: REPO:TAG`)".into(),
             BuildError::Builder { namespace, .. } => format!("`kubectl describe pod {BUILDER} -n {namespace}` and `kubectl logs {BUILDER} -n {namespace}` say more; the builder needs a privileged pod and the node's containerd socket (`builder.containerd`)"),
             BuildError::Context(_) => return None,
             BuildError::Failed { .. } => "fix the Dockerfile step above; the running pod keeps serving meanwhile".into(),
@@ -208,11 +212,14 @@ pub struct Builder {
 }
 
 /// Creates the builder on first use (or when it runs another agent), and waits until it is ready.
+/// `pinned`: its images stay on its node, so the node is chosen with care; otherwise (a
+/// registry) any Ready containerd node will do, unless devloop.yaml names one.
 pub async fn ensure(
     client: &kube::Client,
     namespace: &str,
     config: &BuilderConfig,
     agent: &StaticAgent,
+    pinned: bool,
 ) -> Result<Builder, BuildError> {
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let exists = match pods_api.get_opt(BUILDER).await {
@@ -224,7 +231,12 @@ pub async fn ensure(
     if !exists {
         preflight(client, namespace).await?;
     }
-    let node = choose_node(client, config).await?;
+    let node = choose_node(client, config, pinned).await?;
+    let containerd = match &config.containerd {
+        Some(socket) => socket.clone(),
+        None => containerd_socket(client, &node).await?,
+    };
+
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let mut secret_names = Vec::new();
     for (i, chunk) in agent.bytes.chunks(CHUNK).enumerate() {
@@ -245,7 +257,7 @@ pub async fn ensure(
         }
         secret_names.push(name);
     }
-    let pod = builder_pod(config, namespace, &node, &secret_names, &agent.digest);
+    let pod = builder_pod(config, &containerd, namespace, &node, &secret_names, &agent.digest);
     if let Some(existing) = pods_api.get_opt(BUILDER).await.map_err(|e| explain(e, namespace))? {
         let annotation = |pod: &Pod, key: &str| pod.metadata.annotations.as_ref().and_then(|a| a.get(key)).cloned();
         let same_agent = annotation(&existing, "devloop.dev/agent") == Some(agent.digest.clone())
@@ -254,17 +266,14 @@ pub async fn ensure(
         let alive = existing.metadata.deletion_timestamp.is_none()
             && !matches!(existing.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded"));
         if same_agent && same_node && alive {
-            wait_ready(&pods_api, namespace).await?;
-            return Ok(Builder { client: client.clone(), namespace: namespace.into(), node });
+            return ready_builder(client, &pods_api, namespace).await;
         }
         // Another service of the namespace may be building on it right now: a live builder
         // running this agent is kept even when this service's `builder:` settings differ
         // (one builder per namespace, one configuration); only a dead one or another agent
         // version replaces it.
         if same_agent && alive {
-            wait_ready(&pods_api, namespace).await?;
-            let node = existing.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or(node);
-            return Ok(Builder { client: client.clone(), namespace: namespace.into(), node });
+            return ready_builder(client, &pods_api, namespace).await;
         }
         pods_api.delete(BUILDER, &DeleteParams::default().grace_period(0)).await.map_err(|e| explain(e, namespace))?;
         let gone = await_condition(pods_api.clone(), BUILDER, kube::runtime::conditions::is_deleted(""));
@@ -276,7 +285,14 @@ pub async fn ensure(
         Err(kube::Error::Api(status)) if status.code == 409 => {}
         Err(e) => return Err(explain(e, namespace).into()),
     }
-    wait_ready(&pods_api, namespace).await?;
+    ready_builder(client, &pods_api, namespace).await
+}
+
+/// The builder once it is ready, on the node it runs on.
+async fn ready_builder(client: &kube::Client, pods_api: &Api<Pod>, namespace: &str) -> Result<Builder, BuildError> {
+    wait_ready(pods_api, namespace).await?;
+    let pod = pods_api.get(BUILDER).await.map_err(|e| explain(e, namespace))?;
+    let node = pod.spec.and_then(|s| s.node_name).unwrap_or_default();
     Ok(Builder { client: client.clone(), namespace: namespace.into(), node })
 }
 
@@ -328,8 +344,9 @@ async fn wait_ready(pods_api: &Api<Pod>, namespace: &str) -> Result<(), BuildErr
     }
 }
 
-/// The node named in the config, else the only node, else the one labelled devloop.dev/builder.
-async fn choose_node(client: &kube::Client, config: &BuilderConfig) -> Result<String, BuildError> {
+/// The node named in the config, else the only node, else the one labelled devloop.dev/builder;
+/// for a registry (`pinned` false) any Ready node that runs containerd will do.
+async fn choose_node(client: &kube::Client, config: &BuilderConfig, pinned: bool) -> Result<String, BuildError> {
     if let Some(node) = &config.node {
         return Ok(node.clone());
     }
@@ -340,12 +357,53 @@ async fn choose_node(client: &kube::Client, config: &BuilderConfig) -> Result<St
         .iter()
         .filter(|n| n.metadata.labels.as_ref().and_then(|l| l.get("devloop.dev/builder")).is_some_and(|v| v == "true"))
         .collect();
-    let pick = match (list.items.as_slice(), labelled.as_slice()) {
-        ([only], _) => only,
-        (_, [only]) => *only,
-        (all, _) => return Err(BuildError::NoNode(format!("the cluster has {} nodes", all.len()))),
+    let usable: Vec<&Node> =
+        list.items.iter().filter(|n| runtime_of(n).starts_with("containerd://") && node_ready(n)).collect();
+    let pick = match (list.items.as_slice(), labelled.as_slice(), usable.first()) {
+        ([only], _, _) => only,
+        (_, [only], _) => *only,
+        (_, _, Some(first)) if !pinned => *first,
+        (all, _, _) => return Err(BuildError::NoNode(format!("the cluster has {} nodes", all.len()))),
     };
     Ok(pick.metadata.name.clone().unwrap_or_default())
+}
+
+fn runtime_of(node: &Node) -> &str {
+    node.status.as_ref().and_then(|s| s.node_info.as_ref()).map(|i| i.container_runtime_version.as_str()).unwrap_or("")
+}
+
+fn node_ready(node: &Node) -> bool {
+    let conditions = node.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conditions.into_iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// Where `node`'s containerd listens: what its kubelet is configured with (`configz`, through the
+/// API server's node proxy, where this user may read it), else the path of the runtime's
+/// distribution (k3s keeps its own), else the standard one. A node whose runtime is not
+/// containerd cannot host the builder.
+async fn containerd_socket(client: &kube::Client, node: &str) -> Result<String, BuildError> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let found = nodes.get(node).await.map_err(|e| explain(e, ""))?;
+    let runtime = runtime_of(&found).to_string();
+    if !runtime.starts_with("containerd://") {
+        return Err(BuildError::NotContainerd { node: node.into(), runtime });
+    }
+    let request = http::Request::get(format!("/api/v1/nodes/{node}/proxy/configz")).body(Vec::new());
+    if let Ok(request) = request {
+        let answer = tokio::time::timeout(Duration::from_secs(5), client.request_text(request)).await;
+        if let Ok(Ok(text)) = answer {
+            let configured = serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| {
+                v["kubeletconfig"]["containerRuntimeEndpoint"]
+                    .as_str()
+                    .map(|e| e.trim_start_matches("unix://").to_string())
+            });
+            if let Some(socket) = configured.filter(|s| s.starts_with('/')) {
+                return Ok(socket);
+            }
+        }
+    }
+    Ok(if runtime.contains("k3s") { "/run/k3s/containerd/containerd.sock" } else { "/run/containerd/containerd.sock" }
+        .into())
 }
 
 /// The builder pod: buildkitd on the node's containerd (namespace k8s.io), privileged, with the
@@ -356,9 +414,16 @@ fn builder_root(config: &BuilderConfig, namespace: &str) -> String {
     format!("{}/{namespace}", config.root.trim_end_matches('/'))
 }
 
-fn builder_pod(config: &BuilderConfig, namespace: &str, node: &str, secrets: &[String], agent_digest: &str) -> Pod {
+fn builder_pod(
+    config: &BuilderConfig,
+    containerd: &str,
+    namespace: &str,
+    node: &str,
+    secrets: &[String],
+    agent_digest: &str,
+) -> Pod {
     let root = builder_root(config, namespace);
-    let socket_dir = Path::new(&config.containerd).parent().map(|p| p.display().to_string()).unwrap_or_default();
+    let socket_dir = Path::new(containerd).parent().map(|p| p.display().to_string()).unwrap_or_default();
     let sources: Vec<serde_json::Value> = secrets.iter().map(|s| serde_json::json!({"secret": {"name": s}})).collect();
     let mut spec = serde_json::json!({
         "metadata": {
@@ -367,6 +432,7 @@ fn builder_pod(config: &BuilderConfig, namespace: &str, node: &str, secrets: &[S
             "annotations": {"devloop.dev/agent": agent_digest}
         },
         "spec": {
+            // On the node whose containerd socket it mounts, whatever the scheduler would pick.
             "nodeName": node,
             "tolerations": [{"operator": "Exists"}],
             "terminationGracePeriodSeconds": 5,
@@ -382,7 +448,7 @@ fn builder_pod(config: &BuilderConfig, namespace: &str, node: &str, secrets: &[S
                 "image": config.image,
                 "imagePullPolicy": "IfNotPresent",
                 "command": ["buildkitd", "--oci-worker=false", "--containerd-worker=true",
-                            "--containerd-worker-addr", config.containerd, "--containerd-worker-namespace", "k8s.io",
+                            "--containerd-worker-addr", containerd, "--containerd-worker-namespace", "k8s.io",
                             "--root", root, "--addr", BUILDKIT_SOCKET,
                             // RUN steps run in containers of the node's containerd, which mounts
                             // this socket by its path on the node: under the shared root it is
@@ -503,29 +569,41 @@ impl Builder {
         Ok(manifest)
     }
 
-    /// Whether `image` was built for service `name` by this builder (recorded on the pod), or is
-    /// in the node's image store as the kubelet reports it.
-    pub async fn built(&self, name: &str, image: &str) -> Result<bool, BuildError> {
+    /// The image the pod runs, when `output` was built for service `name` already: recorded on
+    /// the builder (`KEY` or, for a push, `KEY REFERENCE@DIGEST`), or in the node's image store
+    /// as the kubelet reports it.
+    async fn built(&self, name: &str, output: &Output) -> Result<Option<String>, BuildError> {
         let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let pod = pods_api.get(BUILDER).await.map_err(|e| explain(e, &self.namespace))?;
         let recorded = pod.metadata.annotations.as_ref().and_then(|a| a.get(&format!("devloop.dev/built-{name}")));
-        if recorded.is_some_and(|r| r == image) {
-            return Ok(true);
+        let mut words = recorded.map(|r| r.split(' ')).into_iter().flatten();
+        if words.next() == Some(output.key()) {
+            let digest = words.next().and_then(|reference| reference.rsplit_once('@')).map(|(_, d)| d);
+            if let Ok(image) = output.reference(digest) {
+                return Ok(Some(image));
+            }
         }
+        let Output::Node { image } = output else { return Ok(None) };
         let nodes: Api<Node> = Api::all(self.client.clone());
         let node = nodes.get(&self.node).await.map_err(|e| explain(e, ""))?;
         let images = node.status.and_then(|s| s.images).unwrap_or_default();
-        Ok(images
+        let present = images
             .iter()
             .flat_map(|i| i.names.iter().flatten())
-            .any(|n| n == image || n.ends_with(&format!("/{image}"))))
+            .any(|n| n == image || n.ends_with(&format!("/{image}")));
+        Ok(present.then(|| image.clone()))
     }
 
-    /// Records that `image` is built for service `name` (an annotation of the builder pod).
-    async fn record(&self, name: &str, image: &str) -> Result<(), BuildError> {
+    /// Records that `output` is built for service `name`, run as `image` (an annotation of the
+    /// builder pod).
+    async fn record(&self, name: &str, output: &Output, image: &str) -> Result<(), BuildError> {
         use kube::api::{Patch, PatchParams};
         let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
-        let patch = serde_json::json!({"metadata": {"annotations": {format!("devloop.dev/built-{name}"): image}}});
+        let value = match output {
+            Output::Node { image } => image.clone(),
+            Output::Registry { push, .. } => format!("{push} {image}"),
+        };
+        let patch = serde_json::json!({"metadata": {"annotations": {format!("devloop.dev/built-{name}"): value}}});
         pods_api
             .patch(BUILDER, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -567,16 +645,16 @@ impl Builder {
         Ok(taints.iter().map(|t| serde_json::json!({"key": t.key, "operator": "Exists", "effect": t.effect})).collect())
     }
 
-    /// Builds `dockerfile` of the context of service `name` into `image` in the node's image
-    /// store, streaming BuildKit's steps as events.
-    pub async fn build(
+    /// Builds `dockerfile` of the context of service `name` to `output` (the node's image store,
+    /// or a push), streaming BuildKit's steps as events. Returns the image the pod runs.
+    async fn build(
         &self,
         name: &str,
         dockerfile: &str,
         args: &BTreeMap<String, String>,
-        image: &str,
+        output: &Output,
         reporter: &Reporter,
-    ) -> Result<(), BuildError> {
+    ) -> Result<String, BuildError> {
         let context = format!("{CONTEXTS}/{name}");
         let command: Vec<String> = [
             "buildctl",
@@ -594,7 +672,7 @@ impl Builder {
             "--opt",
             "image-resolve-mode=local",
             "--output",
-            &format!("type=image,name={image},unpack=true"),
+            &output.buildkit(),
             "--progress",
             "plain",
         ]
@@ -603,7 +681,9 @@ impl Builder {
         .collect();
         // Build args travel on the exec's stdin, never in its command line (the API server's
         // audit log records that): a count, then one `KEY=VALUE` line each, read by the shell
-        // that then becomes buildctl (and says its pid first, so an interrupted build is killed).
+        // that runs buildctl (saying its pid first, so an interrupted build is killed) and then
+        // prints its metadata file: the image's digest, which a pod pulls by (buildctl writes
+        // that file by rename, so never straight to /dev/stdout).
         if let Some((key, _)) = args.iter().find(|(k, v)| k.contains(['\n', '=']) || v.contains('\n')) {
             return Err(BuildError::Failed {
                 step: None,
@@ -614,7 +694,9 @@ impl Builder {
         for (key, value) in args {
             stdin.push_str(&format!("{key}={value}\n"));
         }
-        let script = "read -r n; i=0; while [ \"$i\" -lt \"$n\" ]; do IFS= read -r a; set -- \"$@\" --opt \"build-arg:$a\"; i=$((i+1)); done; echo \"devloop-build-pid $$\" >&2; exec \"$@\"";
+        let script = "read -r n; i=0; while [ \"$i\" -lt \"$n\" ]; do IFS= read -r a; set -- \"$@\" --opt \"build-arg:$a\"; i=$((i+1)); done; \
+                      meta=$(mktemp); \"$@\" --metadata-file \"$meta\" & pid=$!; echo \"devloop-build-pid $pid\" >&2; \
+                      wait $pid; status=$?; [ $status -eq 0 ] && cat \"$meta\"; rm -f \"$meta\"; exit $status";
         let command: Vec<String> =
             ["sh".to_string(), "-c".into(), script.into(), "sh".into()].into_iter().chain(command).collect();
         let started = Instant::now();
@@ -631,6 +713,15 @@ impl Builder {
             exec_in.flush().await.map_err(|e| BuildError::Failed { step: None, output: e.to_string() })?;
         }
         let stderr = attached.stderr().expect("stderr");
+        let metadata = {
+            let mut stdout = attached.stdout().expect("stdout");
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut text = String::new();
+                let _ = (&mut stdout).take(1 << 20).read_to_string(&mut text).await;
+                text
+            })
+        };
         let status = attached.take_status().expect("status");
         let mut lines = tokio::io::BufReader::new(stderr).lines();
         let mut progress = Progress::default();
@@ -653,8 +744,13 @@ impl Builder {
         if !ok {
             return Err(BuildError::Failed { step: progress.failing_step(), output: progress.failing_output() });
         }
-        reporter.emit(Event::Built { image: image.to_string(), millis: started.elapsed().as_millis() as u64 });
-        Ok(())
+        let metadata = metadata.await.unwrap_or_default();
+        let digest = serde_json::from_str::<serde_json::Value>(&metadata)
+            .ok()
+            .and_then(|m| m["containerimage.digest"].as_str().map(str::to_string));
+        let image = output.reference(digest.as_deref())?;
+        reporter.emit(Event::Built { image: image.clone(), millis: started.elapsed().as_millis() as u64 });
+        Ok(image)
     }
 
     async fn exec_ok(&self, command: Vec<String>) -> Result<(), BuildError> {
@@ -776,13 +872,21 @@ pub async fn remove_if_unused(client: &kube::Client, namespace: &str) -> Result<
 /// The Dockerfile of the dev image.
 pub const DOCKERFILE: &str = "Dockerfile.develop";
 
-/// The dev image a release runs: built on `node`, never pulled.
+/// The dev image a release runs.
 #[derive(Clone, Debug)]
 pub struct DevImage {
+    /// `REPOSITORY:TAG`, or `REPOSITORY:TAG@DIGEST` when pulled from a registry.
     pub image: String,
-    pub node: String,
-    /// The node's taints, tolerated (the builder's node may be reserved for such pods).
-    pub tolerations: Vec<serde_json::Value>,
+    pub placement: Placement,
+}
+
+#[derive(Clone, Debug)]
+pub enum Placement {
+    /// Built into `node`'s image store, never pulled: the pod runs there. The node's taints are
+    /// tolerated (the builder's node may be reserved for such pods).
+    Pinned { node: String, tolerations: Vec<serde_json::Value> },
+    /// Pushed to a registry: any node pulls it.
+    Pulled,
 }
 
 /// What the build context leaves out besides `.dockerignore`: the values files (secrets never
@@ -809,8 +913,9 @@ pub fn build_inputs(config: &Config, root: &Path) -> Result<devloop_agent::manif
         .collect())
 }
 
-/// Makes sure the dev image of the service's current build inputs is on the builder's node:
-/// builds it (context synced first) unless that tag was built already.
+/// Makes sure the dev image of the service's current build inputs is where its pod gets it
+/// (the builder's node's store, or a registry): builds it (context synced first) unless that tag
+/// was built already.
 pub async fn dev_image(
     client: &kube::Client,
     namespace: &str,
@@ -819,6 +924,7 @@ pub async fn dev_image(
     reporter: &Reporter,
 ) -> Result<DevImage, BuildError> {
     let agent = StaticAgent::find()?;
+    let destination = registry::destination(client, &config.registry).await?;
     let inputs = {
         let (config, root) = (config.clone(), root.to_path_buf());
         tokio::task::spawn_blocking(move || build_inputs(&config, &root)).await.expect("scan task")?
@@ -826,24 +932,96 @@ pub async fn dev_image(
     // The namespace is part of the tag: an image another namespace built is never taken for
     // this one's, whatever the node's store holds.
     let built_for = format!("{}@{namespace}", agent.digest);
-    let image = image_ref(&config.name, &tag(&inputs, DOCKERFILE, &config.build_args, &built_for));
-    let builder = ensure(client, namespace, &config.builder, &agent).await?;
-    if builder.built(&config.name, &image).await? {
-        reporter.emit(Event::BuildSkipped { image: image.clone() });
-    } else {
-        // While this service builds, `down` of another service leaves the builder alone.
-        let mark = builder.mark_building(&config.name).await?;
-        let built = async {
-            builder.sync_context(config, root, &agent, reporter).await?;
-            builder.build(&config.name, DOCKERFILE, &config.build_args, &image, reporter).await?;
-            builder.record(&config.name, &image).await
+    let tag = tag(&inputs, DOCKERFILE, &config.build_args, &built_for);
+    let output = match destination.target.repositories(namespace, &config.name) {
+        None => Output::Node { image: image_ref(&config.name, &tag) },
+        Some((push, pull)) => {
+            let insecure = matches!(destination.target, registry::Target::Registry { insecure: true, .. });
+            Output::Registry { push: format!("{push}:{tag}"), pull: format!("{pull}:{tag}"), insecure }
         }
-        .await;
-        mark.clear().await;
-        built?;
+    };
+    reporter.emit(Event::ImageDestination { destination: output.shown(), why: destination.why.clone() });
+    let pinned = matches!(output, Output::Node { .. });
+    let builder = ensure(client, namespace, &config.builder, &agent, pinned).await?;
+    let image = match builder.built(&config.name, &output).await? {
+        Some(image) => {
+            reporter.emit(Event::BuildSkipped { image: image.clone(), pushed: !pinned });
+            image
+        }
+        None => {
+            // While this service builds, `down` of another service leaves the builder alone.
+            let mark = builder.mark_building(&config.name).await?;
+            let built = async {
+                builder.sync_context(config, root, &agent, reporter).await?;
+                let image = builder.build(&config.name, DOCKERFILE, &config.build_args, &output, reporter).await?;
+                builder.record(&config.name, &output, &image).await?;
+                Ok::<_, BuildError>(image)
+            }
+            .await;
+            mark.clear().await;
+            built?
+        }
+    };
+    let placement = match output {
+        Output::Node { .. } => {
+            Placement::Pinned { node: builder.node.clone(), tolerations: builder.tolerations().await? }
+        }
+        Output::Registry { .. } => Placement::Pulled,
+    };
+    Ok(DevImage { image, placement })
+}
+
+/// Where a build's image goes.
+#[derive(Clone, Debug)]
+enum Output {
+    /// Into the builder node's store as `image`.
+    Node { image: String },
+    /// Pushed as `push` (`REPO:TAG` where the builder reaches the registry); the pod pulls
+    /// `pull@DIGEST`.
+    Registry { push: String, pull: String, insecure: bool },
+}
+
+impl Output {
+    /// The image as the user reads it.
+    fn shown(&self) -> String {
+        match self {
+            Output::Node { .. } => "the builder's node (no registry)".into(),
+            Output::Registry { push, .. } => push.rsplit_once(':').map(|(r, _)| r).unwrap_or(push).to_string(),
+        }
     }
-    let tolerations = builder.tolerations().await?;
-    Ok(DevImage { image, node: builder.node.clone(), tolerations })
+
+    /// BuildKit's `--output`.
+    fn buildkit(&self) -> String {
+        match self {
+            Output::Node { image } => format!("type=image,name={image},unpack=true"),
+            Output::Registry { push, insecure, .. } => {
+                let mut out = format!("type=image,name={push},push=true,store=false");
+                if *insecure {
+                    out.push_str(",registry.insecure=true");
+                }
+                out
+            }
+        }
+    }
+
+    /// The reference the pod runs, given the digest BuildKit reported.
+    fn reference(&self, digest: Option<&str>) -> Result<String, BuildError> {
+        match (self, digest) {
+            (Output::Node { image }, _) => Ok(image.clone()),
+            (Output::Registry { pull, .. }, Some(digest)) => Ok(format!("{pull}@{digest}")),
+            (Output::Registry { push, .. }, None) => {
+                Err(BuildError::Failed { step: None, output: format!("BuildKit pushed {push} but reported no digest") })
+            }
+        }
+    }
+
+    /// What records this output on the builder (`devloop.dev/built-NAME`).
+    fn key(&self) -> &str {
+        match self {
+            Output::Node { image } => image,
+            Output::Registry { push, .. } => push,
+        }
+    }
 }
 
 /// The image reference a service's build gets.

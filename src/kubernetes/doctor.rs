@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node};
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, PostParams};
 
 use super::access;
@@ -65,7 +65,8 @@ pub async fn run(global: &Global, reporter: &Reporter) -> bool {
         )),
     }
     let needs_builder = config.as_ref().map(|(c, _)| c.image.is_none()).unwrap_or(true);
-    checks.extend(cluster(global, needs_builder).await);
+    let setting = config.as_ref().map(|(c, _)| c.registry.clone()).unwrap_or_default();
+    checks.extend(cluster(global, needs_builder, &setting).await);
     checks.push(helm().await);
     checks.push(static_agent(needs_builder));
     if let Ok((config, root)) = &config {
@@ -79,7 +80,7 @@ pub async fn run(global: &Global, reporter: &Reporter) -> bool {
     all
 }
 
-async fn cluster(global: &Global, needs_builder: bool) -> Vec<Check> {
+async fn cluster(global: &Global, needs_builder: bool, setting: &crate::config::Registry) -> Vec<Check> {
     let (client, namespace) = match access::connect(&super::up::selection(global)).await {
         Ok(connected) => connected,
         Err(e) => return vec![Check::fail("cluster", e.to_string(), e.hint().unwrap_or_default())],
@@ -123,7 +124,7 @@ async fn cluster(global: &Global, needs_builder: bool) -> Vec<Check> {
         (level, _) => Check::ok("pod security", format!("enforce level {}", level.unwrap_or("not set (privileged)"))),
     });
     checks.push(runtimes(&client, needs_builder).await);
-    checks.push(registry(&client).await);
+    checks.push(registry(&client, setting).await);
     checks
 }
 
@@ -192,17 +193,18 @@ async fn runtimes(client: &kube::Client, needs_builder: bool) -> Check {
     }
 }
 
-/// A registry the cluster publishes (KEP-1755's `local-registry-hosting` ConfigMap).
-async fn registry(client: &kube::Client) -> Check {
-    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-public");
-    match maps.get_opt("local-registry-hosting").await {
-        Ok(Some(map)) => {
-            let hosting = map.data.and_then(|d| d.get("localRegistryHosting.v1").cloned()).unwrap_or_default();
-            let host =
-                hosting.lines().find_map(|l| l.trim().strip_prefix("host:")).unwrap_or("?").trim().trim_matches('"');
-            Check::ok("registry", format!("the cluster publishes {host}"))
-        }
-        _ => Check::ok("registry", "none published (KEP-1755): images are built on a node, never pulled"),
+/// Where `up` would put the dev image: a registry (devloop.yaml's, or the one the cluster
+/// publishes the KEP-1755 way) or the builder's node.
+async fn registry(client: &kube::Client, setting: &crate::config::Registry) -> Check {
+    use super::registry::{destination, Target};
+    match destination(client, setting).await {
+        Ok(found) => match found.target {
+            Target::Registry { push, pull, .. } => {
+                Check::ok("registry", format!("push to {push}, nodes pull from {pull}: {}", found.why))
+            }
+            Target::Node => Check::ok("registry", format!("none: {}, never pulled", found.why)),
+        },
+        Err(e) => Check::ok("registry", format!("cannot tell ({e}); `up` finds out")),
     }
 }
 

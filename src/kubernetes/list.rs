@@ -71,26 +71,53 @@ pub async fn uris(client: &kube::Client, namespace: &str) -> Result<Vec<UriRow>,
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref())
             .and_then(|i| i.first())
-            .and_then(|i| i.hostname.clone().or_else(|| i.ip.clone()));
+            .and_then(|i| i.ip.clone().or_else(|| i.hostname.clone()));
         let hosts: Vec<String> = ingress
             .spec
             .as_ref()
             .and_then(|s| s.rules.as_ref())
             .map(|rules| rules.iter().filter_map(|r| r.host.clone()).collect())
             .unwrap_or_default();
-        let url = match (hosts.first(), &address) {
-            (_, None) => "Pending".to_string(),
-            (Some(host), Some(_)) => format!("http://{host}/"),
-            (None, Some(address)) => format!("http://{address}/"),
+        let (url, address) = match (hosts.first(), address) {
+            (_, None) => ("Pending".to_string(), why_pending(client, &ingress).await),
+            (Some(host), Some(address)) => (format!("http://{host}/"), address),
+            (None, Some(address)) => (format!("http://{address}/"), address),
         };
-        rows.push(UriRow { name, url, kind: "public".into() });
+        rows.push(UriRow { name, url, kind: "public".into(), address });
     }
     for record in SessionRecord::live(namespace) {
         for url in record.urls {
-            rows.push(UriRow { name: record.name.clone(), url, kind: "tunnel".into() });
+            rows.push(UriRow { name: record.name.clone(), url, kind: "tunnel".into(), address: "127.0.0.1".into() });
         }
     }
     Ok(rows)
+}
+
+/// Why an ingress has no address yet: no class to serve it, a class no controller runs, or a
+/// controller that has not published one.
+async fn why_pending(client: &kube::Client, ingress: &Ingress) -> String {
+    use k8s_openapi::api::networking::v1::IngressClass;
+    const DEFAULT: &str = "ingressclass.kubernetes.io/is-default-class";
+    let classes: Api<IngressClass> = Api::all(client.clone());
+    let named = ingress.spec.as_ref().and_then(|s| s.ingress_class_name.clone());
+    let Ok(list) = classes.list(&ListParams::default()).await else {
+        return "no address yet (the ingress controller has not published one)".into();
+    };
+    let is_default =
+        |c: &&IngressClass| c.metadata.annotations.as_ref().and_then(|a| a.get(DEFAULT)).is_some_and(|v| v == "true");
+    match named {
+        None if !list.items.iter().any(|c| is_default(&c)) => {
+            "no address: the ingress names no class and the cluster has no default IngressClass (is an ingress controller installed?)".into()
+        }
+        None => "no address yet: no controller has published one for it".into(),
+        Some(class) => match list.items.iter().find(|c| c.metadata.name.as_deref() == Some(class.as_str())) {
+            None => format!("no address: IngressClass {class} does not exist (is its ingress controller installed?)"),
+            Some(found) => {
+                let controller = found.spec.as_ref().and_then(|s| s.controller.clone()).unwrap_or_default();
+                format!("no address yet: the controller of class {class} ({controller}) has not published one (is it running?)")
+            }
+        },
+    }
 }
 
 /// Marks the service's Deployment with the time of the last sync (metadata only: no rollout).

@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod exec;
 pub mod list;
 pub mod pods;
+pub mod registry;
 pub mod release;
 pub mod tunnel;
 pub mod up;

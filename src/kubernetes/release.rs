@@ -143,10 +143,25 @@ pub async fn deploy(
     let env = secrets_env(&release.values, &release.separator)?;
     let mut values = serde_json::json!({"env": env});
     if let Some(dev) = dev {
-        let (repository, tag) = dev.image.rsplit_once(':').expect("built images are tagged");
-        values["image"] = serde_json::json!({"repository": repository, "tag": tag, "pullPolicy": "Never"});
-        values["nodeSelector"] = serde_json::json!({"kubernetes.io/hostname": dev.node});
-        values["tolerations"] = serde_json::Value::Array(dev.tolerations.clone());
+        // `REPO:TAG` or `REPO:TAG@DIGEST`: the tag is what follows the last `:` before any `@`.
+        let (name, digest) = dev.image.split_once('@').map(|(n, d)| (n, Some(d))).unwrap_or((&dev.image, None));
+        let (repository, tag) = name.rsplit_once(':').expect("built images are tagged");
+        let tag = match digest {
+            Some(digest) => format!("{tag}@{digest}"),
+            None => tag.to_string(),
+        };
+        match &dev.placement {
+            super::build::Placement::Pinned { node, tolerations } => {
+                values["image"] = serde_json::json!({"repository": repository, "tag": tag, "pullPolicy": "Never"});
+                values["nodeSelector"] = serde_json::json!({"kubernetes.io/hostname": node});
+                values["tolerations"] = serde_json::Value::Array(tolerations.clone());
+            }
+            // By digest: the reference never moves, pulled once per node.
+            super::build::Placement::Pulled => {
+                values["image"] =
+                    serde_json::json!({"repository": repository, "tag": tag, "pullPolicy": "IfNotPresent"});
+            }
+        }
     }
     // The private values reach helm on its stdin (`--values -`): never a file in $TMPDIR that an
     // interrupted `up` would leave behind, never a command line.

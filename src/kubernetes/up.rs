@@ -324,8 +324,11 @@ pub async fn list_up(global: &Global, reporter: &Reporter) -> Result<(), Error> 
 pub async fn list_uris(global: &Global, reporter: &Reporter) -> Result<(), Error> {
     let (client, namespace) = access::connect(&selection(global)).await?;
     let rows = list::uris(&client, &namespace).await?;
-    let rows = rows.into_iter().map(|r| (vec![r.name.clone(), r.url.clone(), r.kind.clone()], Event::Uri(r))).collect();
-    reporter.table(&["NAME", "URL", "KIND"], rows);
+    let rows = rows
+        .into_iter()
+        .map(|r| (vec![r.name.clone(), r.url.clone(), r.kind.clone(), r.address.clone()], Event::Uri(r)))
+        .collect();
+    reporter.table(&["NAME", "URL", "KIND", "ADDRESS"], rows);
     Ok(())
 }
 

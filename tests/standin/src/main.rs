@@ -3,8 +3,11 @@
 //! Killing only the parent leaves the child holding the port — the bug a supervisor must avoid.
 //!
 //! ```text
-//! standin --port P --file F [--bind ADDR] [--ignore-term] [--term-exit CODE]
+//! standin --port P --file F [--bind ADDR] [--upstream VAR] [--ignore-term] [--term-exit CODE]
 //!   --bind ADDR      listen on ADDR (default 127.0.0.1; 0.0.0.0 in a pod, for the kubelet's probe)
+//!   --upstream VAR   on each request, GET the http:// URL in environment variable VAR (another
+//!                    service, e.g. `urls__producer=http://producer`) and serve
+//!                    `CONTENT <- UPSTREAM'S BODY` (the consumer of the article's two services)
 //!   --ignore-term    the child ignores SIGTERM (only SIGKILL stops it)
 //!   --term-exit N    the parent exits with code N on SIGTERM
 //! ```
@@ -54,13 +57,52 @@ fn main() {
         }
     };
     println!("app {} serving {:?} on {port}", std::process::id(), content.trim());
+    let upstream = value("--upstream");
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
+        // The whole request head: a socket closed with unread bytes resets the connection.
+        let mut head = Vec::new();
         let mut buf = [0u8; 1024];
-        let _ = stream.read(&mut buf);
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
         let pid = std::process::id();
-        let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nX-Pid: {pid}\r\n\r\n", content.len());
+        let body = match &upstream {
+            None => content.clone(),
+            Some(var) => {
+                let called = std::env::var(var).map_err(|_| format!("${var} is not set")).and_then(|url| get(&url));
+                match called {
+                    Ok(answer) => format!("{} <- {answer}", content.trim()),
+                    Err(e) => format!("{} <- ({e})", content.trim()),
+                }
+            }
+        };
+        let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nX-Pid: {pid}\r\n\r\n", body.len());
         let _ = stream.write_all(head.as_bytes());
-        let _ = stream.write_all(content.as_bytes());
+        let _ = stream.write_all(body.as_bytes());
     }
+}
+
+/// The body of `GET url` (`http://HOST[:PORT][/PATH]`), the host resolved as the system does
+/// (in a pod: the cluster's DNS, the namespace's search path).
+fn get(url: &str) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    use std::time::Duration;
+    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url} is not an http:// URL"))?;
+    let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let address = if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") };
+    let resolved = address.to_socket_addrs().map_err(|e| format!("cannot resolve {authority}: {e}"))?;
+    let target = resolved.into_iter().next().ok_or_else(|| format!("{authority} has no address"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
+        .map_err(|e| format!("cannot connect to {authority} ({target}): {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n");
+    stream.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).map_err(|e| format!("reading {url}: {e}"))?;
+    let (_, body) = answer.split_once("\r\n\r\n").ok_or_else(|| format!("{url} sent no HTTP answer"))?;
+    Ok(body.to_string())
 }
