@@ -200,8 +200,11 @@ pub struct UriRow {
     /// `public` (an ingress) or `tunnel` (a running `devloop up` on this machine).
     pub kind: String,
     /// Where the URL's host answers: the address the ingress controller published (a host name
-    /// in the URL may not be in any DNS yet), or why there is none.
+    /// in the URL may not be in any DNS yet); `-` while there is none.
     pub address: String,
+    /// `Available`, or what stands in the way: `Pending: …` (no address, and why), `no ready
+    /// endpoints: …` (the Service behind it has no Ready pod).
+    pub status: String,
 }
 
 #[derive(Clone)]

@@ -199,6 +199,7 @@ async fn two_services_call_each_other_by_service_dns_behind_a_public_url_from_th
     assert_eq!(public["name"], "consumer", "{uris:?}");
     assert_eq!(public["url"], format!("http://{INGRESS_ADDRESS}/"), "{uris:?}");
     assert_eq!(public["address"], INGRESS_ADDRESS, "{uris:?}");
+    assert_eq!(public["status"], "Available", "{uris:?}");
     for name in ["producer", "consumer"] {
         assert!(uris.iter().any(|u| u["name"] == name && u["kind"] == "tunnel"), "{uris:?}");
     }
@@ -244,6 +245,22 @@ async fn two_services_call_each_other_by_service_dns_behind_a_public_url_from_th
     for up in ups.drain(..) {
         assert_eq!(tokio::task::spawn_blocking(move || up.stop()).await.unwrap(), Some(0));
     }
+    // A public URL whose Service has no Ready pod says so (scaled to none here).
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let patch = serde_json::json!({"spec": {"replicas": 0}});
+    deployments.patch("consumer", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = devloop(&consumer, &kubeconfig, &ns, &["list-uris"]);
+        let uris = support::parse_events(&String::from_utf8_lossy(&out.stdout));
+        let public = uris.iter().find(|u| u["kind"] == "public").expect("a public URL").clone();
+        if public["status"].as_str().unwrap().starts_with("no ready endpoints: Service consumer") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{public}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
     for src in [&producer, &consumer] {
         let out = devloop(src, &kubeconfig, &ns, &["down"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -274,4 +291,100 @@ async fn two_services_call_each_other_by_service_dns_behind_a_public_url_from_th
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// `up --once` of `src`, its events and stderr.
+fn up_once(src: &Path, kubeconfig: &str, ns: &str) -> support::Run {
+    let output = devloop(src, kubeconfig, ns, &["up", "--once"]);
+    support::Run {
+        code: output.status.code(),
+        events: support::parse_events(&String::from_utf8_lossy(&output.stdout)),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn set_registry(src: &Path, registry: &str) {
+    let config = std::fs::read_to_string(src.join("devloop.yaml")).unwrap();
+    let kept: String = config.lines().filter(|l| !l.starts_with("registry:")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(src.join("devloop.yaml"), format!("{kept}registry: {registry}\n")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the real node: tests/run starts it and runs the ignored tests"]
+async fn registry_mode_pushes_nothing_unchanged_and_says_what_to_check_when_a_push_or_a_pull_fails() {
+    let admin = AsAdmin::new().await;
+    let (cluster, client, ns, kubeconfig) =
+        (&admin.cluster, &admin.client, admin.scratch.name.clone(), admin.kubeconfig.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let src = service(
+        dir.path(),
+        "solo",
+        false,
+        r#"["standin", "--port", "8080", "--file", "message.txt", "--bind", "0.0.0.0"]"#,
+        "",
+        &cluster.state,
+    );
+    std::fs::write(src.join("message.txt"), "solo").unwrap();
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+
+    // A registry that does not answer: the push fails, says which registry to check, and
+    // nothing is deployed.
+    set_registry(&src, "'10.213.0.1:5999'");
+    let (kc, n, s) = (kubeconfig.clone(), ns.clone(), src.clone());
+    let run = tokio::task::spawn_blocking(move || up_once(&s, &kc, &n)).await.unwrap();
+    assert_eq!(run.code, Some(1), "{}\n{:#?}", run.stderr, run.events);
+    let error = run.of("error");
+    let message = error[0]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("could not push 10.213.0.1:5999/{ns}/solo:")), "{message}");
+    let hint = error[0]["hint"].as_str().unwrap();
+    assert!(hint.contains("registry 10.213.0.1:5999 answers from the cluster's pods"), "{hint}");
+    assert!(deployments.get_opt("solo").await.unwrap().is_none(), "nothing deployed after a failed push");
+
+    // A registry the nodes cannot pull from: the rollout ends with the runtime's reason and a
+    // hint about the name the nodes pull by.
+    set_registry(&src, "{push: '10.213.0.1:5000', pull: 'localhost:5999'}");
+    let (kc, n, s) = (kubeconfig.clone(), ns.clone(), src.clone());
+    let started = Instant::now();
+    let run = tokio::task::spawn_blocking(move || up_once(&s, &kc, &n)).await.unwrap();
+    assert_eq!(run.code, Some(1), "{}\n{:#?}", run.stderr, run.events);
+    let error = run.of("error");
+    let message = error[0]["message"].as_str().unwrap();
+    assert!(message.contains("ImagePullBackOff") || message.contains("ErrImagePull"), "{message}");
+    assert!(error[0]["hint"].as_str().unwrap().contains("hostFromContainerRuntime"), "{:?}", error[0]);
+    eprintln!("an image the node cannot pull, reported after {:?}", started.elapsed());
+
+    // The published registry pushes to the same host: the image the last run pushed is
+    // reused (nothing built or pushed), now pulled by the runtime's name, and serves.
+    set_registry(&src, "auto");
+    let up = |src: &Path| {
+        let (kc, n, s) = (kubeconfig.clone(), ns.clone(), src.to_path_buf());
+        tokio::task::spawn_blocking(move || up_once(&s, &kc, &n))
+    };
+    let reused = up(&src).await.unwrap();
+    assert_eq!(reused.code, Some(0), "{}\n{:#?}", reused.stderr, reused.events);
+    assert!(reused.of("built").is_empty() && reused.of("build_step").is_empty(), "{:#?}", reused.events);
+    let skipped = reused.of("build_skipped");
+    assert_eq!(skipped[0]["pushed"], true, "{:#?}", reused.events);
+    let image = skipped[0]["image"].as_str().unwrap();
+    assert!(image.starts_with(&format!("localhost:5000/{ns}/solo:")) && image.contains("@sha256:"), "{image}");
+
+    // Changed inputs: built and pushed once; the same inputs again build and push nothing and
+    // deploy the same digest.
+    let dockerfile = std::fs::read_to_string(src.join("Dockerfile.develop")).unwrap();
+    std::fs::write(src.join("Dockerfile.develop"), format!("{dockerfile}# changed\n")).unwrap();
+    let changed = up(&src).await.unwrap();
+    assert_eq!(changed.code, Some(0), "{}\n{:#?}", changed.stderr, changed.events);
+    let built = changed.of("built");
+    assert_eq!(built.len(), 1, "{:#?}", changed.events);
+    assert_ne!(built[0]["image"].as_str(), Some(image), "a new digest");
+    let again = up(&src).await.unwrap();
+    assert_eq!(again.code, Some(0), "{}\n{:#?}", again.stderr, again.events);
+    assert!(again.of("built").is_empty() && again.of("build_step").is_empty(), "{:#?}", again.events);
+    assert_eq!(again.of("build_skipped")[0]["image"], built[0]["image"]);
+    let deployed = deployments.get("solo").await.unwrap().spec.template.spec.unwrap().containers[0].image.clone();
+    assert_eq!(deployed.as_deref(), built[0]["image"].as_str());
+
+    let out = devloop(&src, &kubeconfig, &ns, &["down"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(deployments.get_opt("solo").await.unwrap().is_none());
 }

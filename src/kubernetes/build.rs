@@ -61,6 +61,8 @@ pub enum BuildError {
     Context(String),
     #[error("the image build failed{}:\n{output}", step.as_ref().map(|s| format!(" at {s}")).unwrap_or_default())]
     Failed { step: Option<String>, output: String },
+    #[error("the builder could not push {image}:\n{output}")]
+    Push { image: String, output: String },
     #[error("namespace {namespace} enforces Pod Security `{level}`, which refuses the privileged pod the in-cluster build runs in")]
     PodSecurity { namespace: String, level: String },
     #[error("you may not {denied} in namespace {namespace}, which the in-cluster build needs")]
@@ -80,6 +82,10 @@ impl BuildError {
             BuildError::Builder { namespace, .. } => format!("`kubectl describe pod {BUILDER} -n {namespace}` and `kubectl logs {BUILDER} -n {namespace}` say more; the builder needs a privileged pod and the node's containerd socket (`builder.containerd`)"),
             BuildError::Context(_) => return None,
             BuildError::Failed { .. } => "fix the Dockerfile step above; the running pod keeps serving meanwhile".into(),
+            BuildError::Push { image, .. } => {
+                let host = image.split('/').next().unwrap_or(image);
+                format!("check that the registry {host} answers from the cluster's pods and accepts pushes (the KEP-1755 hostFromClusterNetwork, or `registry: {{push: …}}` in devloop.yaml); `registry: none` builds into the node instead")
+            }
             BuildError::PodSecurity { namespace, .. } => format!(
                 "label the namespace for it (`kubectl label namespace {namespace} pod-security.kubernetes.io/enforce=privileged`), use a namespace that allows it, or name a dev image built elsewhere in devloop.yaml (`image: REPO:TAG`)"
             ),
@@ -742,7 +748,12 @@ impl Builder {
         std::mem::forget(guard);
         let ok = status.as_ref().is_some_and(|s| s.status.as_deref() == Some("Success"));
         if !ok {
-            return Err(BuildError::Failed { step: progress.failing_step(), output: progress.failing_output() });
+            let step = progress.failing_step();
+            // The image was built; the registry refused it or did not answer.
+            if let (Output::Registry { push, .. }, Some("exporting to image")) = (output, step.as_deref()) {
+                return Err(BuildError::Push { image: push.clone(), output: progress.failing_output() });
+            }
+            return Err(BuildError::Failed { step, output: progress.failing_output() });
         }
         let metadata = metadata.await.unwrap_or_default();
         let digest = serde_json::from_str::<serde_json::Value>(&metadata)

@@ -78,19 +78,56 @@ pub async fn uris(client: &kube::Client, namespace: &str) -> Result<Vec<UriRow>,
             .and_then(|s| s.rules.as_ref())
             .map(|rules| rules.iter().filter_map(|r| r.host.clone()).collect())
             .unwrap_or_default();
-        let (url, address) = match (hosts.first(), address) {
-            (_, None) => ("Pending".to_string(), why_pending(client, &ingress).await),
-            (Some(host), Some(address)) => (format!("http://{host}/"), address),
-            (None, Some(address)) => (format!("http://{address}/"), address),
+        let (url, address, status) = match (hosts.first(), address) {
+            (_, None) => {
+                ("Pending".to_string(), "-".to_string(), format!("Pending: {}", why_pending(client, &ingress).await))
+            }
+            (host, Some(address)) => {
+                let url = format!("http://{}/", host.unwrap_or(&address));
+                (url, address, unserved(client, namespace, &ingress).await.unwrap_or_else(|| "Available".into()))
+            }
         };
-        rows.push(UriRow { name, url, kind: "public".into(), address });
+        rows.push(UriRow { name, url, kind: "public".into(), address, status });
     }
     for record in SessionRecord::live(namespace) {
         for url in record.urls {
-            rows.push(UriRow { name: record.name.clone(), url, kind: "tunnel".into(), address: "127.0.0.1".into() });
+            let (name, kind) = (record.name.clone(), "tunnel".to_string());
+            rows.push(UriRow { name, url, kind, address: "127.0.0.1".into(), status: "Available".into() });
         }
     }
     Ok(rows)
+}
+
+/// Why requests to an ingress that has an address would fail: a Service behind it with no Ready
+/// endpoint (its pods are not Ready, or there are none).
+async fn unserved(client: &kube::Client, namespace: &str, ingress: &Ingress) -> Option<String> {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let services: std::collections::BTreeSet<String> = ingress
+        .spec
+        .as_ref()?
+        .rules
+        .iter()
+        .flatten()
+        .filter_map(|r| r.http.as_ref())
+        .flat_map(|h| h.paths.iter())
+        .filter_map(|p| p.backend.service.as_ref().map(|s| s.name.clone()))
+        .collect();
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+    for service in services {
+        let selector = format!("kubernetes.io/service-name={service}");
+        let found = slices.list(&ListParams::default().labels(&selector)).await.ok()?;
+        let ready = found
+            .items
+            .iter()
+            .flat_map(|s| s.endpoints.iter().flatten())
+            .any(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false));
+        if !ready {
+            return Some(format!(
+                "no ready endpoints: Service {service} has no Ready pod behind it (`devloop list-up` says why)"
+            ));
+        }
+    }
+    None
 }
 
 /// Why an ingress has no address yet: no class to serve it, a class no controller runs, or a

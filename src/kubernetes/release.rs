@@ -46,6 +46,9 @@ impl UpError {
             UpError::Values { .. } => Some("values files are YAML maps; check the file's syntax".into()),
             UpError::NoHelm => Some("install helm 3 (https://helm.sh/docs/intro/install/) and put it on PATH".into()),
             UpError::Helm { .. } => Some("helm's own message above says what it refused".into()),
+            UpError::Rollout { release, namespace, why } if why.contains("ImagePullBackOff") || why.contains("ErrImagePull") => Some(format!(
+                "the node's container runtime could not pull the image: check that it reaches the registry by the name in the image (the KEP-1755 hostFromContainerRuntime, or `registry: {{pull: …}}` in devloop.yaml); `kubectl describe pods -n {namespace} -l app.kubernetes.io/name={release}` shows the runtime's error"
+            )),
             UpError::Rollout { release, namespace, .. } => Some(format!(
                 "`kubectl describe pods -n {namespace} -l app.kubernetes.io/name={release}` and `kubectl logs -n {namespace} deploy/{release}` show more"
             )),

@@ -326,9 +326,11 @@ pub async fn list_uris(global: &Global, reporter: &Reporter) -> Result<(), Error
     let rows = list::uris(&client, &namespace).await?;
     let rows = rows
         .into_iter()
-        .map(|r| (vec![r.name.clone(), r.url.clone(), r.kind.clone(), r.address.clone()], Event::Uri(r)))
+        .map(|r| {
+            (vec![r.name.clone(), r.url.clone(), r.kind.clone(), r.address.clone(), r.status.clone()], Event::Uri(r))
+        })
         .collect();
-    reporter.table(&["NAME", "URL", "KIND", "ADDRESS"], rows);
+    reporter.table(&["NAME", "URL", "KIND", "ADDRESS", "STATUS"], rows);
     Ok(())
 }
 
