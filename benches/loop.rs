@@ -625,7 +625,7 @@ fn cluster_mode(bins: &Bins, work: &Path, kubeconfig: &Path, state: &Path, regis
     };
     let ns = format!("devloop-bench-{}-{registry}", std::process::id());
     kubectl(&["create", "namespace", &ns]);
-    let src = work.join(format!("svc-{registry}"));
+    let src = work.join(registry).join("svc");
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("requirements.txt"), "").unwrap();
     let prep = bins.devloop(&src).args(["prep", "--port", "8080"]).output().unwrap();

@@ -88,7 +88,7 @@ fn public_until(address: &str, want: &str, timeout: Duration) -> Result<Duration
         if last.as_deref() == Some(want) {
             return Ok(started.elapsed());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(10));
     }
     Err(format!("the public URL served {last:?}, not {want:?}"))
 }
@@ -120,18 +120,20 @@ async fn two_services_call_each_other_by_service_dns_behind_a_public_url_from_th
     std::fs::write(consumer.join("message.txt"), "forecast").unwrap();
 
     // Both `up` at once, each from nothing (no builder, no image, no release).
-    let started = Instant::now();
-    let ups: Vec<_> = [&producer, &consumer]
-        .into_iter()
-        .map(|src| {
-            let (src, kubeconfig, ns) = (src.clone(), kubeconfig.clone(), ns.clone());
-            std::thread::spawn(move || {
-                let args = ["--kubeconfig", &kubeconfig, "-n", &ns, "--json", "up"];
-                support::Watch::start_within(&src, &args, Duration::from_secs(240))
+    let start_both = || -> Vec<std::thread::JoinHandle<support::Watch>> {
+        [&producer, &consumer]
+            .into_iter()
+            .map(|src| {
+                let (src, kubeconfig, ns) = (src.clone(), kubeconfig.clone(), ns.clone());
+                std::thread::spawn(move || {
+                    let args = ["--kubeconfig", &kubeconfig, "-n", &ns, "--json", "up"];
+                    support::Watch::start_within(&src, &args, Duration::from_secs(240))
+                })
             })
-        })
-        .collect();
-    let mut ups: Vec<support::Watch> = ups.into_iter().map(|t| t.join().unwrap()).collect();
+            .collect()
+    };
+    let started = Instant::now();
+    let mut ups: Vec<support::Watch> = start_both().into_iter().map(|t| t.join().unwrap()).collect();
     eprintln!("both services from nothing to watching: {:?}", started.elapsed());
 
     // Registry mode, found on the cluster and said so; each pod pulled its image by digest from
@@ -240,6 +242,26 @@ async fn two_services_call_each_other_by_service_dns_behind_a_public_url_from_th
     for name in ["producer", "consumer"] {
         assert!(rows.iter().any(|r| r["name"] == name && r["status"] == "Running"), "{rows:?}");
     }
+
+    // Stopped and started again (warm: the builder, the images and the releases are there):
+    // nothing is built.
+    for up in ups.drain(..) {
+        assert_eq!(tokio::task::spawn_blocking(move || up.stop()).await.unwrap(), Some(0));
+    }
+    let started = Instant::now();
+    let mut ups: Vec<support::Watch> = start_both().into_iter().map(|t| t.join().unwrap()).collect();
+    eprintln!("both services, warm, to watching: {:?}", started.elapsed());
+    for up in &ups {
+        assert!(up.seen.iter().any(|e| e["event"] == "build_skipped"), "{:?}", up.seen);
+    }
+    let handle = tokio::runtime::Handle::current();
+    let pods2 = pods.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::node::served_by(&handle, &pods2, "consumer", "forecast <- weather: rain", Duration::from_secs(20))
+    })
+    .await
+    .unwrap()
+    .unwrap();
 
     // Stop both, `down` each: nothing of either is left (the pushed images stay in the registry).
     for up in ups.drain(..) {

@@ -996,7 +996,7 @@ impl Output {
     /// The image as the user reads it.
     fn shown(&self) -> String {
         match self {
-            Output::Node { .. } => "the builder's node (no registry)".into(),
+            Output::Node { .. } => "the builder's node, no registry".into(),
             Output::Registry { push, .. } => push.rsplit_once(':').map(|(r, _)| r).unwrap_or(push).to_string(),
         }
     }

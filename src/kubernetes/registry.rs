@@ -71,14 +71,14 @@ pub async fn destination(client: &kube::Client, setting: &Setting) -> Result<Des
         Setting::Named(word) if word == "auto" => published(client).await,
         Setting::Named(host) => Ok(Destination {
             target: Target::Registry { push: host.clone(), pull: host.clone(), insecure: is_local(host) },
-            why: "devloop.yaml names it".into(),
+            why: "named in devloop.yaml".into(),
         }),
         Setting::Hosts(hosts) => {
             let pull = hosts.pull.clone().unwrap_or_else(|| hosts.push.clone());
             let insecure = hosts.insecure.unwrap_or_else(|| is_local(&hosts.push));
             Ok(Destination {
                 target: Target::Registry { push: hosts.push.clone(), pull, insecure },
-                why: "devloop.yaml names it".into(),
+                why: "named in devloop.yaml".into(),
             })
         }
     }
@@ -102,19 +102,11 @@ async fn published(client: &kube::Client) -> Result<Destination, ClusterError> {
 fn from_hosting(document: Option<&str>) -> Destination {
     let source = format!("ConfigMap {HOSTING_NAMESPACE}/{HOSTING_NAME}");
     let Some(document) = document else {
-        return Destination {
-            target: Target::Node,
-            why: "the cluster publishes no registry: built into the node's image store".into(),
-        };
+        return Destination { target: Target::Node, why: format!("the cluster publishes none in {source}") };
     };
     let hosting: Hosting = match serde_yaml_ng::from_str(document) {
         Ok(hosting) => hosting,
-        Err(e) => {
-            return Destination {
-                target: Target::Node,
-                why: format!("{source} cannot be read ({e}): built into the node's image store"),
-            }
-        }
+        Err(e) => return Destination { target: Target::Node, why: format!("{source} cannot be read: {e}") },
     };
     let usable = |h: Option<String>| h.filter(|h| crate::config::is_registry_host(h));
     let Some(push) = usable(hosting.host_from_cluster_network) else {
@@ -122,7 +114,7 @@ fn from_hosting(document: Option<&str>) -> Destination {
         return Destination {
             target: Target::Node,
             why: format!(
-                "{source} publishes {} for use from outside the cluster only (no hostFromClusterNetwork): built into the node's image store",
+                "{source} publishes {} for use from outside the cluster only, no hostFromClusterNetwork",
                 hosting.host.as_deref().unwrap_or("a registry")
             ),
         };
@@ -130,7 +122,7 @@ fn from_hosting(document: Option<&str>) -> Destination {
     let pull = usable(hosting.host_from_container_runtime).or(usable(hosting.host)).unwrap_or_else(|| push.clone());
     Destination {
         target: Target::Registry { insecure: is_local(&push), push, pull },
-        why: format!("the cluster publishes it ({source})"),
+        why: format!("published by the cluster in {source}"),
     }
 }
 
