@@ -24,7 +24,7 @@ const INGRESS_ADDRESS: &str = "10.213.0.2";
 /// A service folder as `prep` leaves it (`--public` for the consumer), with a dev image the tier
 /// builds offline (busybox, the agent, the stand-in app) and a values file that puts its pod on
 /// the tier's real node (its other node is kwok's: pods there run nothing).
-fn service(parent: &Path, name: &str, public: bool, cmd: &str, secrets: &str, state: &Path) -> PathBuf {
+pub(crate) fn service(parent: &Path, name: &str, public: bool, cmd: &str, secrets: &str, state: &Path) -> PathBuf {
     let src = parent.join(name);
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("requirements.txt"), "").unwrap();
@@ -57,7 +57,7 @@ fn service(parent: &Path, name: &str, public: bool, cmd: &str, secrets: &str, st
     src
 }
 
-fn devloop(src: &Path, kubeconfig: &str, ns: &str, args: &[&str]) -> std::process::Output {
+pub(crate) fn devloop(src: &Path, kubeconfig: &str, ns: &str, args: &[&str]) -> std::process::Output {
     std::process::Command::new(support::devloop_bin())
         .current_dir(src)
         .args(["--kubeconfig", kubeconfig, "-n", ns, "--json"])

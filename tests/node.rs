@@ -525,3 +525,73 @@ async fn the_python_example_from_prep_to_up_to_down_on_a_real_node() {
     let removed: Vec<&str> = down.of("removed").iter().map(|e| e["release"].as_str().unwrap()).collect();
     assert_eq!(removed, ["hello", "devloop-builder"]);
 }
+
+/// The release archive (`scripts/release`, which tests/run builds and names in
+/// DEVLOOP_TEST_RELEASE), unpacked anywhere: its static CLI finds the static agent beside itself,
+/// and the first `up` works with nothing of this checkout in reach.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the real node and the release archive: tests/run builds both"]
+async fn the_release_archive_installs_a_static_cli_whose_first_up_works() {
+    let archive = std::env::var("DEVLOOP_TEST_RELEASE")
+        .expect("DEVLOOP_TEST_RELEASE names the archive scripts/release made: run tests/run, which builds it");
+    let admin = AsAdmin::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let unpacked = std::process::Command::new("tar")
+        .args(["xzf", &archive, "--strip-components=1", "-C"])
+        .arg(&bin)
+        .status()
+        .unwrap();
+    assert!(unpacked.success());
+    let cli = bin.join("devloop");
+    let ldd = std::process::Command::new("ldd").arg(&cli).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ldd.stdout).contains("=>"),
+        "a static CLI: {}",
+        String::from_utf8_lossy(&ldd.stdout)
+    );
+    for file in [
+        "devloop-agent.static",
+        "devloop.1",
+        "completions/devloop.bash",
+        "completions/devloop.zsh",
+        "completions/devloop.fish",
+    ] {
+        assert!(bin.join(file).is_file(), "{file} in the archive");
+    }
+
+    let src = crate::article::service(
+        dir.path(),
+        "released",
+        false,
+        r#"["standin", "--port", "8080", "--file", "message.txt", "--bind", "0.0.0.0"]"#,
+        "",
+        &admin.cluster.state,
+    );
+    std::fs::write(src.join("message.txt"), "served by the released CLI").unwrap();
+    let (cli2, src2, kubeconfig, ns) = (cli.clone(), src.clone(), admin.kubeconfig.clone(), admin.scratch.name.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&cli2)
+            .current_dir(&src2)
+            .args(["--kubeconfig", &kubeconfig, "-n", &ns, "--json", "up", "--once"])
+            .env_remove("DEVLOOP_STATIC_AGENT")
+            .env("XDG_CACHE_HOME", src2.parent().unwrap().join("cache"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let events = support::parse_events(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(0), "{}\n{events:#?}", String::from_utf8_lossy(&out.stderr));
+    let pods: Api<Pod> = Api::namespaced(admin.client.clone(), &admin.scratch.name);
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        served_by(&handle, &pods, "released", "served by the released CLI", Duration::from_secs(20))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let down = crate::article::devloop(&src, &admin.kubeconfig, &admin.scratch.name, &["down"]);
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+}
