@@ -816,6 +816,18 @@ async fn the_builder_is_checked_before_it_is_made() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("you may not create pods, create pods/exec, create secrets"), "{stderr}");
 
+    // A node whose runtime is not containerd (kwok's) cannot host the builder: said, with what
+    // to do, before anything is made.
+    std::fs::write(
+        src.join("devloop.yaml"),
+        "name: web\nchart: charts/web\nport: 8080\nbuilder: {node: kwok-node-0}\n",
+    )
+    .unwrap();
+    let (code, stderr) = up(cluster.kubeconfig.clone());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("node kwok-node-0 runs kwok-0.8.0, not containerd"), "{stderr}");
+    assert!(stderr.contains("hint: name a containerd node"), "{stderr}");
+
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), &scratch.name);
     let left = secrets.list(&ListParams::default().labels("devloop.dev/part=agent")).await.unwrap();
     assert!(left.items.is_empty(), "no agent Secret is left behind");

@@ -395,31 +395,36 @@ async fn containerd_socket(client: &kube::Client, node: &str) -> Result<String, 
         return Err(BuildError::NotContainerd { node: node.into(), runtime });
     }
     let request = http::Request::get(format!("/api/v1/nodes/{node}/proxy/configz")).body(Vec::new());
+    let mut configz = None;
     if let Ok(request) = request {
         let answer = tokio::time::timeout(Duration::from_secs(5), client.request_text(request)).await;
-        if let Ok(Ok(text)) = answer {
-            let configured = serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| {
-                v["kubeletconfig"]["containerRuntimeEndpoint"]
-                    .as_str()
-                    .map(|e| e.trim_start_matches("unix://").to_string())
-            });
-            if let Some(socket) = configured.filter(|s| s.starts_with('/')) {
-                return Ok(socket);
-            }
-        }
+        configz = answer.ok().and_then(Result::ok);
     }
-    Ok(if runtime.contains("k3s") { "/run/k3s/containerd/containerd.sock" } else { "/run/containerd/containerd.sock" }
-        .into())
+    Ok(socket_of(&runtime, configz.as_deref()))
 }
 
-/// The builder pod: buildkitd on the node's containerd (namespace k8s.io), privileged, with the
-/// mounts it needs there; an init container assembles the CLI's agent from the Secret.
+/// The containerd socket of a node running `runtime` (`containerd://VERSION`), from its kubelet's
+/// `configz` when it could be read.
+fn socket_of(runtime: &str, configz: Option<&str>) -> String {
+    let configured = configz.and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok()).and_then(|v| {
+        v["kubeletconfig"]["containerRuntimeEndpoint"].as_str().map(|e| e.trim_start_matches("unix://").to_string())
+    });
+    match configured.filter(|s| s.starts_with('/')) {
+        Some(socket) => socket,
+        None if runtime.contains("k3s") => "/run/k3s/containerd/containerd.sock".into(),
+        None => "/run/containerd/containerd.sock".into(),
+    }
+}
+
 /// BuildKit's state of one namespace's builder on the node: builders of two namespaces on one
 /// node must not share a root (buildkitd locks it).
 fn builder_root(config: &BuilderConfig, namespace: &str) -> String {
     format!("{}/{namespace}", config.root.trim_end_matches('/'))
 }
 
+/// The builder pod: buildkitd on the node's containerd (namespace k8s.io, its socket at
+/// `containerd`), privileged, on `node`, with the mounts it needs there; an init container
+/// assembles the CLI's agent from the Secrets.
 fn builder_pod(
     config: &BuilderConfig,
     containerd: &str,
@@ -1043,6 +1048,18 @@ pub fn image_ref(name: &str, tag: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_containerd_socket_is_the_kubelets_else_the_distributions_path() {
+        let configz = r#"{"kubeletconfig":{"containerRuntimeEndpoint":"unix:///var/state/containerd.sock"}}"#;
+        assert_eq!(socket_of("containerd://1.6.20", Some(configz)), "/var/state/containerd.sock");
+        assert_eq!(socket_of("containerd://1.7.27-k3s1", None), "/run/k3s/containerd/containerd.sock");
+        assert_eq!(socket_of("containerd://1.7.27", None), "/run/containerd/containerd.sock");
+        // Not readable (no nodes/proxy right: a 403 body), or an endpoint that is not a path.
+        assert_eq!(socket_of("containerd://1.7.27", Some("forbidden")), "/run/containerd/containerd.sock");
+        let tcp = r#"{"kubeletconfig":{"containerRuntimeEndpoint":"tcp://10.0.0.1:1234"}}"#;
+        assert_eq!(socket_of("containerd://2.0.0", Some(tcp)), "/run/containerd/containerd.sock");
+    }
 
     #[test]
     fn progress_lines_become_steps_and_a_failure_keeps_its_output() {
