@@ -242,7 +242,6 @@ pub async fn ensure(
         Some(socket) => socket.clone(),
         None => containerd_socket(client, &node).await?,
     };
-
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let mut secret_names = Vec::new();
     for (i, chunk) in agent.bytes.chunks(CHUNK).enumerate() {
