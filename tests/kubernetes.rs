@@ -896,3 +896,37 @@ async fn doctor_says_what_up_needs_and_what_is_missing() {
     let line = checks.iter().find(|c| c["check"] == "rights").unwrap();
     assert!(line["found"].as_str().unwrap().contains("create pods/exec"), "{line}");
 }
+
+/// A CLI installed alone (`cargo install --path .`: no static agent beside it, none in reach):
+/// the first `up` that must build says what is missing and how to install both.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the real control plane: tests/run starts it and runs the ignored tests"]
+async fn a_cli_installed_without_its_agent_says_how_to_get_it() {
+    let admin = AsAdmin::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cli = dir.path().join("bin/devloop");
+    std::fs::create_dir_all(cli.parent().unwrap()).unwrap();
+    std::fs::copy(crate::support::devloop_bin(), &cli).unwrap();
+    let src = dir.path().join("web");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("devloop.yaml"), "name: web\nchart: charts/web\nport: 8080\n").unwrap();
+    std::fs::write(src.join("Dockerfile.develop"), "FROM scratch\n").unwrap();
+    let (kubeconfig, ns) = (admin.kubeconfig.clone(), admin.scratch.name.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&cli)
+            .current_dir(&src)
+            .args(["--kubeconfig", &kubeconfig, "-n", &ns, "up", "--once"])
+            .env_remove("DEVLOOP_STATIC_AGENT")
+            .env("XDG_CACHE_HOME", src.parent().unwrap().join("cache"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no static devloop-agent to put into the image"), "{stderr}");
+    assert!(stderr.contains("hint: install devloop with `scripts/install`"), "{stderr}");
+    let pods: Api<Pod> = Api::namespaced(admin.client.clone(), &admin.scratch.name);
+    assert!(pods.list(&ListParams::default()).await.unwrap().items.is_empty(), "nothing made");
+}

@@ -76,7 +76,7 @@ pub enum BuildError {
 impl BuildError {
     pub fn hint(&self) -> Option<String> {
         Some(match self {
-            BuildError::NoStaticAgent { .. } => "build it: `rustup target add x86_64-unknown-linux-musl && cargo build -p devloop-agent --profile agent --target x86_64-unknown-linux-musl`, or point DEVLOOP_STATIC_AGENT at one".into(),
+            BuildError::NoStaticAgent { .. } => "install devloop with `scripts/install` from its checkout (it puts devloop-agent.static beside the CLI), or build it there (`rustup target add x86_64-unknown-linux-musl && cargo build -p devloop-agent --profile agent --target x86_64-unknown-linux-musl`) and point DEVLOOP_STATIC_AGENT at it".into(),
             BuildError::NoNode(_) => "name it in devloop.yaml (`builder: {node: NAME}`), label one node devloop.dev/builder=true, or push to a registry any node pulls from (`registry: HOST[:PORT]` in devloop.yaml, or one the cluster publishes in ConfigMap kube-public/local-registry-hosting)".into(),
             BuildError::NotContainerd { .. } => "name a containerd node to build on (`builder: {node: NAME}`) and push to a registry every node pulls from (`registry:`), or name a dev image built elsewhere (`image: REPO:TAG`)".into(),
             BuildError::Builder { namespace, .. } => format!("`kubectl describe pod {BUILDER} -n {namespace}` and `kubectl logs {BUILDER} -n {namespace}` say more; the builder needs a privileged pod and the node's containerd socket (`builder.containerd`)"),
