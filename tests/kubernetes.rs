@@ -847,7 +847,7 @@ async fn doctor_says_what_up_needs_and_what_is_missing() {
     let (admin, _) = client(&cluster, "admin").await;
     let scratch = Scratch::new(&admin).await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("devloop.yaml"), "name: web\nchart: charts/web\n").unwrap();
+    std::fs::write(dir.path().join("devloop.yaml"), "name: web\nchart: charts/web\npublic: true\n").unwrap();
     std::fs::write(dir.path().join("Dockerfile.develop"), "FROM scratch\n").unwrap();
     let doctor = |kubeconfig: PathBuf| {
         let out = std::process::Command::new(crate::support::devloop_bin())
@@ -866,6 +866,35 @@ async fn doctor_says_what_up_needs_and_what_is_missing() {
     let (code, checks, failed) = doctor(cluster.kubeconfig.clone());
     assert_eq!(code, Some(0), "{checks:#?}");
     assert!(failed.is_empty(), "{checks:#?}");
+    // The tier's Traefik: a public service's Ingress gets an address.
+    let line = checks.iter().find(|c| c["check"] == "ingress").unwrap();
+    assert!(line["found"].as_str().unwrap().contains("IngressClass traefik is the default"), "{line}");
+    {
+        // No default class: the chart's Ingress (no class) would stay Pending. Restored after.
+        use k8s_openapi::api::networking::v1::IngressClass;
+        struct Restore(PathBuf);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let restored = std::process::Command::new("kubectl")
+                    .arg("--kubeconfig")
+                    .arg(&self.0)
+                    .args(["annotate", "--overwrite", "ingressclass", "traefik"])
+                    .arg("ingressclass.kubernetes.io/is-default-class=true")
+                    .output();
+                assert!(restored.is_ok_and(|o| o.status.success()), "the tier's default IngressClass is restored");
+            }
+        }
+        let classes: Api<IngressClass> = Api::all(admin.clone());
+        let unset =
+            serde_json::json!({"metadata": {"annotations": {"ingressclass.kubernetes.io/is-default-class": "false"}}});
+        classes.patch("traefik", &PatchParams::default(), &Patch::Merge(&unset)).await.unwrap();
+        let _restore = Restore(cluster.kubeconfig.clone());
+        let (code, checks, failed) = doctor(cluster.kubeconfig.clone());
+        assert_eq!((code, failed), (Some(1), vec!["ingress".to_string()]), "{checks:#?}");
+        let line = checks.iter().find(|c| c["check"] == "ingress").unwrap();
+        assert!(line["found"].as_str().unwrap().contains("no default IngressClass (there are traefik)"), "{line}");
+        assert!(line["fix"].as_str().unwrap().contains("ingress.className"), "{line}");
+    }
     let names: Vec<&str> = checks.iter().map(|c| c["check"].as_str().unwrap()).collect();
     for name in [
         "cluster",
@@ -874,6 +903,7 @@ async fn doctor_says_what_up_needs_and_what_is_missing() {
         "pod security",
         "node runtimes",
         "registry",
+        "ingress",
         "helm",
         "static agent",
         "inotify",

@@ -66,7 +66,8 @@ pub async fn run(global: &Global, reporter: &Reporter) -> bool {
     }
     let needs_builder = config.as_ref().map(|(c, _)| c.image.is_none()).unwrap_or(true);
     let setting = config.as_ref().map(|(c, _)| c.registry.clone()).unwrap_or_default();
-    checks.extend(cluster(global, needs_builder, &setting).await);
+    let public = config.as_ref().is_ok_and(|(c, _)| c.public);
+    checks.extend(cluster(global, needs_builder, &setting, public).await);
     checks.push(helm().await);
     checks.push(static_agent(needs_builder));
     if let Ok((config, root)) = &config {
@@ -80,7 +81,7 @@ pub async fn run(global: &Global, reporter: &Reporter) -> bool {
     all
 }
 
-async fn cluster(global: &Global, needs_builder: bool, setting: &crate::config::Registry) -> Vec<Check> {
+async fn cluster(global: &Global, needs_builder: bool, setting: &crate::config::Registry, public: bool) -> Vec<Check> {
     let (client, namespace) = match access::connect(&super::up::selection(global)).await {
         Ok(connected) => connected,
         Err(e) => return vec![Check::fail("cluster", e.to_string(), e.hint().unwrap_or_default())],
@@ -125,7 +126,39 @@ async fn cluster(global: &Global, needs_builder: bool, setting: &crate::config::
     });
     checks.push(runtimes(&client, needs_builder).await);
     checks.push(registry(&client, setting).await);
+    checks.push(ingress(&client, public).await);
     checks
+}
+
+/// For a public service: an ingress controller that will give its Ingress an address (a default
+/// IngressClass, since prep's chart names none).
+async fn ingress(client: &kube::Client, public: bool) -> Check {
+    use k8s_openapi::api::networking::v1::IngressClass;
+    if !public {
+        return Check::ok("ingress", "the service is not public (`public: false`)");
+    }
+    let classes: Api<IngressClass> = Api::all(client.clone());
+    let Ok(list) = classes.list(&Default::default()).await else {
+        return Check::ok("ingress", "not allowed to list IngressClasses; `list-uris` says why a URL stays Pending");
+    };
+    let controller = |c: &IngressClass| c.spec.as_ref().and_then(|s| s.controller.clone()).unwrap_or_default();
+    let names: Vec<String> = list.items.iter().filter_map(|c| c.metadata.name.clone()).collect();
+    match list.items.iter().find(|c| super::list::is_default_class(c)) {
+        Some(class) => Check::ok(
+            "ingress",
+            format!("IngressClass {} is the default ({})", class.metadata.name.as_deref().unwrap_or("?"), controller(class)),
+        ),
+        None if names.is_empty() => Check::fail(
+            "ingress",
+            "no IngressClass: no ingress controller is installed, so the public URL stays Pending",
+            "install one (e.g. ingress-nginx or Traefik), or set `public: false` and use the localhost tunnel",
+        ),
+        None => Check::fail(
+            "ingress",
+            format!("no default IngressClass (there are {}): the chart's Ingress names none", names.join(", ")),
+            format!("set `ingress.className` in the values file to one of them, or mark one default (`kubectl annotate ingressclass {} ingressclass.kubernetes.io/is-default-class=true`)", names[0]),
+        ),
+    }
 }
 
 /// Every verb devloop uses, asked of the API server for this user (SelfSubjectAccessReview).

@@ -2,7 +2,7 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::api::{Api, ListParams};
 
 use super::access::{explain, ClusterError};
@@ -130,20 +130,22 @@ async fn unserved(client: &kube::Client, namespace: &str, ingress: &Ingress) -> 
     None
 }
 
+/// Whether an IngressClass is the cluster's default (what an Ingress naming no class gets).
+pub fn is_default_class(class: &IngressClass) -> bool {
+    const DEFAULT: &str = "ingressclass.kubernetes.io/is-default-class";
+    class.metadata.annotations.as_ref().and_then(|a| a.get(DEFAULT)).is_some_and(|v| v == "true")
+}
+
 /// Why an ingress has no address yet: no class to serve it, a class no controller runs, or a
 /// controller that has not published one.
 async fn why_pending(client: &kube::Client, ingress: &Ingress) -> String {
-    use k8s_openapi::api::networking::v1::IngressClass;
-    const DEFAULT: &str = "ingressclass.kubernetes.io/is-default-class";
     let classes: Api<IngressClass> = Api::all(client.clone());
     let named = ingress.spec.as_ref().and_then(|s| s.ingress_class_name.clone());
     let Ok(list) = classes.list(&ListParams::default()).await else {
         return "no address yet (the ingress controller has not published one)".into();
     };
-    let is_default =
-        |c: &&IngressClass| c.metadata.annotations.as_ref().and_then(|a| a.get(DEFAULT)).is_some_and(|v| v == "true");
     match named {
-        None if !list.items.iter().any(|c| is_default(&c)) => {
+        None if !list.items.iter().any(is_default_class) => {
             "no address: the ingress names no class and the cluster has no default IngressClass (is an ingress controller installed?)".into()
         }
         None => "no address yet: no controller has published one for it".into(),
