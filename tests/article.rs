@@ -15,7 +15,7 @@ use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, ListParams};
 
 use crate::kubernetes::AsAdmin;
-use crate::node::NODE;
+use crate::node::{up_once, NODE};
 use crate::support;
 
 /// The tier's ingress controller's address (tests/cluster/addons-up).
@@ -25,23 +25,7 @@ const INGRESS_ADDRESS: &str = "10.213.0.2";
 /// builds offline (busybox, the agent, the stand-in app) and a values file that puts its pod on
 /// the tier's real node (its other node is kwok's: pods there run nothing).
 pub(crate) fn service(parent: &Path, name: &str, public: bool, cmd: &str, secrets: &str, state: &Path) -> PathBuf {
-    let src = parent.join(name);
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("requirements.txt"), "").unwrap();
-    let mut args = vec!["prep", "--port", "8080"];
-    if public {
-        args.push("--public");
-    }
-    let prep = std::process::Command::new(support::devloop_bin()).current_dir(&src).args(&args).output().unwrap();
-    assert!(prep.status.success(), "{}", String::from_utf8_lossy(&prep.stderr));
-    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    std::fs::write(
-        src.join("Dockerfile.develop"),
-        format!("# run {run}\n") + "FROM devloop.local/devbase:1\nCOPY devloop-agent /bin/devloop-agent\nCOPY . /app\nWORKDIR /app\n\
-         ENTRYPOINT [\"devloop-agent\", \"run\", \"--root\", \"/app\", \"--grace\", \"2s\", \"--ready\", \"tcp:8080\", \"--\"]\n"
-            + &format!("CMD {cmd}\n"),
-    )
-    .unwrap();
+    let src = crate::node::prepped_service(parent, name, if public { &["--public"] } else { &[] }, cmd);
     let mut config = std::fs::read_to_string(src.join("devloop.yaml")).unwrap();
     // No `registry:` and no containerd socket: both are found on the cluster.
     config.push_str(&format!("builder: {{node: {NODE}, root: {}}}\n", state.join("buildkit").display()));
@@ -315,16 +299,6 @@ async fn two_services_call_each_other_by_service_dns_behind_a_public_url_from_th
     }
 }
 
-/// `up --once` of `src`, its events and stderr.
-fn up_once(src: &Path, kubeconfig: &str, ns: &str) -> support::Run {
-    let output = devloop(src, kubeconfig, ns, &["up", "--once"]);
-    support::Run {
-        code: output.status.code(),
-        events: support::parse_events(&String::from_utf8_lossy(&output.stdout)),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
 fn set_registry(src: &Path, registry: &str) {
     let config = std::fs::read_to_string(src.join("devloop.yaml")).unwrap();
     let kept: String = config.lines().filter(|l| !l.starts_with("registry:")).map(|l| format!("{l}\n")).collect();
@@ -352,8 +326,7 @@ async fn registry_mode_pushes_nothing_unchanged_and_says_what_to_check_when_a_pu
     // A registry that does not answer: the push fails, says which registry to check, and
     // nothing is deployed.
     set_registry(&src, "'10.213.0.1:5999'");
-    let (kc, n, s) = (kubeconfig.clone(), ns.clone(), src.clone());
-    let run = tokio::task::spawn_blocking(move || up_once(&s, &kc, &n)).await.unwrap();
+    let run = up_once(&src, &kubeconfig, &ns).await;
     assert_eq!(run.code, Some(1), "{}\n{:#?}", run.stderr, run.events);
     let error = run.of("error");
     let message = error[0]["message"].as_str().unwrap();
@@ -365,9 +338,8 @@ async fn registry_mode_pushes_nothing_unchanged_and_says_what_to_check_when_a_pu
     // A registry the nodes cannot pull from: the rollout ends with the runtime's reason and a
     // hint about the name the nodes pull by.
     set_registry(&src, "{push: '10.213.0.1:5000', pull: 'localhost:5999'}");
-    let (kc, n, s) = (kubeconfig.clone(), ns.clone(), src.clone());
     let started = Instant::now();
-    let run = tokio::task::spawn_blocking(move || up_once(&s, &kc, &n)).await.unwrap();
+    let run = up_once(&src, &kubeconfig, &ns).await;
     assert_eq!(run.code, Some(1), "{}\n{:#?}", run.stderr, run.events);
     let error = run.of("error");
     let message = error[0]["message"].as_str().unwrap();
@@ -378,11 +350,7 @@ async fn registry_mode_pushes_nothing_unchanged_and_says_what_to_check_when_a_pu
     // The published registry pushes to the same host: the image the last run pushed is
     // reused (nothing built or pushed), now pulled by the runtime's name, and serves.
     set_registry(&src, "auto");
-    let up = |src: &Path| {
-        let (kc, n, s) = (kubeconfig.clone(), ns.clone(), src.to_path_buf());
-        tokio::task::spawn_blocking(move || up_once(&s, &kc, &n))
-    };
-    let reused = up(&src).await.unwrap();
+    let reused = up_once(&src, &kubeconfig, &ns).await;
     assert_eq!(reused.code, Some(0), "{}\n{:#?}", reused.stderr, reused.events);
     assert!(reused.of("built").is_empty() && reused.of("build_step").is_empty(), "{:#?}", reused.events);
     let skipped = reused.of("build_skipped");
@@ -394,12 +362,12 @@ async fn registry_mode_pushes_nothing_unchanged_and_says_what_to_check_when_a_pu
     // deploy the same digest.
     let dockerfile = std::fs::read_to_string(src.join("Dockerfile.develop")).unwrap();
     std::fs::write(src.join("Dockerfile.develop"), format!("{dockerfile}# changed\n")).unwrap();
-    let changed = up(&src).await.unwrap();
+    let changed = up_once(&src, &kubeconfig, &ns).await;
     assert_eq!(changed.code, Some(0), "{}\n{:#?}", changed.stderr, changed.events);
     let built = changed.of("built");
     assert_eq!(built.len(), 1, "{:#?}", changed.events);
     assert_ne!(built[0]["image"].as_str(), Some(image), "a new digest");
-    let again = up(&src).await.unwrap();
+    let again = up_once(&src, &kubeconfig, &ns).await;
     assert_eq!(again.code, Some(0), "{}\n{:#?}", again.stderr, again.events);
     assert!(again.of("built").is_empty() && again.of("build_step").is_empty(), "{:#?}", again.events);
     assert_eq!(again.of("build_skipped")[0]["image"], built[0]["image"]);

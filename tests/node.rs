@@ -160,6 +160,33 @@ async fn a_real_container_runs_the_agent_as_pid_1_takes_50_mb_through_exec_and_s
     assert_eq!(get_through_port_forward(&pods, &pod_name).await, "edited on the laptop");
 }
 
+/// `parent/name` as `prep --port 8080 EXTRA…` leaves it (a Python folder), its
+/// `Dockerfile.develop` replaced by one the real node builds offline: FROM the busybox base
+/// image, the agent devloop puts into the context, the code, `cmd` (a JSON exec-form array) run
+/// by the agent.
+pub(crate) fn prepped_service(parent: &std::path::Path, name: &str, extra: &[&str], cmd: &str) -> PathBuf {
+    let src = parent.join(name);
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("requirements.txt"), "").unwrap();
+    let prep = std::process::Command::new(support::devloop_bin())
+        .current_dir(&src)
+        .args(["prep", "--port", "8080"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(prep.status.success(), "{}", String::from_utf8_lossy(&prep.stderr));
+    // A line of its own per run: the node may hold the images of earlier runs.
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    std::fs::write(
+        src.join("Dockerfile.develop"),
+        format!("# run {run}\n") + "FROM devloop.local/devbase:1\nCOPY devloop-agent /bin/devloop-agent\nCOPY . /app\nWORKDIR /app\n\
+         ENTRYPOINT [\"devloop-agent\", \"run\", \"--root\", \"/app\", \"--grace\", \"2s\", \"--ready\", \"tcp:8080\", \"--\"]\n"
+            + &format!("CMD {cmd}\n"),
+    )
+    .unwrap();
+    src
+}
+
 /// A service folder as `prep` leaves it, with a dev image the real node can build offline:
 /// FROM the busybox base image, the agent that devloop puts into the context, the code.
 fn built_service(state: &std::path::Path) -> (tempfile::TempDir, PathBuf) {
@@ -173,24 +200,7 @@ fn built_service(state: &std::path::Path) -> (tempfile::TempDir, PathBuf) {
 /// [`built_service`] named `name`, its app started by `cmd` (a JSON exec-form array).
 pub(crate) fn built_service_named(state: &std::path::Path, name: &str, cmd: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join(name);
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("requirements.txt"), "").unwrap();
-    let prep = std::process::Command::new(support::devloop_bin())
-        .current_dir(&src)
-        .args(["prep", "--port", "8080"])
-        .output()
-        .unwrap();
-    assert!(prep.status.success(), "{}", String::from_utf8_lossy(&prep.stderr));
-    // A line of its own per run: the node may hold the images of earlier runs.
-    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    std::fs::write(
-        src.join("Dockerfile.develop"),
-        format!("# run {run}\n") + "FROM devloop.local/devbase:1\nCOPY devloop-agent /bin/devloop-agent\nCOPY . /app\nWORKDIR /app\n\
-         ENTRYPOINT [\"devloop-agent\", \"run\", \"--root\", \"/app\", \"--grace\", \"2s\", \"--ready\", \"tcp:8080\", \"--\"]\n"
-            + &format!("CMD {cmd}\n"),
-    )
-    .unwrap();
+    let src = prepped_service(dir.path(), name, &[], cmd);
     std::fs::write(src.join("message.txt"), "built in the cluster").unwrap();
     // The node's containerd socket is found (its kubelet's configz names it); the tier's node
     // has no shared mount at the standard BuildKit root. No registry: the tier publishes one,
