@@ -98,6 +98,8 @@ pub enum Event {
         target: String,
         agent: String,
         entries: u64,
+        /// The agent answered from its live index (no walk of its tree for this session).
+        from_memory: bool,
     },
     SyncStarted {
         round: u64,
@@ -467,8 +469,9 @@ impl Reporter {
                 }
                 format!("{tag} scanned {entries} paths ({hashed_files} hashed) in {millis} ms")
             }
-            Event::Connected { target, agent, entries } => {
-                format!("{tag} connected to {} (agent {agent}, {entries} paths there)", style(target).cyan())
+            Event::Connected { target, agent, entries, from_memory } => {
+                let how = if *from_memory { ", known from its live index" } else { "" };
+                format!("{tag} connected to {} (agent {agent}, {entries} paths there{how})", style(target).cyan())
             }
             Event::SyncStarted { files, deletes, bytes, .. } => {
                 if !self.inner.verbose && files + deletes < 20 {

@@ -2,9 +2,10 @@
 //!
 //! In a container, `devloop-agent run` is the main process and each `devloop-agent serve` (one per
 //! exec) is another process: they talk over a unix socket at `ROOT/.devloop/agent.sock`, one JSON
-//! request a connection (`restart`, `ready`, `subscribe`), answered by one JSON line (a
-//! [`RestartReport`]) or, for `subscribe`, by a stream of app events. For a local target one
-//! process does both and the session holds the [`Supervisor`] handle directly.
+//! request a connection (`restart`, `ready`, `subscribe`, `index_summary`, `index_records`),
+//! answered by one JSON line (a [`RestartReport`], an index [`Summary`]) or by a stream of lines
+//! (app events; chunks of the index's records, then their end). For a local target one process
+//! does both and the session holds the [`Supervisor`] handle directly.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use crate::index::{FilterKey, Index, Summary};
+use crate::manifest::Record;
 use crate::protocol::{FromAgent, RestartReport};
 use crate::supervise::{AppEvent, Supervisor};
 use crate::RESERVED_DIR;
@@ -25,14 +28,29 @@ enum ControlRequest {
     Restart,
     Ready,
     Subscribe,
+    IndexSummary { key: FilterKey },
+    IndexRecords { key: FilterKey },
 }
+
+/// One line of the answer to `index_records`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RecordsLine {
+    Chunk(Vec<Record>),
+    End,
+    Failed(String),
+}
+
+/// Records per line of an `index_records` answer.
+const RECORDS_CHUNK: usize = 4096;
 
 pub fn socket_path(root: &Path) -> PathBuf {
     root.join(RESERVED_DIR).join("agent.sock")
 }
 
-/// Serves the control socket for `supervisor` until the task is dropped.
-pub fn listen(root: &Path, supervisor: Supervisor) -> io::Result<tokio::task::JoinHandle<()>> {
+/// Serves the control socket for `supervisor` (and the live index, when there is one) until the
+/// task is dropped.
+pub fn listen(root: &Path, supervisor: Supervisor, index: Option<Index>) -> io::Result<tokio::task::JoinHandle<()>> {
     let path = socket_path(root);
     std::fs::create_dir_all(path.parent().expect("socket has a parent"))?;
     match std::fs::remove_file(&path) {
@@ -43,9 +61,9 @@ pub fn listen(root: &Path, supervisor: Supervisor) -> io::Result<tokio::task::Jo
     let listener = UnixListener::bind(&path)?;
     Ok(tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let supervisor = supervisor.clone();
+            let (supervisor, index) = (supervisor.clone(), index.clone());
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, supervisor).await {
+                if let Err(e) = answer(stream, supervisor, index).await {
                     debug!(error = %e, "control connection");
                 }
             });
@@ -53,7 +71,7 @@ pub fn listen(root: &Path, supervisor: Supervisor) -> io::Result<tokio::task::Jo
     }))
 }
 
-async fn answer(stream: UnixStream, supervisor: Supervisor) -> io::Result<()> {
+async fn answer(stream: UnixStream, supervisor: Supervisor, index: Option<Index>) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
@@ -61,6 +79,23 @@ async fn answer(stream: UnixStream, supervisor: Supervisor) -> io::Result<()> {
     match request {
         ControlRequest::Restart => reply(&mut write, &supervisor.restart().await).await,
         ControlRequest::Ready => reply(&mut write, &supervisor.ready().await).await,
+        // No index: the connection closes unanswered and the session walks its tree itself.
+        ControlRequest::IndexSummary { key } => match index {
+            Some(index) => reply(&mut write, &index.summary(key).await).await,
+            None => Ok(()),
+        },
+        ControlRequest::IndexRecords { key } => {
+            let Some(index) = index else { return Ok(()) };
+            match index.records(key).await {
+                Ok(records) => {
+                    for chunk in records.chunks(RECORDS_CHUNK) {
+                        reply(&mut write, &RecordsLine::Chunk(chunk.to_vec())).await?;
+                    }
+                    reply(&mut write, &RecordsLine::End).await
+                }
+                Err(message) => reply(&mut write, &RecordsLine::Failed(message)).await,
+            }
+        }
         ControlRequest::Subscribe => {
             let mut events = supervisor.subscribe();
             loop {
@@ -150,6 +185,47 @@ impl Link {
         }
         Some(rx)
     }
+}
+
+/// The live index of the `devloop-agent run` beside this session: `None` when there is none
+/// (no `run`, or one without an index), and the session walks its tree itself.
+impl Link {
+    pub async fn index_summary(&self, key: &FilterKey) -> Option<Result<Summary, String>> {
+        let Link::Socket(path) = self else { return None };
+        let mut lines = request_lines(path, ControlRequest::IndexSummary { key: key.clone() }).await?;
+        let line = lines.next_line().await.ok()??;
+        Some(serde_json::from_str(&line).unwrap_or_else(|e| Err(format!("bad answer from the agent's index: {e}"))))
+    }
+
+    pub async fn index_records(&self, key: &FilterKey) -> Option<Result<Vec<Record>, String>> {
+        let Link::Socket(path) = self else { return None };
+        let mut lines = request_lines(path, ControlRequest::IndexRecords { key: key.clone() }).await?;
+        let mut records = Vec::new();
+        loop {
+            let line = match lines.next_line().await {
+                Ok(Some(line)) => line,
+                Ok(None) => return Some(Err("the agent's index closed the connection".into())),
+                Err(e) => return Some(Err(format!("cannot read the agent's index: {e}"))),
+            };
+            match serde_json::from_str(&line) {
+                Ok(RecordsLine::Chunk(chunk)) => records.extend(chunk),
+                Ok(RecordsLine::End) => return Some(Ok(records)),
+                Ok(RecordsLine::Failed(message)) => return Some(Err(message)),
+                Err(e) => return Some(Err(format!("bad answer from the agent's index: {e}"))),
+            }
+        }
+    }
+}
+
+/// Sends one request; the answer's lines, or `None` when no agent listens.
+async fn request_lines(
+    path: &Path,
+    request: ControlRequest,
+) -> Option<tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>> {
+    let stream = UnixStream::connect(path).await.ok()?;
+    let (read, mut write) = stream.into_split();
+    reply(&mut write, &request).await.ok()?;
+    Some(BufReader::new(read).lines())
 }
 
 async fn ask(path: &Path, request: ControlRequest) -> RestartReport {

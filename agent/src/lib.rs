@@ -15,11 +15,15 @@ pub mod beneath;
 pub mod filter;
 #[cfg(feature = "tree")]
 pub mod walk;
+#[cfg(feature = "tree")]
+pub mod watch;
 
 #[cfg(feature = "runtime")]
 pub mod apply;
 #[cfg(feature = "runtime")]
 pub mod control;
+#[cfg(feature = "runtime")]
+pub mod index;
 #[cfg(feature = "runtime")]
 pub mod lock;
 #[cfg(feature = "runtime")]

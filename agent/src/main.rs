@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use devloop_agent::apply::DEFAULT_MAX_FILE_SIZE;
 use devloop_agent::control::{self, Link};
+use devloop_agent::index::Index;
 use devloop_agent::probe::Probe;
 use devloop_agent::protocol::{ProtocolError, PROTOCOL_VERSION};
 use devloop_agent::reap::Reaper;
@@ -143,7 +144,9 @@ async fn run(options: SuperviseOptions, stdio: bool, max_file_size: u64) -> Exit
             }
         };
     let supervisor = Supervisor::start(options, reaper);
-    let _control = match control::listen(&root, supervisor.clone()) {
+    // With its own session (a local target) the agent lives for that session alone: no index.
+    let index = (!stdio).then(|| Index::start(root.clone()));
+    let _control = match control::listen(&root, supervisor.clone(), index) {
         Ok(task) => Some(task),
         Err(e) => {
             eprintln!("devloop-agent: warning: no control socket at {}: {e}", control::socket_path(&root).display());

@@ -130,6 +130,10 @@ pub enum FromAgent {
     ManifestDigest {
         digest: crate::manifest::Digest,
         entries: u64,
+        /// Answered from the agent's live index (kept current by inotify between sessions)
+        /// rather than by walking its tree for this session.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        from_memory: bool,
     },
     /// One chunk of the agent's manifest; as many as needed, then [`FromAgent::ManifestEnd`].
     Manifest {

@@ -16,6 +16,7 @@ use tracing::{debug, info, info_span, Instrument};
 use crate::apply::{Applier, TreeUpdate};
 use crate::control::Link;
 use crate::filter::Filter;
+use crate::index::{FilterKey, Summary};
 use crate::lock::{SessionLock, LOCK_WAIT};
 use crate::manifest::Record;
 use crate::protocol::{
@@ -43,6 +44,8 @@ pub enum ServeError {
     Root { root: PathBuf, source: io::Error },
     #[error("the client's exclude patterns are invalid: {0}")]
     Excludes(#[from] crate::filter::FilterError),
+    #[error("the agent's live index failed: {0}")]
+    Index(String),
     #[error("another devloop session (agent pid {holder}) serves {root} and did not end within {waited:?}; two sessions on one root would undo each other's work")]
     Busy { root: PathBuf, holder: crate::lock::Holder, waited: std::time::Duration },
 }
@@ -131,42 +134,57 @@ async fn session<R: AsyncRead + Unpin>(
         root: root.display().to_string(),
         max_file_size: options.max_file_size,
     });
-    let cache_path = root.join(RESERVED_DIR).join("manifest.cache");
-    let scanned = {
-        let filter = Arc::clone(&filter);
-        let cache_path = cache_path.clone();
-        tokio::task::spawn_blocking(move || {
-            let previous = walk::load_stat_cache(&cache_path);
-            let outcome = walk::scan(&filter, &previous);
-            if walk::cache_changed(&previous, &outcome) {
-                walk::save_stat_cache(&cache_path, &outcome.tree);
-            }
-            outcome
-        })
-        .instrument(info_span!("scan"))
-        .await
-        .expect("scan task panicked")
+    // The tree held here: from the live index of the `run` beside this session, or walked now.
+    let key = FilterKey { excludes: excludes.clone(), docker_context: docker_context.clone() };
+    let mut held = match options.link.index_summary(&key).await {
+        Some(Ok(summary)) => Held::Indexed(summary),
+        Some(Err(message)) => return Err(ServeError::Index(message)),
+        None => Held::Walked(walk_tree(&root, &filter).await),
     };
-    debug!(entries = scanned.tree.len(), hashed = scanned.stats.hashed_files, "manifest");
-    let mut tree = scanned.tree;
+    let (digest, entries, from_memory) = match &held {
+        Held::Indexed(summary) => (summary.digest, summary.entries, summary.from_memory),
+        Held::Walked(walked) => (walk::digest(&walked.tree), walked.tree.len() as u64, false),
+    };
     let wanted = match *ask {
         false => true,
         true => {
-            let _ = out.send(FromAgent::ManifestDigest { digest: walk::digest(&tree), entries: tree.len() as u64 });
+            let _ = out.send(FromAgent::ManifestDigest { digest, entries, from_memory });
             match frames.message::<ToAgent>().await? {
                 ToAgent::Manifest { wanted } => wanted,
                 other => return Err(unexpected("the manifest question's answer", &other).into()),
             }
         }
     };
-    if wanted {
-        let records: Vec<Record> =
-            tree.iter().map(|(path, s)| Record { path: path.clone(), entry: s.entry.clone() }).collect();
-        for chunk in records.chunks(MANIFEST_CHUNK) {
-            let _ = out.send(FromAgent::Manifest { records: chunk.to_vec() });
+    let (entries, problems) = match &mut held {
+        Held::Indexed(summary) => {
+            if wanted {
+                let records = options
+                    .link
+                    .index_records(&key)
+                    .await
+                    .ok_or_else(|| ServeError::Index("the agent's index went away during the session".into()))?;
+                let records = records.map_err(ServeError::Index)?;
+                let entries = records.len() as u64;
+                for chunk in records.chunks(MANIFEST_CHUNK) {
+                    let _ = out.send(FromAgent::Manifest { records: chunk.to_vec() });
+                }
+                (entries, std::mem::take(&mut summary.problems))
+            } else {
+                (summary.entries, std::mem::take(&mut summary.problems))
+            }
         }
-    }
-    let _ = out.send(FromAgent::ManifestEnd { entries: tree.len() as u64, problems: scanned.problems });
+        Held::Walked(walked) => {
+            if wanted {
+                let records: Vec<Record> =
+                    walked.tree.iter().map(|(path, s)| Record { path: path.clone(), entry: s.entry.clone() }).collect();
+                for chunk in records.chunks(MANIFEST_CHUNK) {
+                    let _ = out.send(FromAgent::Manifest { records: chunk.to_vec() });
+                }
+            }
+            (walked.tree.len() as u64, std::mem::take(&mut walked.problems))
+        }
+    };
+    let _ = out.send(FromAgent::ManifestEnd { entries, problems });
 
     // The app's output and exits reach the client for as long as the session lasts.
     let forwarder = options.link.subscribe().await.map(|mut events| {
@@ -180,14 +198,54 @@ async fn session<R: AsyncRead + Unpin>(
         })
     });
     let mut changed = false;
+    let mut tree = match &mut held {
+        Held::Walked(walked) => Some(&mut walked.tree),
+        Held::Indexed(_) => None,
+    };
     let result = batches(frames, out, options, &mut applier, &mut tree, &mut changed).await;
     if let Some(forwarder) = forwarder {
         forwarder.abort();
     }
-    if changed {
+    if let (true, Held::Walked(walked)) = (changed, held) {
+        let cache_path = walked.cache_path;
+        let tree = walked.tree;
         let _ = tokio::task::spawn_blocking(move || walk::save_stat_cache(&cache_path, &tree)).await;
     }
     result
+}
+
+/// What a session knows of the tree it serves.
+enum Held {
+    /// The live index of the `run` beside it keeps the tree; it learns of applied files by itself.
+    Indexed(Summary),
+    /// Walked for this session, kept current by what it applies.
+    Walked(Walked),
+}
+
+struct Walked {
+    tree: Tree,
+    problems: Vec<crate::protocol::Problem>,
+    cache_path: PathBuf,
+}
+
+/// Walks the tree, stat-cached by the cache saved in the root.
+async fn walk_tree(root: &std::path::Path, filter: &Arc<Filter>) -> Walked {
+    let cache_path = root.join(RESERVED_DIR).join("manifest.cache");
+    let filter = Arc::clone(filter);
+    let path = cache_path.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let previous = walk::load_stat_cache(&path);
+        let outcome = walk::scan(&filter, &previous);
+        if walk::cache_changed(&previous, &outcome) {
+            walk::save_stat_cache(&path, &outcome.tree);
+        }
+        outcome
+    })
+    .instrument(info_span!("scan"))
+    .await
+    .expect("scan task panicked");
+    debug!(entries = outcome.tree.len(), hashed = outcome.stats.hashed_files, "manifest");
+    Walked { tree: outcome.tree, problems: outcome.problems, cache_path }
 }
 
 async fn batches<R: AsyncRead + Unpin>(
@@ -195,7 +253,7 @@ async fn batches<R: AsyncRead + Unpin>(
     out: &Out,
     options: &ServeOptions,
     applier: &mut Option<Applier>,
-    tree: &mut Tree,
+    tree: &mut Option<&mut Tree>,
     changed: &mut bool,
 ) -> Result<(), ServeError> {
     loop {
@@ -212,14 +270,17 @@ async fn batches<R: AsyncRead + Unpin>(
                 let (report, incomplete, updates) =
                     receive_batch(frames, applier, id, deletes, chmods).instrument(info_span!("apply", id)).await?;
                 *changed |= !updates.is_empty();
-                for update in updates {
-                    match update {
-                        TreeUpdate::Put(path, scanned) => {
-                            walk::remove_subtree(tree, &path);
-                            tree.insert(path, scanned);
-                        }
-                        TreeUpdate::Remove(path) => {
-                            walk::remove_subtree(tree, &path);
+                // A tree held by the live index learns of these files from their own events.
+                if let Some(tree) = tree.as_deref_mut() {
+                    for update in updates {
+                        match update {
+                            TreeUpdate::Put(path, scanned) => {
+                                walk::remove_subtree(tree, &path);
+                                tree.insert(path, scanned);
+                            }
+                            TreeUpdate::Remove(path) => {
+                                walk::remove_subtree(tree, &path);
+                            }
                         }
                     }
                 }

@@ -69,7 +69,7 @@ impl Client {
         loop {
             match self.frames.message::<FromAgent>().await.unwrap() {
                 FromAgent::Welcome { .. } => {}
-                FromAgent::ManifestDigest { digest, entries } => return (digest, entries),
+                FromAgent::ManifestDigest { digest, entries, .. } => return (digest, entries),
                 other => panic!("unexpected {other:?}"),
             }
         }

@@ -96,7 +96,7 @@ fn agent_messages() {
         r#"{"type":"welcome","agent":"0.1.0","root":"/app","max_file_size":1073741824}"#
     );
     assert_eq!(
-        json(&FromAgent::ManifestDigest { digest: hash, entries: 4 }),
+        json(&FromAgent::ManifestDigest { digest: hash, entries: 4, from_memory: false }),
         r#"{"type":"manifest_digest","digest":"ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200f","entries":4}"#
     );
     assert_eq!(

@@ -45,6 +45,8 @@ pub struct Greeting {
     pub entries: u64,
     /// The largest file the agent takes (0: it did not say).
     pub max_file_size: u64,
+    /// The agent answered from its live index, without walking its tree.
+    pub from_memory: bool,
 }
 
 impl Drop for AgentClient {
@@ -100,8 +102,8 @@ impl AgentClient {
                     // The agent is there; now it reads its tree.
                     (deadline, limit) = (tokio::time::Instant::now() + scan_limit, scan_limit);
                 }
-                FromAgent::ManifestDigest { digest, entries } => {
-                    break Greeting { agent, digest, entries, max_file_size }
+                FromAgent::ManifestDigest { digest, entries, from_memory } => {
+                    break Greeting { agent, digest, entries, max_file_size, from_memory }
                 }
                 FromAgent::Fatal { message } => return Err(SessionError::Agent(message)),
                 other @ (FromAgent::Output { .. } | FromAgent::Exited { .. }) => {

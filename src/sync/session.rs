@@ -482,6 +482,7 @@ impl Session {
             target: self.transport.describe(),
             agent: greeting.agent,
             entries: greeting.entries,
+            from_memory: greeting.from_memory,
         });
         self.pending.clear();
         self.refused.clear();

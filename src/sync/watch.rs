@@ -2,24 +2,21 @@
 //! changed. Events are coalesced adaptively: the first one opens a window that closes after
 //! [`Window::quiet`] without events, or at [`Window::cap`] while events keep coming.
 //!
-//! inotify watches are set per synced folder (ignored folders such as `node_modules/` cost none).
-//! The watcher keeps its own map of watch descriptors to folders, updated in event order by the
-//! task that reads the events: a watch the kernel dropped (its folder deleted: `IN_IGNORED`) or
-//! whose folder moved (`IN_MOVE_SELF`, which takes the watches below it along) leaves the map
-//! before any later event is handed on, so a folder created again under the same name (even on the
-//! same inode number) is seen as unwatched and watched again. When the kernel's watch limit is
+//! inotify watches are set per synced folder ([`devloop_agent::watch::FolderWatches`], shared with
+//! the agent's live index), the map of descriptors kept true by the task that reads the events, in
+//! event order. When the kernel's watch limit is
 //! reached the watcher says which sysctl to raise and falls back to polling. A queue overflow
 //! turns into a full rescan.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::ffi::OsString;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devloop_agent::walk::Tree;
+use devloop_agent::watch::{FolderWatches, Raw, WatchLimit, Write, WATCH_LIMIT_HINT};
 use futures_util::StreamExt;
-use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
+use inotify::Inotify;
 use tokio::sync::mpsc;
 
 use crate::report::{Event, Reporter};
@@ -53,21 +50,6 @@ pub struct Hints {
     pub rescan: bool,
 }
 
-enum Raw {
-    /// A path an event was about, and what the event says of a write to it.
-    Path(String, Write),
-    Rescan,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Write {
-    /// Written to, or created as a file (a close follows).
-    Begun,
-    /// Closed after writing.
-    Ended,
-    Other,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     #[error("cannot watch {path}: {source}")]
@@ -89,43 +71,11 @@ pub struct Watcher {
 
 enum Backend {
     /// One non-recursive inotify watch per synced folder.
-    Native { watches: Watches, map: Arc<Mutex<WatchMap>>, reader: tokio::task::JoinHandle<()> },
+    Native { folders: Arc<Mutex<FolderWatches>>, reader: tokio::task::JoinHandle<()> },
     /// No inotify: a timer asks for a full rescan (stat-cached, ignored folders skipped) at
     /// every tick. The scan compares size, mtime and ctime in nanoseconds and inode, so a path
     /// replaced twice within a second is still seen.
     Poll { ticker: tokio::task::JoinHandle<()> },
-}
-
-/// Which folder each watch stands for, and back. A folder counts as watched only when both
-/// directions agree: inotify hands out one descriptor per inode, so a folder renamed within the
-/// tree and watched under its new name takes the descriptor over from its old name.
-#[derive(Default)]
-struct WatchMap {
-    by_wd: HashMap<WatchDescriptor, String>,
-    by_path: HashMap<String, WatchDescriptor>,
-}
-
-impl WatchMap {
-    fn watched(&self, path: &str) -> bool {
-        self.by_path.get(path).is_some_and(|wd| self.by_wd.get(wd).is_some_and(|p| p == path))
-    }
-
-    /// Forgets `path`; returns its descriptor when no other folder shares it (to remove it).
-    fn forget(&mut self, path: &str) -> Option<WatchDescriptor> {
-        let wd = self.by_path.remove(path)?;
-        if self.by_wd.get(&wd).is_some_and(|p| p == path) {
-            self.by_wd.remove(&wd);
-            return Some(wd);
-        }
-        None
-    }
-
-    /// Forgets `path` and every folder below it; returns the descriptors to remove.
-    fn forget_subtree(&mut self, path: &str) -> Vec<WatchDescriptor> {
-        let prefix = format!("{path}/");
-        let below: Vec<String> = self.by_path.keys().filter(|p| p.starts_with(&prefix)).cloned().collect();
-        std::iter::once(path.to_owned()).chain(below).filter_map(|p| self.forget(&p)).collect()
-    }
 }
 
 impl Drop for Watcher {
@@ -137,22 +87,6 @@ impl Drop for Watcher {
     }
 }
 
-/// What the watches listen for. Not opens and reads; `ONLYDIR` and `DONT_FOLLOW` so that a path
-/// that is no longer a real folder is not watched at all.
-fn mask() -> WatchMask {
-    WatchMask::CREATE
-        | WatchMask::DELETE
-        | WatchMask::MODIFY
-        | WatchMask::CLOSE_WRITE
-        | WatchMask::MOVED_FROM
-        | WatchMask::MOVED_TO
-        | WatchMask::ATTRIB
-        | WatchMask::DELETE_SELF
-        | WatchMask::MOVE_SELF
-        | WatchMask::ONLYDIR
-        | WatchMask::DONT_FOLLOW
-}
-
 /// How often the polling fallback rescans.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -162,13 +96,12 @@ impl Watcher {
         let (tx, rx) = mpsc::unbounded_channel();
         let err = |source| WatchError::Start { path: root.into(), source };
         let inotify = Inotify::init().map_err(err)?;
-        let watches = inotify.watches();
+        let folders = Arc::new(Mutex::new(FolderWatches::new(root, inotify.watches())));
         let stream = inotify.into_event_stream(vec![0u8; 64 << 10]).map_err(err)?;
-        let map = Arc::new(Mutex::new(WatchMap::default()));
-        let reader = tokio::spawn(read_events(stream, watches.clone(), Arc::clone(&map), tx.clone()));
+        let reader = tokio::spawn(read_events(stream, Arc::clone(&folders), tx.clone()));
         let mut me = Watcher {
             root: root.to_path_buf(),
-            backend: Backend::Native { watches, map, reader },
+            backend: Backend::Native { folders, reader },
             rx,
             tx,
             reporter,
@@ -176,11 +109,8 @@ impl Watcher {
             opened: None,
             writing: HashSet::new(),
         };
-        me.add_folder("")?;
-        let folders: Vec<&String> = tree.iter().filter(|(_, s)| s.entry.is_dir()).map(|(p, _)| p).collect();
-        for folder in folders {
-            me.add_folder(folder)?;
-        }
+        let started = me.native(|folders| folders.start(tree))?;
+        me.settle(started.map(|_| ()))?;
         Ok(me)
     }
 
@@ -191,107 +121,50 @@ impl Watcher {
         }
     }
 
-    /// Keeps the watch set equal to the tree's folders after a targeted rescan. `changed` is what
-    /// the rescan found changed; `hinted` the paths it was asked to look at: a hinted folder and
-    /// every folder under it are watched again if their watch is gone (the folder was replaced or
-    /// moved, which changes nothing in the tree when the new folder looks like the old one).
-    ///
-    /// Returns the folders newly watched: what was created in them before their watch existed
-    /// raised no event, so the caller rescans them once more.
+    /// Keeps the watch set equal to the tree's folders after a targeted rescan (see
+    /// [`FolderWatches::update`]). Returns the folders newly watched: what was created in them
+    /// before their watch existed raised no event, so the caller rescans them once more.
     pub fn update(&mut self, tree: &Tree, changed: &[String], hinted: &[String]) -> Result<Vec<String>, WatchError> {
-        let is_dir = |path: &str| tree.get(path).is_some_and(|s| s.entry.is_dir());
-        // Old watches go before new ones are set (see `WatchMap`).
-        for path in changed.iter().filter(|p| !is_dir(p)) {
-            self.remove_folder(path);
-        }
-        let mut candidates: BTreeSet<&str> = changed.iter().map(String::as_str).filter(|p| is_dir(p)).collect();
-        for path in hinted.iter().filter(|p| is_dir(p)) {
-            candidates.insert(path);
-            let prefix = format!("{path}/");
-            let below = tree.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix));
-            candidates.extend(below.filter(|(_, s)| s.entry.is_dir()).map(|(k, _)| k.as_str()));
-        }
-        let mut added = Vec::new();
-        for path in candidates {
-            if !self.is_watched(path) && self.add_folder(path)? {
-                added.push(path.to_owned());
-            }
-        }
-        Ok(added)
+        let added = self.native(|folders| folders.update(tree, changed, hinted))?;
+        self.settle(added)
     }
 
     /// Re-reads the watch set from a whole tree (after a full rescan). Returns the folders
     /// newly watched (see [`Watcher::update`]).
     pub fn reset(&mut self, tree: &Tree) -> Result<Vec<String>, WatchError> {
-        let Backend::Native { map, .. } = &self.backend else { return Ok(Vec::new()) };
-        let wanted: HashSet<&str> = tree.iter().filter(|(_, s)| s.entry.is_dir()).map(|(p, _)| p.as_str()).collect();
-        let stale: Vec<String> = {
-            let map = map.lock().expect("watch map poisoned");
-            map.by_path.keys().filter(|f| !f.is_empty() && !wanted.contains(f.as_str())).cloned().collect()
-        };
-        for folder in &stale {
-            self.remove_folder(folder);
-        }
-        let mut added = Vec::new();
-        for folder in std::iter::once("").chain(wanted) {
-            if !self.is_watched(folder) && self.add_folder(folder)? {
-                added.push(folder.to_owned());
+        let added = self.native(|folders| folders.reset(tree))?;
+        self.settle(added)
+    }
+
+    /// Runs `f` on the native watches; polling has none (an empty list).
+    ///
+    /// The watches are locked across `f`: the reader cannot see an event of a new descriptor
+    /// before it knows which folder the descriptor stands for.
+    fn native<T: Default>(
+        &mut self,
+        f: impl FnOnce(&mut FolderWatches) -> std::io::Result<Result<T, WatchLimit>>,
+    ) -> Result<Result<T, WatchLimit>, WatchError> {
+        let Backend::Native { folders, .. } = &self.backend else { return Ok(Ok(T::default())) };
+        let mut folders = folders.lock().expect("watches poisoned");
+        f(&mut folders).map_err(|source| WatchError::Start { path: self.root.clone(), source })
+    }
+
+    /// The watch limit reached: poll from now on.
+    fn settle<T: Default>(&mut self, outcome: Result<T, WatchLimit>) -> Result<T, WatchError> {
+        match outcome {
+            Ok(value) => Ok(value),
+            Err(WatchLimit) => {
+                self.fall_back_to_polling();
+                Ok(T::default())
             }
         }
-        Ok(added)
     }
 
-    fn is_watched(&self, rel: &str) -> bool {
-        match &self.backend {
-            Backend::Native { map, .. } => map.lock().expect("watch map poisoned").watched(rel),
-            Backend::Poll { .. } => true,
-        }
-    }
-
-    fn remove_folder(&mut self, rel: &str) {
-        let Backend::Native { watches, map, .. } = &mut self.backend else { return };
-        let wd = map.lock().expect("watch map poisoned").forget(rel);
-        if let Some(wd) = wd {
-            // Already gone when the folder was deleted; the kernel says so with IN_IGNORED.
-            let _ = watches.remove(wd);
-        }
-    }
-
-    /// Watches one folder; `false` when it is gone already (the rescan its own event triggers
-    /// will see that) or the watcher fell back to polling.
-    fn add_folder(&mut self, rel: &str) -> Result<bool, WatchError> {
-        let Backend::Native { watches, map, .. } = &mut self.backend else { return Ok(false) };
-        let path = if rel.is_empty() { self.root.clone() } else { self.root.join(rel) };
-        // The map is locked across the add: the reader cannot see an event of the new descriptor
-        // before it knows which folder the descriptor stands for.
-        let mut map = map.lock().expect("watch map poisoned");
-        match watches.add(&path, mask()) {
-            Ok(wd) => {
-                if let Some(old) = map.by_path.insert(rel.to_owned(), wd.clone()) {
-                    if old != wd && map.by_wd.get(&old).is_some_and(|p| p == rel) {
-                        map.by_wd.remove(&old);
-                    }
-                }
-                map.by_wd.insert(wd, rel.to_owned());
-                Ok(true)
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                drop(map);
-                self.fall_back_to_polling().map(|()| false)
-            }
-            // Gone, or no longer a folder: the rescan its own event triggers will see that.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)) => Ok(false),
-            Err(source) => Err(WatchError::Start { path, source }),
-        }
-    }
-
-    fn fall_back_to_polling(&mut self) -> Result<(), WatchError> {
+    fn fall_back_to_polling(&mut self) {
         self.reporter.emit(Event::Warning {
             message: "the inotify watch limit is reached; falling back to a rescan every 500 ms (slower, more CPU)"
                 .into(),
-            hint: Some(
-                "raise it: sudo sysctl fs.inotify.max_user_watches=524288 (persist it in /etc/sysctl.d/)".into(),
-            ),
+            hint: Some(WATCH_LIMIT_HINT.into()),
         });
         let tx = self.tx.clone();
         let ticker = tokio::spawn(async move {
@@ -307,7 +180,6 @@ impl Watcher {
         if let Backend::Native { reader, .. } = std::mem::replace(&mut self.backend, Backend::Poll { ticker }) {
             reader.abort();
         }
-        Ok(())
     }
 
     /// Waits for the next window of hints. `None` when the watcher is gone.
@@ -365,39 +237,17 @@ impl Watcher {
 /// dropped or moved watch leaves the map before any later event is handed on.
 async fn read_events(
     mut stream: inotify::EventStream<Vec<u8>>,
-    mut watches: Watches,
-    map: Arc<Mutex<WatchMap>>,
+    folders: Arc<Mutex<FolderWatches>>,
     tx: mpsc::UnboundedSender<Raw>,
 ) {
     while let Some(event) = stream.next().await {
         let raw = match event {
             // An error inside the watcher: trust nothing, rescan.
             Err(_) => Raw::Rescan,
-            Ok(event) if event.mask.contains(EventMask::Q_OVERFLOW) => Raw::Rescan,
             Ok(event) => {
-                let mut map = map.lock().expect("watch map poisoned");
-                let Some(folder) = map.by_wd.get(&event.wd).cloned() else { continue };
-                if event.mask.contains(EventMask::IGNORED) {
-                    map.forget(&folder);
-                } else if event.mask.contains(EventMask::MOVE_SELF) {
-                    // The folder lives elsewhere now, with the watches below it: their events
-                    // would carry the old paths. Drop them all; the rescan watches what is there.
-                    for wd in map.forget_subtree(&folder) {
-                        let _ = watches.remove(wd);
-                    }
-                }
-                drop(map);
-                let write = if event.mask.contains(EventMask::CLOSE_WRITE) {
-                    Write::Ended
-                } else if event.mask.contains(EventMask::MODIFY)
-                    || (event.mask.contains(EventMask::CREATE) && !event.mask.contains(EventMask::ISDIR))
-                {
-                    Write::Begun
-                } else {
-                    Write::Other
-                };
-                match hinted_path(&folder, event.name) {
-                    Some(path) => Raw::Path(path, write),
+                let mut folders = folders.lock().expect("watches poisoned");
+                match folders.interpret(&event.wd, event.mask, event.name.as_deref()) {
+                    Some(raw) => raw,
                     None => continue,
                 }
             }
@@ -408,72 +258,9 @@ async fn read_events(
     }
 }
 
-/// The relative path an event is about, or `None` for paths devloop never syncs (`.git/`,
-/// `.devloop/`) and for the root itself.
-fn hinted_path(folder: &str, name: Option<OsString>) -> Option<String> {
-    let path = match name {
-        Some(name) => {
-            let name = name.into_string().ok()?;
-            if folder.is_empty() {
-                name
-            } else {
-                format!("{folder}/{name}")
-            }
-        }
-        None => folder.to_owned(),
-    };
-    synced(&path).then_some(path)
-}
-
-/// Whether a relative path can be part of the tree at all.
-fn synced(rel: &str) -> bool {
-    let first = rel.split('/').next().unwrap_or("");
-    !rel.is_empty()
-        && first != ".git"
-        && first != devloop_agent::RESERVED_DIR
-        && !rel.contains("/.git/")
-        && !rel.ends_with("/.git")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hinted_paths_skip_git_and_reserved() {
-        let name = |n: &str| Some(OsString::from(n));
-        assert_eq!(hinted_path("a", name("b.rs")).as_deref(), Some("a/b.rs"));
-        assert_eq!(hinted_path("", name("top")).as_deref(), Some("top"));
-        assert_eq!(hinted_path("a", None).as_deref(), Some("a"));
-        assert_eq!(hinted_path("", None), None);
-        assert_eq!(hinted_path(".git", name("index.lock")), None);
-        assert_eq!(hinted_path("", name(".git")), None);
-        assert_eq!(hinted_path("sub/.git", name("HEAD")), None);
-        assert_eq!(hinted_path("", name(".devloop")), None);
-    }
-
-    #[test]
-    fn a_descriptor_taken_over_by_a_new_name_leaves_the_old_name_unwatched() {
-        let mut map = WatchMap::default();
-        // Descriptors come only from the kernel: two real ones.
-        let inotify = Inotify::init().unwrap();
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let w1 = inotify.watches().add(a.path(), mask()).unwrap();
-        let w2 = inotify.watches().add(b.path(), mask()).unwrap();
-        map.by_path.insert("d".into(), w1.clone());
-        map.by_wd.insert(w1.clone(), "d".into());
-        assert!(map.watched("d"));
-        // `mv d e`, then `e` watched: the kernel hands back d's descriptor.
-        map.by_path.insert("e".into(), w1.clone());
-        map.by_wd.insert(w1.clone(), "e".into());
-        assert!(map.watched("e") && !map.watched("d"));
-        assert_eq!(map.forget("d"), None, "e's watch stays");
-        assert!(map.watched("e"));
-        map.by_path.insert("e/x".into(), w2.clone());
-        map.by_wd.insert(w2, "e/x".into());
-        assert_eq!(map.forget_subtree("e").len(), 2);
-        assert!(map.by_path.is_empty() && map.by_wd.is_empty());
-    }
 
     #[tokio::test]
     async fn a_burst_of_writes_is_one_window() {
