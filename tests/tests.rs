@@ -15,6 +15,7 @@ mod ecosystem;
 mod edge;
 mod errors;
 mod hardening;
+mod index;
 #[cfg(feature = "kubernetes")]
 mod kubernetes;
 #[cfg(feature = "kubernetes")]

@@ -127,7 +127,7 @@ async fn keep(root: PathBuf, mut rx: mpsc::UnboundedReceiver<Request>) {
             }
             Wake::Quiet => {
                 if let Some(l) = live.take() {
-                    live = Some(l.catch_up(&mut buffer).await);
+                    live = Some(l.catch_up(&mut buffer).await.0);
                 }
             }
             Wake::Request(request) => {
@@ -136,8 +136,8 @@ async fn keep(root: PathBuf, mut rx: mpsc::UnboundedReceiver<Request>) {
                 };
                 let (current, from_memory) = match live.take() {
                     Some(l) if l.key == key && !matches!(l.events, Events::Off { .. }) => {
-                        let l = l.catch_up(&mut buffer).await;
-                        (Ok(l), true)
+                        let (l, walked) = l.catch_up(&mut buffer).await;
+                        (Ok(l), !walked)
                     }
                     previous => (Live::read(&root, key, previous).await, false),
                 };
@@ -287,14 +287,28 @@ impl Live {
     }
 
     /// Brings the tree up to date: every queued event read, the dirty paths (or, when events
-    /// lost track, the whole tree) read again, new folders watched and read once more.
-    async fn catch_up(mut self, buffer: &mut [u8]) -> Live {
+    /// lost track, the whole tree) read again, new folders watched and read once more. Says
+    /// whether it walked the whole tree.
+    async fn catch_up(mut self, buffer: &mut [u8]) -> (Live, bool) {
         self.drain(buffer);
-        if matches!(self.events, Events::Off { .. }) {
-            self.rescan_all = true;
-        }
-        while self.rescan_all || !self.dirty.is_empty() {
+        let mut walked = false;
+        loop {
+            // Without events to trust (the watch limit was met, now or just now), only a walk
+            // of the whole tree knows it.
+            if matches!(self.events, Events::Off { .. }) {
+                if walked {
+                    break;
+                }
+                self.rescan_all = true;
+            }
+            if !self.rescan_all && self.dirty.is_empty() {
+                break;
+            }
             let (all, hinted) = (std::mem::take(&mut self.rescan_all), std::mem::take(&mut self.dirty));
+            if all {
+                info!("the index lost track of events (queue overflow or root replaced): walking the tree");
+                walked = true;
+            }
             let (filter, tree) = (Arc::clone(&self.filter), std::mem::take(&mut self.tree));
             let hinted = outermost(&hinted);
             let (tree, changed, problems) = tokio::task::spawn_blocking(move || {
@@ -319,11 +333,8 @@ impl Live {
             }
             // Events that came during the walk.
             self.drain(buffer);
-            if matches!(self.events, Events::Off { .. }) {
-                break;
-            }
         }
-        self
+        (self, walked)
     }
 
     /// Watches every folder of the tree (after a full walk); folders newly watched are read once
