@@ -310,7 +310,7 @@ impl Live {
                 walked = true;
             }
             let (filter, tree) = (Arc::clone(&self.filter), std::mem::take(&mut self.tree));
-            let hinted = outermost(&hinted);
+            let hinted = crate::relpath::outermost(hinted);
             let (tree, changed, problems) = tokio::task::spawn_blocking(move || {
                 if all {
                     let outcome = walk::scan(&filter, &tree);
@@ -368,19 +368,6 @@ impl Live {
             }
         }
     }
-}
-
-/// The dirty paths without those below another dirty path (reading a folder reads all of it).
-fn outermost(dirty: &BTreeSet<String>) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for path in dirty {
-        let covered =
-            out.last().is_some_and(|last| path.strip_prefix(last.as_str()).is_some_and(|r| r.starts_with('/')));
-        if !covered {
-            out.push(path.clone());
-        }
-    }
-    out
 }
 
 /// A new inotify instance for `root` (no watches yet), or why there is none.

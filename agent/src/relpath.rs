@@ -79,6 +79,23 @@ pub fn link_is_contained(link: &str, target: &str) -> bool {
     ups <= depth
 }
 
+/// The paths of `paths` that are not below another of them ("" is the root, above all): a
+/// rescan of a folder reads everything under it. Sorted.
+pub fn outermost(paths: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut paths: Vec<String> = paths.into_iter().collect();
+    paths.sort_unstable();
+    let mut kept: Vec<String> = Vec::new();
+    for path in paths {
+        let covered = kept.last().is_some_and(|last| {
+            last.is_empty() || path.strip_prefix(last.as_str()).is_some_and(|rest| rest.starts_with('/'))
+        });
+        if !covered {
+            kept.push(path);
+        }
+    }
+    kept
+}
+
 /// The parent folders of a relative path, outermost first: `a/b/c` → `a`, `a/b`.
 pub fn ancestors(path: &str) -> impl Iterator<Item = &str> {
     path.match_indices('/').map(move |(i, _)| &path[..i])

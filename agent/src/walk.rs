@@ -86,6 +86,22 @@ pub trait StatSource: Sync {
     fn known(&self, rel: &str) -> Option<Known>;
     /// How many files it knows.
     fn files(&self) -> usize;
+    /// Where the paths of folder `dir` lie, for [`StatSource::known_in`]: a walk looks up a
+    /// whole folder's entries one after the other.
+    fn scope(&self, _dir: &str) -> Scope {
+        Scope::All
+    }
+    /// [`StatSource::known`] of a path of the folder `scope` was taken for.
+    fn known_in(&self, _scope: Scope, rel: &str) -> Option<Known> {
+        self.known(rel)
+    }
+}
+
+/// A part of a stat source: the records of one folder, or all.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope {
+    All,
+    Records(usize, usize),
 }
 
 impl StatSource for Tree {
@@ -391,6 +407,7 @@ impl Batch<'_> {
             }
         };
         let mut subdirs = Vec::new();
+        let scope = previous.scope(dir);
         while let Some(entry) = listing.read() {
             let entry = match entry {
                 Ok(entry) => entry,
@@ -410,7 +427,15 @@ impl Batch<'_> {
                 self.problems.push(Problem { path, message: "file name is not UTF-8; skipped".into() });
                 continue;
             };
-            let rel = if dir.is_empty() { name_str.to_owned() } else { format!("{dir}/{name_str}") };
+            let rel = if dir.is_empty() {
+                name_str.to_owned()
+            } else {
+                let mut rel = String::with_capacity(dir.len() + 1 + name_str.len());
+                rel.push_str(dir);
+                rel.push('/');
+                rel.push_str(name_str);
+                rel
+            };
             let mut kind = entry.file_type();
             let mut stat = None;
             if kind == FileType::Unknown {
@@ -429,7 +454,7 @@ impl Batch<'_> {
             if filter.excluded_here(&rel, kind == FileType::Directory) {
                 continue;
             }
-            match read_at(&fd, name, kind, stat, || previous.known(&rel), &mut self.stats) {
+            match read_at(&fd, name, kind, stat, || previous.known_in(scope, &rel), &mut self.stats) {
                 Ok(Some(scanned)) => {
                     if kind == FileType::Directory {
                         subdirs.push(rel.clone());
@@ -608,9 +633,20 @@ fn u64_at(record: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(record[at..at + 8].try_into().expect("8 bytes"))
 }
 
-impl StatSource for StatCache {
-    fn known(&self, rel: &str) -> Option<Known> {
-        let (mut low, mut high) = (0, self.count);
+impl StatCache {
+    /// The first record whose path is not below `bound`, searching `low..high`.
+    fn lower_bound(&self, mut low: usize, mut high: usize, bound: &[u8]) -> usize {
+        while low < high {
+            let mid = low + (high - low) / 2;
+            match self.record(mid).and_then(|r| self.path(r)) {
+                Some(path) if path < bound => low = mid + 1,
+                _ => high = mid,
+            }
+        }
+        low
+    }
+
+    fn find(&self, (mut low, mut high): (usize, usize), rel: &str) -> Option<Known> {
         while low < high {
             let mid = low + (high - low) / 2;
             let record = self.record(mid)?;
@@ -632,9 +668,32 @@ impl StatSource for StatCache {
         }
         None
     }
+}
+
+impl StatSource for StatCache {
+    fn known(&self, rel: &str) -> Option<Known> {
+        self.find((0, self.count), rel)
+    }
 
     fn files(&self) -> usize {
         self.count
+    }
+
+    /// The records from `dir/` up to `dir0` (`0` follows `/`): the folder's paths and those below.
+    fn scope(&self, dir: &str) -> Scope {
+        if dir.is_empty() {
+            return Scope::All;
+        }
+        let low = self.lower_bound(0, self.count, format!("{dir}/").as_bytes());
+        let high = self.lower_bound(low, self.count, format!("{dir}0").as_bytes());
+        Scope::Records(low, high)
+    }
+
+    fn known_in(&self, scope: Scope, rel: &str) -> Option<Known> {
+        match scope {
+            Scope::All => self.known(rel),
+            Scope::Records(low, high) => self.find((low, high), rel),
+        }
     }
 }
 

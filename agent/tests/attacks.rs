@@ -20,6 +20,7 @@ struct Agent {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
+    reaped: bool,
 }
 
 impl Agent {
@@ -50,7 +51,7 @@ impl Agent {
             ask: false,
         }));
         stdin.write_all(&hello).unwrap();
-        let mut agent = Agent { child, stdin, stdout };
+        let mut agent = Agent { child, stdin, stdout, reaped: false };
         let mut theirs = [0u8; 12];
         agent.stdout.read_exact(&mut theirs).unwrap();
         assert_eq!(&theirs[..8], &MAGIC);
@@ -116,18 +117,26 @@ impl Agent {
         assert!(self.child.wait().unwrap().success());
     }
 
-    /// Peak resident memory of the agent (VmHWM), in bytes.
-    fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    /// Peak resident memory of the agent, in bytes, once it has ended (after a fatal error it
+    /// ends by itself; its /proc status is gone as soon as it has). Consumes the session.
+    fn peak_rss_at_exit(mut self) -> u64 {
+        let mut status = 0;
+        // SAFETY: plain wait4 on our own child, into zeroed out-parameters.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let pid = unsafe { libc::wait4(self.child.id() as i32, &mut status, 0, &mut usage) };
+        assert_eq!(pid, self.child.id() as i32, "the agent was waited for once");
+        // Reaped here: the pid is no longer ours to signal or wait for.
+        self.reaped = true;
+        usage.ru_maxrss as u64 * 1024
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -305,7 +314,7 @@ fn tar_metadata_bombs_are_refused_with_bounded_memory() {
         };
         let FromAgent::Fatal { message } = answer else { unreachable!() };
         assert!(message.contains("larger than"), "{message}");
-        let peak = agent.peak_rss();
+        let peak = agent.peak_rss_at_exit();
         assert!(peak < 48 << 20, "peak RSS {} MiB after 100 MiB of a 500 MiB header", peak >> 20);
         assert!(message.len() < 2048, "the answer stays small");
     }
@@ -322,7 +331,7 @@ fn frames_above_the_limits_are_refused_before_allocating() {
     agent.send(&head);
     let FromAgent::Fatal { message } = agent.until(|m| matches!(m, FromAgent::Fatal { .. })) else { unreachable!() };
     assert!(message.contains("larger than"), "{message}");
-    assert!(agent.peak_rss() < 32 << 20);
+    assert!(agent.peak_rss_at_exit() < 32 << 20);
 }
 
 /// Regression: a second session wiped the first one's staging folder mid-file. Now it waits for

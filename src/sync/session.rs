@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use devloop_agent::filter::Filter;
 use devloop_agent::manifest::{Entry, Manifest};
 use devloop_agent::protocol::{self, Chmod, RestartReport, ToAgent};
+use devloop_agent::relpath;
 use devloop_agent::walk::{self, Tree};
 use tokio::sync::watch;
 use tracing::{info_span, Instrument};
@@ -78,6 +79,8 @@ pub struct Session {
     refused: Refused,
     live: Option<AgentClient>,
     round: u64,
+    /// The baseline grew one insert at a time since it was last built whole.
+    grown: bool,
     /// How the last restart went (for `--once`).
     last_restart: Option<RestartReport>,
     /// A synced change calls for a restart that has not been asked for yet (held back while
@@ -113,6 +116,7 @@ impl Session {
             refused: Refused::new(),
             live: None,
             round: 0,
+            grown: false,
             last_restart: None,
             restart_owed: false,
             id: session_id(),
@@ -152,7 +156,7 @@ impl Session {
                 // Folders the cache did not know were read before their watch existed: read
                 // them again (cheap: stat-cached).
                 let added = watcher.reset(&self.local)?;
-                self.follow_new_folders(&mut watcher, outermost(added)).await?;
+                self.follow_new_folders(&mut watcher, relpath::outermost(added)).await?;
                 Some(watcher)
             }
         };
@@ -173,8 +177,10 @@ impl Session {
         // The baseline grew one insert at a time during the initial sync (half-empty B-tree
         // nodes); rebuilt from its sorted entries it packs densely. Then the sync's transient
         // buffers go back to the OS.
-        self.baseline = std::mem::take(&mut self.baseline).into_iter().collect();
-        release_memory();
+        if std::mem::take(&mut self.grown) {
+            self.baseline = std::mem::take(&mut self.baseline).into_iter().collect();
+            release_memory();
+        }
         let Some(watcher) = watcher.as_mut() else {
             let verdict = match self.unequal() {
                 Some(differ) => Err(differ),
@@ -318,7 +324,7 @@ impl Session {
             }
             let before = self.scan_all().await;
             let added = watcher.reset(&self.local)?;
-            self.follow_new_folders(watcher, outermost(added)).await?;
+            self.follow_new_folders(watcher, relpath::outermost(added)).await?;
             diff(&before, &self.local)
                 .iter()
                 .map(|c| c.path().to_owned())
@@ -486,7 +492,8 @@ impl Session {
         });
         self.pending.clear();
         self.refused.clear();
-        let changes = diff(&self.baseline, &self.local);
+        // Equal digests: the baseline is the local tree's manifest, nothing differs.
+        let changes = if same { Vec::new() } else { diff(&self.baseline, &self.local) };
         let kinds = changes.iter().map(|c| (c.path(), self.was_or_is_dir(c.path())));
         let restart = match classify_resync(kinds, &self.config.rules) {
             Plan::Sync { restart } => restart,
@@ -594,6 +601,7 @@ impl Session {
             .await?;
         let sent = Sent { deletes: &deletes, chmods: &chmods, upserts: packed.sent };
         baseline::fold(&mut self.baseline, &mut self.refused, sent, &applied);
+        self.grown = true;
         for problem in packed.skipped {
             self.pending.insert(problem.path.clone());
             self.reporter.emit(Event::Problem { path: problem.path, message: problem.message });
@@ -634,20 +642,6 @@ impl Session {
             client.close().await;
         }
     }
-}
-
-/// The folders of `folders` that are not below another of them (a rescan of a folder reads
-/// everything under it).
-fn outermost(mut folders: Vec<String>) -> Vec<String> {
-    folders.sort_unstable();
-    let mut kept: Vec<String> = Vec::new();
-    for folder in folders {
-        let covered = kept.last().is_some_and(|last| last.is_empty() || folder.starts_with(&format!("{last}/")));
-        if !covered {
-            kept.push(folder);
-        }
-    }
-    kept
 }
 
 /// An id for this CLI process's session: pid and start time.
