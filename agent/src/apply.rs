@@ -31,7 +31,7 @@ use tar::EntryType;
 use crate::manifest::{Digest, Entry};
 use crate::protocol::{Applied, Chmod, MAX_BATCH_ENTRIES, PAX_BLAKE3};
 use crate::relpath::{self, PathError};
-use crate::walk::{Scanned, StatKey};
+use crate::walk::{Scanned, Stat, StatKey};
 use crate::RESERVED_DIR;
 
 /// Default largest file a batch may carry.
@@ -402,7 +402,7 @@ impl Dest {
         }
         let meta = out.metadata()?;
         fix_mode_from(&out, &meta, mode)?;
-        Ok((got, StatKey::of(&meta).settled(written_at)))
+        Ok((got, Stat::of(&meta).settled(written_at)))
     }
 
     /// Writes a small file that arrived whole: checked against its digest before anything is
@@ -426,7 +426,7 @@ impl Dest {
             None => self.write_staged(&dir, name, &file.content, mode)?,
         };
         // Read after the link or rename, which moved the ctime.
-        let stat = StatKey::of(&out.metadata()?).settled(written_at);
+        let stat = Stat::of(&out.metadata()?).settled(written_at);
         let size = file.content.len() as u64;
         Ok(Scanned { entry: Entry::File { hash: got, size, exec: file.exec }, stat })
     }

@@ -128,6 +128,7 @@ async fn keep(root: PathBuf, mut rx: mpsc::UnboundedReceiver<Request>) {
             Wake::Quiet => {
                 if let Some(l) = live.take() {
                     live = Some(l.catch_up(&mut buffer).await.0);
+                    crate::release_memory();
                 }
             }
             Wake::Request(request) => {
@@ -145,6 +146,11 @@ async fn keep(root: PathBuf, mut rx: mpsc::UnboundedReceiver<Request>) {
                     Ok(l) => {
                         answer(&l, request, from_memory);
                         live = Some(l);
+                        // A walk's transient buffers are freed by now: the pod's memory holds
+                        // the index alone.
+                        if !from_memory {
+                            crate::release_memory();
+                        }
                     }
                     Err(message) => match request {
                         Request::Summary { reply, .. } => drop(reply.send(Err(message))),

@@ -37,6 +37,18 @@ pub mod supervise;
 #[cfg(feature = "runtime")]
 pub mod targuard;
 
+/// Returns freed heap pages to the OS. A big sync, rescan or walk leaves megabytes of freed
+/// buffers that glibc's allocator would otherwise keep, so that a process's steady RSS would not
+/// be its live data. (musl's allocator returns them by itself.)
+#[cfg(feature = "tree")]
+pub fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The reserved folder at the root of every synced tree: the agent's staging area and caches.
 /// Never synced, never reported in a manifest.
 pub const RESERVED_DIR: &str = ".devloop";

@@ -19,15 +19,27 @@ use crate::filter::Filter;
 use crate::manifest::{Digest, Entry, Manifest};
 use crate::protocol::Problem;
 
-/// What the stat cache compares. A file whose key is unchanged keeps its digest.
+/// A file's stat as read: what [`StatKey`] is made of.
 ///
-/// ctime is part of the key: `touch -r`, `cp -p` or a same-size rewrite that restores the mtime
+/// ctime is part of it: `touch -r`, `cp -p` or a same-size rewrite that restores the mtime
 /// cannot restore the ctime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StatKey {
+pub struct Stat {
     pub size: u64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
+    pub ino: u64,
+}
+
+/// What the stat cache compares, held compact (16 bytes, also inside an `Option`): the inode,
+/// and a 64-bit fingerprint of size, mtime and ctime. A file whose key is unchanged keeps its
+/// digest; a change of any of them changes the key but with a chance of 2^-64.
+///
+/// The fingerprint is std's `DefaultHasher` with its fixed keys: stable within one build, and
+/// a build whose hasher differs only finds every saved key changed (each file hashed once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatKey {
+    pub fingerprint: std::num::NonZeroU64,
     pub ino: u64,
 }
 
@@ -40,14 +52,22 @@ pub struct StatKey {
 pub const RACY_WINDOW: Duration = Duration::from_millis(100);
 pub const RACY_WINDOW_COARSE: Duration = Duration::from_secs(2);
 
-impl StatKey {
-    pub fn of(meta: &Metadata) -> StatKey {
-        StatKey {
+impl Stat {
+    pub fn of(meta: &Metadata) -> Stat {
+        Stat {
             size: meta.len(),
             mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
             ctime_ns: meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec()),
             ino: meta.ino(),
         }
+    }
+
+    pub fn key(&self) -> StatKey {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        (self.size, self.mtime_ns, self.ctime_ns).hash(&mut hasher);
+        let fingerprint = std::num::NonZeroU64::new(hasher.finish()).unwrap_or(std::num::NonZeroU64::MIN);
+        StatKey { fingerprint, ino: self.ino }
     }
 
     /// The key to cache for content read at `read_at` (taken before the read began), or `None`
@@ -57,7 +77,7 @@ impl StatKey {
         let coarse = self.mtime_ns % 1_000_000_000 == 0 && self.ctime_ns % 1_000_000_000 == 0;
         let window = if coarse { RACY_WINDOW_COARSE } else { RACY_WINDOW };
         let changed = self.mtime_ns.max(self.ctime_ns);
-        (changed.saturating_add(window.as_nanos() as i64) < read_at).then_some(self)
+        (changed.saturating_add(window.as_nanos() as i64) < read_at).then(|| self.key())
     }
 }
 
@@ -505,9 +525,10 @@ fn read_at(
         FileType::Directory | FileType::Symlink => return Err(io::ErrorKind::NotFound.into()),
         _ => return Ok(None),
     }
-    if let Some(known) = previous().filter(|known| known.stat == StatKey::of_stat(&st)) {
+    let now = StatKey::of_stat(&st);
+    if let Some(known) = previous().filter(|known| known.stat == now) {
         let entry = Entry::File { hash: known.hash, size: known.size, exec: st.st_mode & 0o111 != 0 };
-        return Ok(Some(Scanned { entry, stat: Some(StatKey::of_stat(&st)) }));
+        return Ok(Some(Scanned { entry, stat: Some(now) }));
     }
     let read_at = SystemTime::now();
     // Opened without blocking and checked again: what is hashed is the regular file whose stat
@@ -517,7 +538,7 @@ fn read_at(
         Err(crate::beneath::OpenError::NotRegular(_)) => return Err(io::ErrorKind::NotFound.into()),
         Err(crate::beneath::OpenError::Io(e)) => return Err(e),
     };
-    let key = StatKey::of_stat(&opened.stat);
+    let key = Stat::of_stat(&opened.stat);
     let exec = opened.stat.st_mode & 0o111 != 0;
     let (hash, size) = hash_reader(opened.file)?;
     stats.hashed_files += 1;
@@ -527,10 +548,17 @@ fn read_at(
 }
 
 impl StatKey {
-    /// The key of a stat read by `fstat`/`fstatat` (the field types differ between libcs).
-    #[allow(clippy::unnecessary_cast)]
+    /// The key of a stat read by `fstat`/`fstatat`.
     pub fn of_stat(st: &rustix::fs::Stat) -> StatKey {
-        StatKey {
+        Stat::of_stat(st).key()
+    }
+}
+
+impl Stat {
+    /// A stat read by `fstat`/`fstatat` (the field types differ between libcs).
+    #[allow(clippy::unnecessary_cast)]
+    pub fn of_stat(st: &rustix::fs::Stat) -> Stat {
+        Stat {
             size: st.st_size as u64,
             mtime_ns: (st.st_mtime as i64).saturating_mul(1_000_000_000).saturating_add(st.st_mtime_nsec as i64),
             ctime_ns: (st.st_ctime as i64).saturating_mul(1_000_000_000).saturating_add(st.st_ctime_nsec as i64),
@@ -597,11 +625,12 @@ fn remove_subtree_below(tree: &mut Tree, rel: &str) -> Vec<String> {
 /// First bytes of a saved stat cache; a file without them (another version's) is not read.
 ///
 /// After them: the number of files (u64), one record of [`RECORD`] bytes per file in path order
-/// (path offset and length in the name table, u32 each; size, mtime, ctime, inode, 8 bytes each;
-/// the exec bit and 7 bytes of padding; the digest), then the name table. Little-endian. A scan
-/// looks files up in it by binary search: loading it allocates nothing per file.
-const CACHE_FORMAT: &[u8] = b"devloop-stat-cache-3\n";
-const RECORD: usize = 80;
+/// (path offset and length in the name table, u32 each; size, the [`StatKey`]'s fingerprint and
+/// inode, 8 bytes each; the exec bit and 7 bytes of padding; the digest), then the name table.
+/// Little-endian. A scan looks files up in it by binary search: loading it allocates nothing per
+/// file.
+const CACHE_FORMAT: &[u8] = b"devloop-stat-cache-4\n";
+const RECORD: usize = 72;
 
 /// A stat cache as saved by [`save_stat_cache`], read whole and looked up in place.
 #[derive(Default)]
@@ -655,13 +684,9 @@ impl StatCache {
                 std::cmp::Ordering::Greater => high = mid,
                 std::cmp::Ordering::Equal => {
                     let size = u64_at(record, 8);
-                    let stat = StatKey {
-                        size,
-                        mtime_ns: u64_at(record, 16) as i64,
-                        ctime_ns: u64_at(record, 24) as i64,
-                        ino: u64_at(record, 32),
-                    };
-                    let hash = Digest(record[48..80].try_into().ok()?);
+                    let fingerprint = std::num::NonZeroU64::new(u64_at(record, 16))?;
+                    let stat = StatKey { fingerprint, ino: u64_at(record, 24) };
+                    let hash = Digest(record[40..72].try_into().ok()?);
                     return Some(Known { stat, hash, size });
                 }
             }
@@ -730,8 +755,7 @@ pub fn save_stat_cache(path: &Path, tree: &Tree) {
         bytes.extend_from_slice(&offset.to_le_bytes());
         bytes.extend_from_slice(&len.to_le_bytes());
         bytes.extend_from_slice(&size.to_le_bytes());
-        bytes.extend_from_slice(&stat.mtime_ns.to_le_bytes());
-        bytes.extend_from_slice(&stat.ctime_ns.to_le_bytes());
+        bytes.extend_from_slice(&stat.fingerprint.get().to_le_bytes());
         bytes.extend_from_slice(&stat.ino.to_le_bytes());
         bytes.extend_from_slice(&[u8::from(*exec), 0, 0, 0, 0, 0, 0, 0]);
         bytes.extend_from_slice(&hash.0);
@@ -824,7 +848,7 @@ mod tests {
         // only the ctime tells.
         fs::write(&file, "fn main(){x}").unwrap();
         set_mtime(&file, 1_700_000_000);
-        assert_eq!(StatKey::of(&fs::metadata(&file).unwrap()).size, 12);
+        assert_eq!(Stat::of(&fs::metadata(&file).unwrap()).size, 12);
         let again = scan(&filter, &first.tree);
         assert_eq!(again.tree["src/main.rs"].entry.digest(), Some(Digest::of(b"fn main(){x}")));
         let across_runs = scan(&filter, &load_stat_cache(&cache));
@@ -868,13 +892,13 @@ mod tests {
     fn a_stat_read_within_a_tick_of_the_change_is_not_trusted() {
         let now = SystemTime::now();
         let ns = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64;
-        let key = |changed: SystemTime| StatKey { size: 1, mtime_ns: ns(changed), ctime_ns: ns(changed), ino: 1 };
+        let key = |changed: SystemTime| Stat { size: 1, mtime_ns: ns(changed), ctime_ns: ns(changed), ino: 1 };
         assert_eq!(key(now).settled(now), None);
         assert_eq!(key(now - Duration::from_millis(20)).settled(now), None);
         let old = key(now - Duration::from_secs(1));
         assert_eq!(old.settled(now), Some(old));
         // Whole-second timestamps: a tick is a second or two.
-        let coarse = StatKey { size: 1, mtime_ns: 1_000_000_000_000, ctime_ns: 1_000_000_000_000, ino: 1 };
+        let coarse = Stat { size: 1, mtime_ns: 1_000_000_000_000, ctime_ns: 1_000_000_000_000, ino: 1 };
         assert_eq!(coarse.settled(UNIX_EPOCH + Duration::from_millis(1_001_000)), None);
         assert_eq!(coarse.settled(UNIX_EPOCH + Duration::from_secs(1_003)), Some(coarse));
         // A file rewritten right after its hash: the fresh scan keeps no stat, the next one hashes it again.

@@ -118,7 +118,8 @@ fn append_file<W: Write>(
         Err(OpenError::NotRegular(_)) => return Ok(None),
         Err(OpenError::Io(e)) => return Err(Failure::Read(e)),
     };
-    let now = StatKey::of_stat(&stat);
+    let full = devloop_agent::walk::Stat::of_stat(&stat);
+    let now = full.key();
     // Another file took the name since the scan: look at it again rather than send it unseen.
     if scanned.is_some_and(|scanned| scanned.ino != now.ino) {
         return Ok(None);
@@ -126,15 +127,15 @@ fn append_file<W: Write>(
     let mode = if exec { 0o755 } else { 0o644 };
     // The open file still has the stat the scan hashed it at: its digest is known, one pass less.
     // (A write racing this read makes the agent's digest check refuse it; the watcher resends.)
-    if let (Some(digest), Some(scanned)) = (known, scanned.filter(|scanned| *scanned == now)) {
+    if let (Some(digest), true) = (known, scanned == Some(now)) {
         builder.append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())]).map_err(Failure::Sink)?;
-        let mut h = header(EntryType::Regular, mode, scanned.size);
-        let exact = ExactSize { inner: (&mut file).take(scanned.size), remaining: scanned.size };
+        let mut h = header(EntryType::Regular, mode, full.size);
+        let exact = ExactSize { inner: (&mut file).take(full.size), remaining: full.size };
         builder.append_data(&mut h, path, exact).map_err(Failure::Sink)?;
-        return Ok(Some(Entry::File { hash: digest, size: scanned.size, exec }));
+        return Ok(Some(Entry::File { hash: digest, size: full.size, exec }));
     }
-    if now.size <= READ_ONCE_LIMIT {
-        let mut content = Vec::with_capacity(now.size as usize);
+    if full.size <= READ_ONCE_LIMIT {
+        let mut content = Vec::with_capacity(full.size as usize);
         file.read_to_end(&mut content).map_err(Failure::Read)?;
         let digest = Digest::of(&content);
         builder.append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())]).map_err(Failure::Sink)?;
@@ -237,7 +238,7 @@ mod tests {
         fs::create_dir(dir.path().join("x".repeat(150))).unwrap();
         fs::write(dir.path().join(&long), "beta").unwrap();
         // a.txt was scanned at another stat: its stale digest is not trusted. b.txt's stat matches.
-        let b_stat = StatKey::of(&fs::metadata(dir.path().join(&long)).unwrap());
+        let b_stat = devloop_agent::walk::Stat::of(&fs::metadata(dir.path().join(&long)).unwrap()).key();
         let upserts = vec![
             ("d".to_string(), Entry::Dir, None),
             ("d/a.txt".to_string(), Entry::File { hash: Digest::of(b"stale"), size: 5, exec: true }, None),

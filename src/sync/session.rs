@@ -179,7 +179,7 @@ impl Session {
         // buffers go back to the OS.
         if std::mem::take(&mut self.grown) {
             self.baseline = std::mem::take(&mut self.baseline).into_iter().collect();
-            release_memory();
+            devloop_agent::release_memory();
         }
         let Some(watcher) = watcher.as_mut() else {
             let verdict = match self.unequal() {
@@ -648,14 +648,4 @@ impl Session {
 fn session_id() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{}-{:x}", std::process::id(), nanos % (1 << 40))
-}
-
-/// Returns freed heap pages to the OS. A big sync or rescan leaves megabytes of freed buffers that
-/// glibc's allocator would otherwise keep; the watcher's steady RSS should be its live data.
-fn release_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory of the allocator.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
