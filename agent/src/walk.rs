@@ -896,11 +896,11 @@ mod tests {
         assert_eq!(key(now).settled(now), None);
         assert_eq!(key(now - Duration::from_millis(20)).settled(now), None);
         let old = key(now - Duration::from_secs(1));
-        assert_eq!(old.settled(now), Some(old));
+        assert_eq!(old.settled(now), Some(old.key()));
         // Whole-second timestamps: a tick is a second or two.
         let coarse = Stat { size: 1, mtime_ns: 1_000_000_000_000, ctime_ns: 1_000_000_000_000, ino: 1 };
         assert_eq!(coarse.settled(UNIX_EPOCH + Duration::from_millis(1_001_000)), None);
-        assert_eq!(coarse.settled(UNIX_EPOCH + Duration::from_secs(1_003)), Some(coarse));
+        assert_eq!(coarse.settled(UNIX_EPOCH + Duration::from_secs(1_003)), Some(coarse.key()));
         // A file rewritten right after its hash: the fresh scan keeps no stat, the next one hashes it again.
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("f"), "aaaa").unwrap();

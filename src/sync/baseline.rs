@@ -2,15 +2,151 @@
 //! acknowledged — a batch's deletions, exec-bit changes and entries, minus what it refused.
 //! Pure: no IO.
 //!
+//! Kept as a delta over the local tree: only the paths where the target holds something else
+//! (or nothing) are stored. Once the trees are equal it is empty, so a session holds every path
+//! once. The price is one rule: before the local tree changes at a path, [`Baseline::pin`] keeps
+//! there what the target holds (the local entry until then).
+//!
 //! Architecture invariant: the baseline advances on `Applied`, never on "sent".
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
+use devloop_agent::filter::Filter;
 use devloop_agent::manifest::{Entry, Manifest};
 use devloop_agent::protocol::{Applied, Chmod};
+use devloop_agent::walk::Tree;
+
+use super::diff::{diff_paths, Change, Entries};
 
 /// Paths the agent refused, with the local entry it refused: not sent again until it changes.
 pub type Refused = HashMap<String, Entry>;
+
+/// What the target holds, as its differences from the local tree.
+#[derive(Debug, Default)]
+pub struct Baseline {
+    /// Path → what the target holds there (`None`: nothing), where it differs from the local
+    /// tree.
+    differs: BTreeMap<String, Option<Entry>>,
+}
+
+impl Baseline {
+    /// The target holds `manifest`.
+    pub fn of(manifest: Manifest, local: &Tree) -> Baseline {
+        let mut differs = BTreeMap::new();
+        let mut held = manifest.into_iter().peekable();
+        let mut here = local.iter().peekable();
+        loop {
+            let order = match (held.peek(), here.peek()) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((h, _)), Some((l, _))) => h.as_str().cmp(l.as_str()),
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    let (path, entry) = held.next().expect("peeked");
+                    differs.insert(path, Some(entry));
+                }
+                std::cmp::Ordering::Greater => {
+                    let (path, _) = here.next().expect("peeked");
+                    differs.insert(path.clone(), None);
+                }
+                std::cmp::Ordering::Equal => {
+                    let ((path, entry), (_, scanned)) = (held.next().expect("peeked"), here.next().expect("peeked"));
+                    if entry != scanned.entry {
+                        differs.insert(path, Some(entry));
+                    }
+                }
+            }
+        }
+        Baseline { differs }
+    }
+
+    /// What the target holds at `path`.
+    pub fn entry<'a>(&'a self, local: &'a Tree, path: &str) -> Option<&'a Entry> {
+        match self.differs.get(path) {
+            Some(held) => held.as_ref(),
+            None => local.get(path).map(|s| &s.entry),
+        }
+    }
+
+    /// How many paths differ from the local tree.
+    pub fn differing(&self) -> usize {
+        self.differs.len()
+    }
+
+    /// Before the local tree changes at `path`, where it held `old`: the target still holds
+    /// `old` there, unless the baseline already says otherwise.
+    pub fn pin(&mut self, path: &str, old: Option<&Entry>) {
+        if !self.differs.contains_key(path) {
+            self.differs.insert(path.to_owned(), old.cloned());
+        }
+    }
+
+    /// The target holds `held` at `path` now.
+    fn set(&mut self, local: &Tree, path: String, held: Option<Entry>) {
+        if local.get(&path).map(|s| &s.entry) == held.as_ref() {
+            self.differs.remove(&path);
+        } else {
+            self.differs.insert(path, held);
+        }
+    }
+
+    /// What must change in the target so that it equals `local`, in path order.
+    pub fn diff(&self, local: &Tree) -> Vec<Change> {
+        diff_paths(&self.view(local), local, self.differs.keys().map(String::as_str))
+    }
+
+    /// The target as an [`Entries`], for [`diff_paths`].
+    pub fn view<'a>(&'a self, local: &'a Tree) -> Held<'a> {
+        Held { baseline: self, local }
+    }
+
+    /// Forgets what it knows of paths `filter` excludes (they are left alone in the target):
+    /// where the local tree has nothing, the target counts as holding nothing either.
+    pub fn forget_excluded(&mut self, filter: &Filter) {
+        self.differs.retain(|path, held| !filter.is_excluded(path, held.as_ref().is_some_and(Entry::is_dir)));
+    }
+}
+
+/// The baseline seen whole: the local tree, where the target differs what it holds.
+pub struct Held<'a> {
+    baseline: &'a Baseline,
+    local: &'a Tree,
+}
+
+impl Entries for Held<'_> {
+    fn entry(&self, path: &str) -> Option<&Entry> {
+        self.baseline.entry(self.local, path)
+    }
+
+    fn sorted(&self) -> Box<dyn Iterator<Item = (&str, &Entry)> + '_> {
+        let mut differs = self.baseline.differs.iter().peekable();
+        let mut local = self.local.iter().peekable();
+        Box::new(std::iter::from_fn(move || loop {
+            let order = match (differs.peek(), local.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((d, _)), Some((l, _))) => d.as_str().cmp(l.as_str()),
+            };
+            let (path, held) = match order {
+                std::cmp::Ordering::Greater => {
+                    let (path, scanned) = local.next().expect("peeked");
+                    return Some((path.as_str(), &scanned.entry));
+                }
+                std::cmp::Ordering::Equal => {
+                    local.next();
+                    differs.next().expect("peeked")
+                }
+                std::cmp::Ordering::Less => differs.next().expect("peeked"),
+            };
+            if let Some(entry) = held {
+                return Some((path.as_str(), entry));
+            }
+        }))
+    }
+}
 
 /// What one batch carried.
 pub struct Sent<'a> {
@@ -24,20 +160,21 @@ pub struct Sent<'a> {
 /// Folds the agent's answer to `sent` into the baseline and the refused paths. The answer names
 /// each refused entry by its place in the batch: the deletions, then the exec-bit changes, then
 /// the upserts, each in the order sent.
-pub fn fold(baseline: &mut Manifest, refused: &mut Refused, sent: Sent<'_>, answer: &Applied) {
+pub fn fold(baseline: &mut Baseline, local: &Tree, refused: &mut Refused, sent: Sent<'_>, answer: &Applied) {
     let no: HashSet<usize> = answer.refused_at.iter().map(|&at| at as usize).collect();
     let (deletes, chmods) = (sent.deletes.len(), sent.chmods.len());
     for (at, path) in sent.deletes.iter().enumerate() {
         if !no.contains(&at) {
-            baseline.remove(path);
+            baseline.set(local, path.clone(), None);
         }
     }
     for (i, chmod) in sent.chmods.iter().enumerate() {
         if no.contains(&(deletes + i)) {
             continue;
         }
-        if let Some(Entry::File { exec, .. }) = baseline.get_mut(&chmod.path) {
-            *exec = chmod.exec;
+        if let Some(Entry::File { hash, size, .. }) = baseline.entry(local, &chmod.path) {
+            let held = Entry::File { hash: *hash, size: *size, exec: chmod.exec };
+            baseline.set(local, chmod.path.clone(), Some(held));
         }
     }
     for (i, (path, entry)) in sent.upserts.into_iter().enumerate() {
@@ -45,7 +182,7 @@ pub fn fold(baseline: &mut Manifest, refused: &mut Refused, sent: Sent<'_>, answ
             refused.insert(path, entry);
         } else {
             refused.remove(&path);
-            baseline.insert(path, entry);
+            baseline.set(local, path, Some(entry));
         }
     }
 }
@@ -55,6 +192,7 @@ mod tests {
     use super::*;
     use devloop_agent::manifest::Digest;
     use devloop_agent::protocol::Problem;
+    use devloop_agent::walk::{self, Scanned};
 
     fn file(body: &[u8]) -> Entry {
         Entry::File { hash: Digest::of(body), size: body.len() as u64, exec: false }
@@ -69,10 +207,12 @@ mod tests {
 
     #[test]
     fn what_was_applied_enters_the_baseline_and_what_was_refused_does_not() {
-        let mut baseline: Manifest =
+        let held: Manifest =
             [("gone".to_string(), file(b"g")), ("kept".to_string(), file(b"k")), ("run.sh".to_string(), file(b"r"))]
                 .into_iter()
                 .collect();
+        let local = Tree::new();
+        let mut baseline = Baseline::of(held, &local);
         let mut refused = Refused::from([("new.txt".to_string(), file(b"old attempt"))]);
         let deletes = ["gone".to_string(), "kept".to_string()];
         let chmods = [Chmod { path: "run.sh".into(), exec: true }];
@@ -80,23 +220,81 @@ mod tests {
             vec![("new.txt".to_string(), file(b"new")), ("evil".to_string(), Entry::Symlink { target: "/".into() })];
         let sent = Sent { deletes: &deletes, chmods: &chmods, upserts };
         // Places: deletions 0-1 (`gone`, `kept`), the chmod 2, the upserts 3-4 (`new.txt`, `evil`).
-        fold(&mut baseline, &mut refused, sent, &answer(&[1, 4]));
+        fold(&mut baseline, &local, &mut refused, sent, &answer(&[1, 4]));
 
-        assert!(!baseline.contains_key("gone"));
-        assert_eq!(baseline["kept"], file(b"k"), "a refused deletion leaves the path in the baseline");
-        assert_eq!(baseline["run.sh"], Entry::File { hash: Digest::of(b"r"), size: 1, exec: true });
-        assert_eq!(baseline["new.txt"], file(b"new"));
-        assert!(!baseline.contains_key("evil"));
+        let at = |path| baseline.entry(&local, path);
+        assert_eq!(at("gone"), None);
+        assert_eq!(at("kept"), Some(&file(b"k")), "a refused deletion leaves the path in the baseline");
+        assert_eq!(at("run.sh"), Some(&Entry::File { hash: Digest::of(b"r"), size: 1, exec: true }));
+        assert_eq!(at("new.txt"), Some(&file(b"new")));
+        assert_eq!(at("evil"), None);
         assert_eq!(refused.len(), 1, "new.txt was accepted this time: {refused:?}");
         assert_eq!(refused["evil"], Entry::Symlink { target: "/".into() });
     }
 
     #[test]
     fn a_refused_chmod_keeps_the_old_bit() {
-        let mut baseline: Manifest = [("a".to_string(), file(b"a"))].into_iter().collect();
+        let local = Tree::new();
+        let mut baseline = Baseline::of([("a".to_string(), file(b"a"))].into_iter().collect(), &local);
         let chmods = [Chmod { path: "a".into(), exec: true }];
         let sent = Sent { deletes: &[], chmods: &chmods, upserts: Vec::new() };
-        fold(&mut baseline, &mut Refused::new(), sent, &answer(&[0]));
-        assert_eq!(baseline["a"], file(b"a"));
+        fold(&mut baseline, &local, &mut Refused::new(), sent, &answer(&[0]));
+        assert_eq!(baseline.entry(&local, "a"), Some(&file(b"a")));
+    }
+
+    fn scanned(entry: Entry) -> Scanned {
+        Scanned { entry, stat: None }
+    }
+
+    #[test]
+    fn equal_trees_keep_no_delta_and_the_view_is_what_the_target_holds() {
+        let local: Tree = [("a", file(b"a")), ("d", Entry::Dir), ("d/x", file(b"x"))]
+            .into_iter()
+            .map(|(p, e)| (p.to_string(), scanned(e)))
+            .collect();
+        let same = Baseline::of(walk::manifest_of(&local), &local);
+        assert_eq!(same.differing(), 0);
+        assert!(same.diff(&local).is_empty());
+
+        // The target holds an older `a`, no `d/x`, and a `gone` the local tree does not have.
+        let held: Manifest = [("a", file(b"old")), ("d", Entry::Dir), ("gone", file(b"g"))]
+            .into_iter()
+            .map(|(p, e)| (p.to_string(), e))
+            .collect();
+        let baseline = Baseline::of(held.clone(), &local);
+        assert_eq!(baseline.differing(), 3);
+        let whole: Manifest = baseline.view(&local).sorted().map(|(p, e)| (p.to_string(), e.clone())).collect();
+        assert_eq!(whole, held, "the view is the target's manifest");
+        assert_eq!(
+            baseline.diff(&local),
+            super::super::diff::diff(&held, &local),
+            "the delta's diff is the whole diff"
+        );
+    }
+
+    #[test]
+    fn a_pinned_path_keeps_what_the_target_holds_while_the_local_tree_moves_on() {
+        let mut local: Tree = [("a".to_string(), scanned(file(b"1")))].into_iter().collect();
+        let mut baseline = Baseline::default();
+        // The local tree changes `a` and gains `b`: pinned first, the target still holds `1`.
+        baseline.pin("a", Some(&file(b"1")));
+        baseline.pin("b", None);
+        local.insert("a".into(), scanned(file(b"2")));
+        local.insert("b".into(), scanned(file(b"b")));
+        assert_eq!(
+            baseline.diff(&local),
+            [
+                Change::Upsert { path: "a".into(), entry: file(b"2") },
+                Change::Upsert { path: "b".into(), entry: file(b"b") }
+            ]
+        );
+        // A second pin of a pinned path changes nothing.
+        baseline.pin("a", Some(&file(b"2")));
+        assert_eq!(baseline.entry(&local, "a"), Some(&file(b"1")));
+        // Both applied: the delta is empty again.
+        let sent =
+            Sent { deletes: &[], chmods: &[], upserts: vec![("a".into(), file(b"2")), ("b".into(), file(b"b"))] };
+        fold(&mut baseline, &local, &mut Refused::new(), sent, &answer(&[]));
+        assert_eq!(baseline.differing(), 0);
     }
 }

@@ -22,7 +22,7 @@ use devloop_agent::walk::{self, Tree};
 use tokio::sync::watch;
 use tracing::{info_span, Instrument};
 
-use super::baseline::{self, Refused, Sent};
+use super::baseline::{self, Baseline, Refused, Sent};
 use super::classify::{classify, classify_resync, Plan, Rules};
 use super::client::{self, AgentClient, Greeting};
 use super::diff::{diff, diff_paths, Change};
@@ -72,15 +72,15 @@ pub struct Session {
     /// The local tree as last scanned.
     local: Tree,
     /// What the target holds, as acknowledged.
-    baseline: Manifest,
+    baseline: Baseline,
     /// Paths to diff again next round (vanished or unreadable while packing).
     pending: BTreeSet<String>,
     /// Paths the agent refused, with the local entry it refused: not resent until it changes.
     refused: Refused,
     live: Option<AgentClient>,
     round: u64,
-    /// The baseline grew one insert at a time since it was last built whole.
-    grown: bool,
+    /// A batch was sent since the memory was last trimmed.
+    synced: bool,
     /// How the last restart went (for `--once`).
     last_restart: Option<RestartReport>,
     /// A synced change calls for a restart that has not been asked for yet (held back while
@@ -111,12 +111,12 @@ impl Session {
             reporter,
             filter,
             local: Tree::new(),
-            baseline: Manifest::new(),
+            baseline: Baseline::default(),
             pending: BTreeSet::new(),
             refused: Refused::new(),
             live: None,
             round: 0,
-            grown: false,
+            synced: false,
             last_restart: None,
             restart_owed: false,
             id: session_id(),
@@ -174,11 +174,8 @@ impl Session {
                 }
             }
         }
-        // The baseline grew one insert at a time during the initial sync (half-empty B-tree
-        // nodes); rebuilt from its sorted entries it packs densely. Then the sync's transient
-        // buffers go back to the OS.
-        if std::mem::take(&mut self.grown) {
-            self.baseline = std::mem::take(&mut self.baseline).into_iter().collect();
+        // The sync's transient buffers (and the baseline's delta, gone now) go back to the OS.
+        if std::mem::take(&mut self.synced) {
             devloop_agent::release_memory();
         }
         let Some(watcher) = watcher.as_mut() else {
@@ -318,11 +315,12 @@ impl Session {
         let changed: Vec<String> = if hints.rescan || rules_changed {
             if rules_changed {
                 self.filter.reload();
-                let filter = Arc::clone(&self.filter);
-                // Newly ignored paths are left alone in the target, not deleted.
-                self.baseline.retain(|path, entry| !filter.is_excluded(path, entry.is_dir()));
             }
             let before = self.scan_all().await;
+            if rules_changed {
+                // Newly ignored paths are left alone in the target, not deleted.
+                self.baseline.forget_excluded(&self.filter);
+            }
             let added = watcher.reset(&self.local)?;
             self.follow_new_folders(watcher, relpath::outermost(added)).await?;
             diff(&before, &self.local)
@@ -352,7 +350,7 @@ impl Session {
         };
         let mut paths: BTreeSet<String> = std::mem::take(&mut self.pending);
         paths.extend(changed);
-        let changes = diff_paths(&self.baseline, &self.local, paths.iter().map(String::as_str));
+        let changes = diff_paths(&self.baseline.view(&self.local), &self.local, paths.iter().map(String::as_str));
         self.restart_owed |= restart;
         self.sync(changes).await?;
         Ok(None)
@@ -377,9 +375,15 @@ impl Session {
 
     /// Re-reads `paths` of the local tree; returns what changed.
     async fn rescan(&mut self, paths: Vec<String>) -> Vec<String> {
+        // What the tree holds where the rescan may change it (each path, its folders and what
+        // is under it): the baseline keeps it where it changes.
+        let before = touched(&self.local, &paths);
         let tree = std::mem::take(&mut self.local);
         let (tree, outcome) = scan::targeted(Arc::clone(&self.filter), tree, paths).await;
         self.local = tree;
+        for path in &outcome.changed {
+            self.baseline.pin(path, before.get(path));
+        }
         self.cache_dirty |= !outcome.changed.is_empty() || outcome.stats.hashed_files > 0;
         self.report_problems(&outcome.problems);
         outcome.changed
@@ -401,15 +405,20 @@ impl Session {
         self.local
             .get(path)
             .map(|s| s.entry.is_dir())
-            .or_else(|| self.baseline.get(path).map(Entry::is_dir))
+            .or_else(|| self.baseline.entry(&self.local, path).map(Entry::is_dir))
             .unwrap_or(false)
     }
 
-    /// Scans the whole tree (the current one serving as stat cache); gives back the tree it replaced.
+    /// Scans the whole tree (the current one serving as stat cache); gives back the tree it
+    /// replaced. The baseline keeps what the target holds where the tree changed.
     async fn scan_all(&mut self) -> Tree {
         let previous = std::mem::take(&mut self.local);
         let full = scan::full(Arc::clone(&self.filter), previous).await;
-        self.adopt(full)
+        let before = self.adopt(full);
+        for change in diff(&before, &self.local) {
+            self.baseline.pin(change.path(), before.get(change.path()).map(|s| &s.entry));
+        }
+        before
     }
 
     /// Makes a full scan the local tree; gives back the tree it replaced.
@@ -480,9 +489,11 @@ impl Session {
         self.baseline = match manifest {
             Some(manifest) => {
                 let filter = Arc::clone(&self.filter);
-                manifest.into_iter().filter(|(path, entry)| !filter.is_excluded(path, entry.is_dir())).collect()
+                let held = manifest.into_iter().filter(|(path, entry)| !filter.is_excluded(path, entry.is_dir()));
+                Baseline::of(held.collect(), &self.local)
             }
-            None => walk::manifest_of(&self.local),
+            // Equal digests: the target holds the local tree.
+            None => Baseline::default(),
         };
         self.reporter.emit(Event::Connected {
             target: self.transport.describe(),
@@ -493,7 +504,7 @@ impl Session {
         self.pending.clear();
         self.refused.clear();
         // Equal digests: the baseline is the local tree's manifest, nothing differs.
-        let changes = if same { Vec::new() } else { diff(&self.baseline, &self.local) };
+        let changes = self.baseline.diff(&self.local);
         let kinds = changes.iter().map(|c| (c.path(), self.was_or_is_dir(c.path())));
         let restart = match classify_resync(kinds, &self.config.rules) {
             Plan::Sync { restart } => restart,
@@ -600,8 +611,8 @@ impl Session {
             .instrument(info_span!("sync", round))
             .await?;
         let sent = Sent { deletes: &deletes, chmods: &chmods, upserts: packed.sent };
-        baseline::fold(&mut self.baseline, &mut self.refused, sent, &applied);
-        self.grown = true;
+        baseline::fold(&mut self.baseline, &self.local, &mut self.refused, sent, &applied);
+        self.synced = true;
         for problem in packed.skipped {
             self.pending.insert(problem.path.clone());
             self.reporter.emit(Event::Problem { path: problem.path, message: problem.message });
@@ -642,6 +653,24 @@ impl Session {
             client.close().await;
         }
     }
+}
+
+/// The entries of `tree` a rescan of `paths` may change: each path, its folders, and everything
+/// under it.
+fn touched(tree: &Tree, paths: &[String]) -> Manifest {
+    let mut out = Manifest::new();
+    for path in paths {
+        for dir in relpath::ancestors(path).chain(std::iter::once(path.as_str())) {
+            if let Some(s) = tree.get(dir) {
+                out.entry(dir.to_owned()).or_insert_with(|| s.entry.clone());
+            }
+        }
+        let prefix = format!("{path}/");
+        for (p, s) in tree.range(prefix.clone()..).take_while(|(p, _)| p.starts_with(&prefix)) {
+            out.entry(p.clone()).or_insert_with(|| s.entry.clone());
+        }
+    }
+    out
 }
 
 /// An id for this CLI process's session: pid and start time.
