@@ -259,6 +259,9 @@ impl Live {
     /// Reads what the kernel has queued, without waiting.
     fn drain(&mut self, buffer: &mut [u8]) {
         let Events::Inotify { fd, folders } = &mut self.events else { return };
+        // A burst that dirties a good part of the tree (a `git checkout`) is read back by one
+        // walk: cheaper than as many lookups, and it holds no path list.
+        let most = (self.tree.len() / 8).max(4096);
         loop {
             match fd.get_mut().read_events(buffer) {
                 Ok(events) => {
@@ -266,8 +269,13 @@ impl Live {
                     for event in events {
                         any = true;
                         match folders.interpret(&event.wd, event.mask, event.name) {
+                            Some(Raw::Path(_, _)) if self.rescan_all => {}
                             Some(Raw::Path(path, _)) => {
                                 self.dirty.insert(path);
+                                if self.dirty.len() > most {
+                                    self.dirty.clear();
+                                    self.rescan_all = true;
+                                }
                             }
                             Some(Raw::Rescan) => self.rescan_all = true,
                             None => {}
@@ -310,9 +318,14 @@ impl Live {
             if !self.rescan_all && self.dirty.is_empty() {
                 break;
             }
+            // Dirty paths many for the tree's size (the folders an initial sync created): one
+            // walk reads them, and builds the tree whole rather than one insert at a time.
+            if self.dirty.len().saturating_mul(8) > self.tree.len() {
+                self.rescan_all = true;
+            }
             let (all, hinted) = (std::mem::take(&mut self.rescan_all), std::mem::take(&mut self.dirty));
             if all {
-                info!("the index lost track of events (queue overflow or root replaced): walking the tree");
+                info!("walking the whole tree: events lost track (queue overflow, root replaced) or a burst changed much of it");
                 walked = true;
             }
             let (filter, tree) = (Arc::clone(&self.filter), std::mem::take(&mut self.tree));
