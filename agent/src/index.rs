@@ -320,7 +320,7 @@ impl Live {
             }
             // Dirty paths many for the tree's size (the folders an initial sync created): one
             // walk reads them, and builds the tree whole rather than one insert at a time.
-            if self.dirty.len().saturating_mul(8) > self.tree.len() {
+            if self.dirty.len() > 256 && self.dirty.len().saturating_mul(8) > self.tree.len() {
                 self.rescan_all = true;
             }
             let (all, hinted) = (std::mem::take(&mut self.rescan_all), std::mem::take(&mut self.dirty));
