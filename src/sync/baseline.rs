@@ -24,14 +24,28 @@ pub type Refused = HashMap<String, Entry>;
 /// What the target holds, as its differences from the local tree.
 #[derive(Debug, Default)]
 pub struct Baseline {
-    /// Path → what the target holds there (`None`: nothing), where it differs from the local
-    /// tree.
+    /// Path → what the target holds there (`None`: nothing), where it differs from the base.
     differs: BTreeMap<String, Option<Entry>>,
+    /// What the paths not in `differs` hold.
+    base: Base,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Base {
+    /// What the local tree holds.
+    #[default]
+    Local,
+    /// Nothing: an empty target, as at an initial sync (so that the delta does not start as
+    /// every local path, each saying "nothing there").
+    Nothing,
 }
 
 impl Baseline {
     /// The target holds `manifest`.
     pub fn of(manifest: Manifest, local: &Tree) -> Baseline {
+        if manifest.is_empty() && !local.is_empty() {
+            return Baseline { differs: BTreeMap::new(), base: Base::Nothing };
+        }
         let mut differs = BTreeMap::new();
         let mut held = manifest.into_iter().peekable();
         let mut here = local.iter().peekable();
@@ -59,14 +73,24 @@ impl Baseline {
                 }
             }
         }
-        Baseline { differs }
+        Baseline { differs, base: Base::Local }
+    }
+
+    /// Kept over the local tree again once the target got most of it (after an initial sync):
+    /// the delta shrinks to what still differs.
+    pub fn rebase(&mut self, local: &Tree) {
+        if self.base == Base::Nothing {
+            let held = std::mem::take(&mut self.differs).into_iter().filter_map(|(p, e)| Some((p, e?))).collect();
+            *self = Baseline::of(held, local);
+        }
     }
 
     /// What the target holds at `path`.
     pub fn entry<'a>(&'a self, local: &'a Tree, path: &str) -> Option<&'a Entry> {
-        match self.differs.get(path) {
-            Some(held) => held.as_ref(),
-            None => local.get(path).map(|s| &s.entry),
+        match (self.differs.get(path), self.base) {
+            (Some(held), _) => held.as_ref(),
+            (None, Base::Local) => local.get(path).map(|s| &s.entry),
+            (None, Base::Nothing) => None,
         }
     }
 
@@ -78,14 +102,18 @@ impl Baseline {
     /// Before the local tree changes at `path`, where it held `old`: the target still holds
     /// `old` there, unless the baseline already says otherwise.
     pub fn pin(&mut self, path: &str, old: Option<&Entry>) {
-        if !self.differs.contains_key(path) {
+        if self.base == Base::Local && !self.differs.contains_key(path) {
             self.differs.insert(path.to_owned(), old.cloned());
         }
     }
 
     /// The target holds `held` at `path` now.
     fn set(&mut self, local: &Tree, path: String, held: Option<Entry>) {
-        if local.get(&path).map(|s| &s.entry) == held.as_ref() {
+        let base = match self.base {
+            Base::Local => local.get(&path).map(|s| &s.entry),
+            Base::Nothing => None,
+        };
+        if base == held.as_ref() {
             self.differs.remove(&path);
         } else {
             self.differs.insert(path, held);
@@ -94,7 +122,10 @@ impl Baseline {
 
     /// What must change in the target so that it equals `local`, in path order.
     pub fn diff(&self, local: &Tree) -> Vec<Change> {
-        diff_paths(&self.view(local), local, self.differs.keys().map(String::as_str))
+        match self.base {
+            Base::Local => diff_paths(&self.view(local), local, self.differs.keys().map(String::as_str)),
+            Base::Nothing => super::diff::diff(&self.view(local), local),
+        }
     }
 
     /// The target as an [`Entries`], for [`diff_paths`].
@@ -122,7 +153,7 @@ impl Entries for Held<'_> {
 
     fn sorted(&self) -> Box<dyn Iterator<Item = (&str, &Entry)> + '_> {
         let mut differs = self.baseline.differs.iter().peekable();
-        let mut local = self.local.iter().peekable();
+        let mut local = self.local.iter().filter(|_| self.baseline.base == Base::Local).peekable();
         Box::new(std::iter::from_fn(move || loop {
             let order = match (differs.peek(), local.peek()) {
                 (None, None) => return None,
@@ -270,6 +301,25 @@ mod tests {
             super::super::diff::diff(&held, &local),
             "the delta's diff is the whole diff"
         );
+    }
+
+    #[test]
+    fn an_empty_target_keeps_no_delta_until_it_is_filled_and_rebased() {
+        let local: Tree = [("a", file(b"a")), ("d", Entry::Dir), ("d/x", file(b"x"))]
+            .into_iter()
+            .map(|(p, e)| (p.to_string(), scanned(e)))
+            .collect();
+        let mut baseline = Baseline::of(Manifest::new(), &local);
+        assert_eq!(baseline.differing(), 0, "nothing stored for an empty target");
+        assert_eq!(baseline.diff(&local), super::super::diff::diff(&Manifest::new(), &local));
+        assert_eq!(baseline.entry(&local, "a"), None);
+        let upserts = vec![("a".to_string(), file(b"a")), ("d".to_string(), Entry::Dir)];
+        fold(&mut baseline, &local, &mut Refused::new(), Sent { deletes: &[], chmods: &[], upserts }, &answer(&[]));
+        assert_eq!(baseline.entry(&local, "a"), Some(&file(b"a")));
+        assert_eq!(baseline.diff(&local), [Change::Upsert { path: "d/x".into(), entry: file(b"x") }]);
+        baseline.rebase(&local);
+        assert_eq!(baseline.differing(), 1, "only d/x still differs");
+        assert_eq!(baseline.diff(&local), [Change::Upsert { path: "d/x".into(), entry: file(b"x") }]);
     }
 
     #[test]

@@ -516,7 +516,10 @@ impl Session {
             return Ok(());
         }
         self.restart_owed |= restart;
-        self.sync(changes).await
+        let synced = self.sync(changes).await;
+        // An empty target's baseline was kept as what it got; now it is most of the local tree.
+        self.baseline.rebase(&self.local);
+        synced
     }
 
     /// Sends `changes` in batches of at most [`BATCH_ENTRIES`] entries and folds what each
