@@ -193,9 +193,7 @@ fn answer(live: &Live, request: Request, from_memory: bool) {
             let _ = reply.send(Ok(summary));
         }
         Request::Records { reply, .. } => {
-            let records =
-                live.tree.iter().map(|(path, s)| Record { path: path.clone(), entry: s.entry.clone() }).collect();
-            let _ = reply.send(Ok(records));
+            let _ = reply.send(Ok(walk::records_of(&live.tree)));
         }
     }
 }

@@ -18,7 +18,6 @@ use crate::control::Link;
 use crate::filter::Filter;
 use crate::index::{FilterKey, Summary};
 use crate::lock::{SessionLock, LOCK_WAIT};
-use crate::manifest::Record;
 use crate::protocol::{
     self, Applied, Chmod, Frame, FrameReader, FrameWriter, FromAgent, ProtocolError, ToAgent, MAX_BATCH_ENTRIES,
 };
@@ -155,35 +154,23 @@ async fn session<R: AsyncRead + Unpin>(
             }
         }
     };
-    let (entries, problems) = match &mut held {
-        Held::Indexed(summary) => {
-            if wanted {
-                let records = options
-                    .link
-                    .index_records(&key)
-                    .await
-                    .ok_or_else(|| ServeError::Index("the agent's index went away during the session".into()))?;
-                let records = records.map_err(ServeError::Index)?;
-                let entries = records.len() as u64;
-                for chunk in records.chunks(MANIFEST_CHUNK) {
-                    let _ = out.send(FromAgent::Manifest { records: chunk.to_vec() });
-                }
-                (entries, std::mem::take(&mut summary.problems))
-            } else {
-                (summary.entries, std::mem::take(&mut summary.problems))
-            }
+    let (records, problems) = match &mut held {
+        Held::Indexed(summary) if wanted => {
+            let records = options
+                .link
+                .index_records(&key)
+                .await
+                .ok_or_else(|| ServeError::Index("the agent's index went away during the session".into()))?;
+            (Some(records.map_err(ServeError::Index)?), std::mem::take(&mut summary.problems))
         }
-        Held::Walked(walked) => {
-            if wanted {
-                let records: Vec<Record> =
-                    walked.tree.iter().map(|(path, s)| Record { path: path.clone(), entry: s.entry.clone() }).collect();
-                for chunk in records.chunks(MANIFEST_CHUNK) {
-                    let _ = out.send(FromAgent::Manifest { records: chunk.to_vec() });
-                }
-            }
-            (walked.tree.len() as u64, std::mem::take(&mut walked.problems))
-        }
+        Held::Indexed(summary) => (None, std::mem::take(&mut summary.problems)),
+        Held::Walked(walked) => (wanted.then(|| walk::records_of(&walked.tree)), std::mem::take(&mut walked.problems)),
     };
+    // The records sent are the entries (the index's may have moved on since its digest).
+    let entries = records.as_ref().map_or(entries, |records| records.len() as u64);
+    for chunk in records.iter().flat_map(|records| records.chunks(MANIFEST_CHUNK)) {
+        let _ = out.send(FromAgent::Manifest { records: chunk.to_vec() });
+    }
     let _ = out.send(FromAgent::ManifestEnd { entries, problems });
 
     // The app's output and exits reach the client for as long as the session lasts.
@@ -233,17 +220,10 @@ async fn walk_tree(root: &std::path::Path, filter: &Arc<Filter>) -> Walked {
     let cache_path = root.join(RESERVED_DIR).join("manifest.cache");
     let filter = Arc::clone(filter);
     let path = cache_path.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let previous = walk::load_stat_cache(&path);
-        let outcome = walk::scan(&filter, &previous);
-        if walk::cache_changed(&previous, &outcome) {
-            walk::save_stat_cache(&path, &outcome.tree);
-        }
-        outcome
-    })
-    .instrument(info_span!("scan"))
-    .await
-    .expect("scan task panicked");
+    let outcome = tokio::task::spawn_blocking(move || walk::scan_cached(&filter, &path))
+        .instrument(info_span!("scan"))
+        .await
+        .expect("scan task panicked");
     debug!(entries = outcome.tree.len(), hashed = outcome.stats.hashed_files, "manifest");
     Walked { tree: outcome.tree, problems: outcome.problems, cache_path }
 }

@@ -172,6 +172,22 @@ pub fn manifest_of(tree: &Tree) -> Manifest {
     tree.iter().map(|(path, s)| (path.clone(), s.entry.clone())).collect()
 }
 
+/// The records of a tree, in path order (what the agent sends of its manifest).
+pub fn records_of(tree: &Tree) -> Vec<crate::manifest::Record> {
+    tree.iter().map(|(path, s)| crate::manifest::Record { path: path.clone(), entry: s.entry.clone() }).collect()
+}
+
+/// Walks the whole tree stat-cached by the cache saved at `cache_path`, and saves the cache
+/// again when the walk changed it.
+pub fn scan_cached(filter: &Arc<Filter>, cache_path: &Path) -> ScanOutcome {
+    let previous = load_stat_cache(cache_path);
+    let outcome = scan(filter, &previous);
+    if cache_changed(&previous, &outcome) {
+        save_stat_cache(cache_path, &outcome.tree);
+    }
+    outcome
+}
+
 /// The digest of a tree's manifest (see [`crate::manifest::digest_of`]).
 pub fn digest(tree: &Tree) -> Digest {
     crate::manifest::digest_of(tree.iter().map(|(path, s)| (path.as_str(), &s.entry)))
