@@ -153,13 +153,7 @@ fn an_overflowed_event_queue_makes_the_next_answer_a_walk() {
 #[test]
 fn at_the_watch_limit_the_index_is_off_says_so_and_every_session_walks() {
     // The watch limit of a user namespace applies to it alone (see sync.rs).
-    let probe = Command::new("unshare").args(["--user", "--map-root-user", "true"]).status();
-    if !probe.is_ok_and(|s| s.success()) {
-        assert!(
-            std::env::var_os("DEVLOOP_SKIP_USERNS").is_some(),
-            "unshare --user is not available here: this test needs a user namespace (set DEVLOOP_SKIP_USERNS=1 to skip it deliberately)"
-        );
-        eprintln!("SKIPPED (DEVLOOP_SKIP_USERNS): unshare --user is not available here");
+    if !support::user_namespace_or_skip() {
         return;
     }
     let fx = Fixture::new(CONFIG);

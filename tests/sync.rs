@@ -233,14 +233,7 @@ fn inotify_limit_reached_falls_back_to_polling_with_a_hint() {
     // The inotify watch limit of a user namespace (/proc/sys/user/max_inotify_watches) applies to
     // it alone: lower it for this devloop only. (Never /proc/sys/fs/inotify/max_user_watches: as
     // root that is the whole machine's.)
-    let probe = std::process::Command::new("unshare").args(["--user", "--map-root-user", "true"]).status();
-    if !probe.is_ok_and(|s| s.success()) {
-        // Said loudly, and only where the runner says so: never a silent pass.
-        assert!(
-            std::env::var_os("DEVLOOP_SKIP_USERNS").is_some(),
-            "unshare --user is not available here: this test needs a user namespace (set DEVLOOP_SKIP_USERNS=1 to skip it deliberately)"
-        );
-        eprintln!("SKIPPED (DEVLOOP_SKIP_USERNS): unshare --user is not available here");
+    if !support::user_namespace_or_skip() {
         return;
     }
     let fx = Fixture::new(CONFIG);

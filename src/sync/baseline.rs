@@ -277,12 +277,17 @@ mod tests {
         Scanned { entry, stat: None }
     }
 
-    #[test]
-    fn equal_trees_keep_no_delta_and_the_view_is_what_the_target_holds() {
-        let local: Tree = [("a", file(b"a")), ("d", Entry::Dir), ("d/x", file(b"x"))]
+    /// A local tree of a file `a`, a folder `d` and a file `d/x` in it.
+    fn a_d_x() -> Tree {
+        [("a", file(b"a")), ("d", Entry::Dir), ("d/x", file(b"x"))]
             .into_iter()
             .map(|(p, e)| (p.to_string(), scanned(e)))
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn equal_trees_keep_no_delta_and_the_view_is_what_the_target_holds() {
+        let local = a_d_x();
         let same = Baseline::of(walk::manifest_of(&local), &local);
         assert_eq!(same.differing(), 0);
         assert!(same.diff(&local).is_empty());
@@ -305,10 +310,7 @@ mod tests {
 
     #[test]
     fn an_empty_target_keeps_no_delta_until_it_is_filled_and_rebased() {
-        let local: Tree = [("a", file(b"a")), ("d", Entry::Dir), ("d/x", file(b"x"))]
-            .into_iter()
-            .map(|(p, e)| (p.to_string(), scanned(e)))
-            .collect();
+        let local = a_d_x();
         let mut baseline = Baseline::of(Manifest::new(), &local);
         assert_eq!(baseline.differing(), 0, "nothing stored for an empty target");
         assert_eq!(baseline.diff(&local), super::super::diff::diff(&Manifest::new(), &local));

@@ -311,3 +311,19 @@ pub fn git(dir: &Path, args: &[&str]) {
         .unwrap();
     assert!(status.success(), "git {args:?} failed");
 }
+
+/// Whether `unshare --user` works here (a user namespace's own inotify limits let a test lower
+/// them for one process alone). When it does not, a test may skip only where the runner says so
+/// (DEVLOOP_SKIP_USERNS): never a silent pass.
+pub fn user_namespace_or_skip() -> bool {
+    let probe = Command::new("unshare").args(["--user", "--map-root-user", "true"]).status();
+    if probe.is_ok_and(|s| s.success()) {
+        return true;
+    }
+    assert!(
+        std::env::var_os("DEVLOOP_SKIP_USERNS").is_some(),
+        "unshare --user is not available here: this test needs a user namespace (set DEVLOOP_SKIP_USERNS=1 to skip it deliberately)"
+    );
+    eprintln!("SKIPPED (DEVLOOP_SKIP_USERNS): unshare --user is not available here");
+    false
+}
