@@ -69,34 +69,25 @@ impl Filter {
 
     /// Whether `rel` is left out by its own name, given that its parent folders are not.
     pub fn excluded_here(&self, rel: &str, is_dir: bool) -> bool {
-        let name = rel.rsplit('/').next().unwrap_or(rel);
-        if name == ".git" || rel == RESERVED_DIR {
-            return true;
-        }
-        if self.docker_context.as_deref() == Some(rel) {
-            return false;
-        }
-        if self.excludes.matched(rel, is_dir).is_ignore() {
-            return true;
-        }
-        // The deepest folder with a rule about this path decides.
-        let mut folder = rel;
-        while let Some(cut) = folder.rfind('/') {
-            folder = &folder[..cut];
-            if let Some(decided) = self.decide(folder, &rel[cut + 1..], is_dir) {
-                return decided;
-            }
-        }
-        self.decide("", rel, is_dir).unwrap_or(false)
+        let folder = rel.rfind('/').map_or("", |cut| &rel[..cut]);
+        self.in_folder(folder).excluded(rel, is_dir)
     }
 
-    fn decide(&self, folder: &str, below: &str, is_dir: bool) -> Option<bool> {
-        let rules = self.rules(folder)?;
-        match rules.matched(below, is_dir) {
-            Match::None => None,
-            Match::Ignore(_) => Some(true),
-            Match::Whitelist(_) => Some(false),
+    /// The rules that decide the entries of `folder`, looked up once for all of them (a walk
+    /// asks for every entry of a folder in a row).
+    pub fn in_folder(&self, folder: &str) -> InFolder<'_> {
+        let mut rules = Vec::new();
+        let mut at = folder;
+        loop {
+            if let Some(found) = self.rules(at) {
+                rules.push((at.len(), found));
+            }
+            if at.is_empty() {
+                break;
+            }
+            at = at.rfind('/').map_or("", |cut| &at[..cut]);
         }
+        InFolder { filter: self, rules }
     }
 
     fn rules(&self, folder: &str) -> Option<Arc<Gitignore>> {
@@ -143,6 +134,41 @@ impl Filter {
     pub fn is_rule_file(rel: &str) -> bool {
         let name = rel.rsplit('/').next().unwrap_or(rel);
         name == GITIGNORE || rel == DOCKERIGNORE
+    }
+}
+
+/// What decides the entries of one folder: the exclude patterns, and the rule files of the
+/// folder and of every folder above it.
+pub struct InFolder<'a> {
+    filter: &'a Filter,
+    /// The folders that have rules, nearest first: the length of the folder's path, its rules.
+    rules: Vec<(usize, Arc<Gitignore>)>,
+}
+
+impl InFolder<'_> {
+    /// Whether `rel`, an entry of this folder, is left out by its own name.
+    pub fn excluded(&self, rel: &str, is_dir: bool) -> bool {
+        let filter = self.filter;
+        let name = rel.rsplit('/').next().unwrap_or(rel);
+        if name == ".git" || rel == RESERVED_DIR {
+            return true;
+        }
+        if filter.docker_context.as_deref() == Some(rel) {
+            return false;
+        }
+        if filter.excludes.matched(rel, is_dir).is_ignore() {
+            return true;
+        }
+        // The deepest folder with a rule about this path decides.
+        for (len, rules) in &self.rules {
+            let below = if *len == 0 { rel } else { &rel[len + 1..] };
+            match rules.matched(below, is_dir) {
+                Match::None => {}
+                Match::Ignore(_) => return true,
+                Match::Whitelist(_) => return false,
+            }
+        }
+        false
     }
 }
 

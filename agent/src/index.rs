@@ -89,6 +89,9 @@ struct Live {
     key: FilterKey,
     filter: Arc<Filter>,
     tree: Tree,
+    /// The tree's digest, kept until the tree changes (a session's answer from memory then
+    /// hashes nothing).
+    digest: Option<Digest>,
     problems: Vec<Problem>,
     events: Events,
     dirty: BTreeSet<String>,
@@ -143,8 +146,8 @@ async fn keep(root: PathBuf, mut rx: mpsc::UnboundedReceiver<Request>) {
                     previous => (Live::read(&root, key, previous).await, false),
                 };
                 match current {
-                    Ok(l) => {
-                        answer(&l, request, from_memory);
+                    Ok(mut l) => {
+                        answer(&mut l, request, from_memory);
                         live = Some(l);
                         // A walk's transient buffers are freed by now: the pod's memory holds
                         // the index alone.
@@ -181,15 +184,15 @@ async fn readable(live: Option<&Live>) {
     }
 }
 
-fn answer(live: &Live, request: Request, from_memory: bool) {
+fn answer(live: &mut Live, request: Request, from_memory: bool) {
     match request {
         Request::Summary { reply, .. } => {
             let mut problems = live.problems.clone();
             if let Events::Off { why } = &live.events {
                 problems.push(Problem { path: ".".into(), message: why.clone() });
             }
-            let summary =
-                Summary { digest: walk::digest(&live.tree), entries: live.tree.len() as u64, problems, from_memory };
+            let digest = *live.digest.get_or_insert_with(|| walk::digest(&live.tree));
+            let summary = Summary { digest, entries: live.tree.len() as u64, problems, from_memory };
             let _ = reply.send(Ok(summary));
         }
         Request::Records { reply, .. } => {
@@ -224,6 +227,7 @@ impl Live {
             key,
             filter: Arc::clone(&filter),
             tree: previous.unwrap_or_else(|| walk::folders_of(&cache)),
+            digest: None,
             problems: Vec::new(),
             events,
             dirty: BTreeSet::new(),
@@ -316,6 +320,8 @@ impl Live {
             if !self.rescan_all && self.dirty.is_empty() {
                 break;
             }
+            // The tree is read again below: its digest is not known until asked again.
+            self.digest = None;
             // Dirty paths many for the tree's size (the folders an initial sync created): one
             // walk reads them, and builds the tree whole rather than one insert at a time.
             if self.dirty.len() > 256 && self.dirty.len().saturating_mul(8) > self.tree.len() {

@@ -121,7 +121,12 @@ pub trait StatSource: Sync {
 #[derive(Clone, Copy, Debug)]
 pub enum Scope {
     All,
-    Records(usize, usize),
+    /// Records `low..high`, whose paths all begin with the folder's `dir/`, `prefix` bytes.
+    Records {
+        low: usize,
+        high: usize,
+        prefix: usize,
+    },
 }
 
 impl StatSource for Tree {
@@ -201,10 +206,20 @@ pub fn cache_changed(previous: &dyn StatSource, outcome: &ScanOutcome) -> bool {
 
 /// Walks the whole tree under `filter.root()`; `previous` serves as the stat cache.
 pub fn scan(filter: &Arc<Filter>, previous: &dyn StatSource) -> ScanOutcome {
-    let mut outcome = walk_below(filter, "", previous, SCAN_THREADS);
+    scan_with(filter, previous, &|_| {})
+}
+
+/// [`scan`], calling `before_read` with each folder (the root as "") right before the walk lists
+/// it, from the walker thread: a watch set there sees whatever changes in the folder after the
+/// walk read it.
+pub fn scan_with(filter: &Arc<Filter>, previous: &dyn StatSource, before_read: &BeforeRead<'_>) -> ScanOutcome {
+    let mut outcome = walk_below(filter, "", previous, SCAN_THREADS, before_read);
     outcome.stats.entries = outcome.tree.len() as u64;
     outcome
 }
+
+/// See [`scan_with`].
+pub type BeforeRead<'a> = dyn Fn(&str) + Sync + 'a;
 
 /// Threads of a full scan.
 const SCAN_THREADS: usize = 2;
@@ -213,7 +228,13 @@ const SCAN_THREADS: usize = 2;
 /// by `threads` threads from a shared queue, each entry examined relative to its folder's
 /// descriptor (`fstatat`, `openat`: no path walked from the root per file), folders excluded by
 /// the filter never opened.
-fn walk_below(filter: &Arc<Filter>, start: &str, previous: &dyn StatSource, threads: usize) -> ScanOutcome {
+fn walk_below(
+    filter: &Arc<Filter>,
+    start: &str,
+    previous: &dyn StatSource,
+    threads: usize,
+    before_read: &BeforeRead<'_>,
+) -> ScanOutcome {
     let queue = DirQueue { state: Mutex::new((vec![start.to_owned()], 0)), ready: Condvar::new() };
     let found: Mutex<Vec<(String, Scanned)>> = Mutex::new(Vec::new());
     let problems: Mutex<Vec<Problem>> = Mutex::new(Vec::new());
@@ -236,14 +257,16 @@ fn walk_below(filter: &Arc<Filter>, start: &str, previous: &dyn StatSource, thre
                     sink: (&found, &problems, &stats),
                 };
                 while let Some(dir) = queue.pop() {
+                    before_read(&dir);
                     let subdirs = batch.read_dir(filter, &root, &dir, previous);
                     queue.finish(subdirs);
                 }
             });
         }
     });
+    // Each thread handed over its finds sorted: what is left is merging those runs.
     let mut found = found.into_inner().expect("scan results poisoned");
-    found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    found.sort_by(|a, b| a.0.cmp(&b.0));
     let mut problems = problems.into_inner().expect("scan problems poisoned");
     problems.sort_by(|a, b| a.path.cmp(&b.path));
     let stats = stats.into_inner().expect("scan stats poisoned");
@@ -405,7 +428,7 @@ fn put(tree: &mut Tree, changed: &mut std::collections::BTreeSet<String>, rel: &
 }
 
 fn scan_under(filter: &Arc<Filter>, rel: &str, previous: &Tree) -> ScanOutcome {
-    walk_below(filter, rel, previous, 1)
+    walk_below(filter, rel, previous, 1, &|_| {})
 }
 
 type Sink<'a> = (&'a Mutex<Vec<(String, Scanned)>>, &'a Mutex<Vec<Problem>>, &'a Mutex<ScanStats>);
@@ -444,6 +467,7 @@ impl Batch<'_> {
         };
         let mut subdirs = Vec::new();
         let scope = previous.scope(dir);
+        let rules = filter.in_folder(dir);
         while let Some(entry) = listing.read() {
             let entry = match entry {
                 Ok(entry) => entry,
@@ -487,7 +511,7 @@ impl Batch<'_> {
                     }
                 }
             }
-            if filter.excluded_here(&rel, kind == FileType::Directory) {
+            if rules.excluded(&rel, kind == FileType::Directory) {
                 continue;
             }
             match read_at(&fd, name, kind, stat, || previous.known_in(scope, &rel), &mut self.stats) {
@@ -586,6 +610,8 @@ impl Stat {
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
         let (found, problems, stats) = self.sink;
+        // Sorted here, by each walker thread at once, rather than all of it after the walk.
+        self.found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         found.lock().expect("poisoned").append(&mut self.found);
         problems.lock().expect("poisoned").append(&mut self.problems);
         let mut s = stats.lock().expect("poisoned");
@@ -699,11 +725,13 @@ impl StatCache {
         low
     }
 
-    fn find(&self, (mut low, mut high): (usize, usize), rel: &str) -> Option<Known> {
+    /// The record of the path that is `rest` after the `prefix` bytes that every path in
+    /// `low..high` begins with.
+    fn find(&self, (mut low, mut high, prefix): (usize, usize, usize), rest: &str) -> Option<Known> {
         while low < high {
             let mid = low + (high - low) / 2;
             let record = self.record(mid)?;
-            match self.path(record)?.cmp(rel.as_bytes()) {
+            match self.path(record)?.get(prefix..)?.cmp(rest.as_bytes()) {
                 std::cmp::Ordering::Less => low = mid + 1,
                 std::cmp::Ordering::Greater => high = mid,
                 std::cmp::Ordering::Equal => {
@@ -721,7 +749,7 @@ impl StatCache {
 
 impl StatSource for StatCache {
     fn known(&self, rel: &str) -> Option<Known> {
-        self.find((0, self.count), rel)
+        self.find((0, self.count, 0), rel)
     }
 
     fn files(&self) -> usize {
@@ -735,13 +763,17 @@ impl StatSource for StatCache {
         }
         let low = self.lower_bound(0, self.count, format!("{dir}/").as_bytes());
         let high = self.lower_bound(low, self.count, format!("{dir}0").as_bytes());
-        Scope::Records(low, high)
+        Scope::Records { low, high, prefix: dir.len() + 1 }
     }
 
     fn known_in(&self, scope: Scope, rel: &str) -> Option<Known> {
         match scope {
             Scope::All => self.known(rel),
-            Scope::Records(low, high) => self.find((low, high), rel),
+            // The paths of a folder's records share its prefix: only the rest is compared.
+            Scope::Records { low, high, prefix } => match rel.get(prefix..) {
+                Some(rest) => self.find((low, high, prefix), rest),
+                None => None,
+            },
         }
     }
 }
@@ -817,6 +849,26 @@ mod tests {
         symlink("src/main.rs", root.join("link")).unwrap();
         let filter = Arc::new(Filter::new(root, &[]).unwrap());
         (dir, filter)
+    }
+
+    /// A watch set by `before_read` must see every change the scan misses: the hook runs before
+    /// the folder is listed, once per folder the tree holds, never for an ignored one.
+    #[test]
+    fn before_read_sees_each_folder_before_it_is_listed() {
+        let (dir, filter) = setup();
+        let root = dir.path().to_path_buf();
+        let seen = Mutex::new(Vec::new());
+        let out = scan_with(&filter, &Tree::new(), &|folder: &str| {
+            seen.lock().unwrap().push(folder.to_owned());
+            // Written before the listing: the scan must hold it.
+            fs::write(root.join(folder).join("hooked.txt"), folder).unwrap();
+        });
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        assert_eq!(seen, ["", "empty", "src"]);
+        for file in ["hooked.txt", "empty/hooked.txt", "src/hooked.txt"] {
+            assert!(out.tree.contains_key(file), "{file} written by before_read is missing");
+        }
     }
 
     #[test]

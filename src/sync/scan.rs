@@ -23,22 +23,32 @@ pub struct Full {
 }
 
 /// Reads the whole tree for the first time, `cache` (saved by an earlier run) as stat cache.
-pub async fn first(filter: Arc<Filter>, cache: StatCache) -> Full {
-    let (full, _) = scan(filter, cache, "first").await;
+/// `before_read` is called with each folder right before the walk reads it (see
+/// [`walk::scan_with`]).
+pub async fn first(filter: Arc<Filter>, cache: StatCache, before_read: BeforeRead) -> Full {
+    let (full, _) = scan(filter, cache, before_read, "first").await;
     full
 }
 
+/// What a scan calls with each folder before reading it.
+pub type BeforeRead = Box<dyn Fn(&str) + Send + Sync>;
+
 /// Reads the whole tree; `previous` serves as the stat cache and comes back in `Full::previous`.
 pub async fn full(filter: Arc<Filter>, previous: Tree) -> Full {
-    let (full, previous) = scan(filter, previous, "full").await;
+    let (full, previous) = scan(filter, previous, Box::new(|_| {}), "full").await;
     Full { previous, ..full }
 }
 
 /// One full scan in a blocking task; the stat source comes back with the result.
-async fn scan<S: StatSource + Send + 'static>(filter: Arc<Filter>, source: S, kind: &'static str) -> (Full, S) {
+async fn scan<S: StatSource + Send + 'static>(
+    filter: Arc<Filter>,
+    source: S,
+    before_read: BeforeRead,
+    kind: &'static str,
+) -> (Full, S) {
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let outcome = walk::scan(&filter, &source);
+        let outcome = walk::scan_with(&filter, &source, &*before_read);
         let took = started.elapsed();
         let cache_changed = walk::cache_changed(&source, &outcome);
         let (tree, problems, stats) = (outcome.tree, outcome.problems, outcome.stats);

@@ -139,9 +139,15 @@ impl Session {
             let cached = scan::load_cache(cache).await;
             let watcher = match once {
                 true => None,
-                false => Some(Watcher::start(&root, &walk::folders_of(&cached), reporter)),
+                false => Some(Watcher::start(&root, &Tree::new(), reporter)),
             };
-            (scan::first(filter, cached).await, watcher)
+            // Each folder is watched by the walk, right before it is read.
+            let ahead = watcher.as_ref().and_then(|w| w.as_ref().ok()).and_then(Watcher::ahead);
+            let before_read: scan::BeforeRead = match ahead.clone() {
+                Some(ahead) => Box::new(move |folder| ahead.watch(folder)),
+                None => Box::new(|_| {}),
+            };
+            (scan::first(filter, cached, before_read).await, watcher.map(|w| (w, ahead)))
         };
         let ((full, watcher), connected) = tokio::select! {
             both = async { tokio::join!(scanning, self.connect_timed()) } => both,
@@ -151,10 +157,13 @@ impl Session {
         let connected = connected?;
         let mut watcher = match watcher {
             None => None,
-            Some(watcher) => {
+            Some((watcher, ahead)) => {
                 let mut watcher = watcher?;
-                // Folders the cache did not know were read before their watch existed: read
-                // them again (cheap: stat-cached).
+                if let Some(ahead) = ahead {
+                    watcher.settle_ahead(ahead)?;
+                }
+                // Folders read without a watch (the limit reached, a folder replaced while it
+                // was read) are watched now and read again (cheap: stat-cached).
                 let added = watcher.reset(&self.local)?;
                 self.follow_new_folders(&mut watcher, relpath::outermost(added)).await?;
                 Some(watcher)

@@ -87,6 +87,30 @@ impl Drop for Watcher {
     }
 }
 
+/// See [`Watcher::ahead`].
+#[derive(Clone)]
+pub struct Ahead {
+    folders: Arc<Mutex<FolderWatches>>,
+    /// The first refusal: an error, or the watch limit. No watch is set after it.
+    failed: Arc<Mutex<Option<Result<std::io::Error, WatchLimit>>>>,
+}
+
+impl Ahead {
+    /// Watches the folder `rel` (best effort: a folder gone already is for the walk to find).
+    pub fn watch(&self, rel: &str) {
+        let mut failed = self.failed.lock().expect("watch outcome poisoned");
+        if failed.is_some() {
+            return;
+        }
+        let added = self.folders.lock().expect("watches poisoned").add(rel);
+        match added {
+            Ok(Ok(_)) => {}
+            Ok(Err(limit)) => *failed = Some(Err(limit)),
+            Err(e) => *failed = Some(Ok(e)),
+        }
+    }
+}
+
 /// How often the polling fallback rescans.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -112,6 +136,25 @@ impl Watcher {
         let started = me.native(|folders| folders.start(tree))?;
         me.settle(started.map(|_| ()))?;
         Ok(me)
+    }
+
+    /// What watches each folder from the walker's thread right before the walk reads it
+    /// ([`scan::first`](super::scan::first)'s `before_read`), so that the first scan needs no
+    /// list of folders beforehand; [`Watcher::settle_ahead`] takes its outcome back. `None`
+    /// while polling.
+    pub fn ahead(&self) -> Option<Ahead> {
+        let Backend::Native { folders, .. } = &self.backend else { return None };
+        Some(Ahead { folders: Arc::clone(folders), failed: Arc::default() })
+    }
+
+    /// Takes back what watching ahead met: the watch limit turns to polling, another refusal
+    /// is an error.
+    pub fn settle_ahead(&mut self, ahead: Ahead) -> Result<(), WatchError> {
+        match ahead.failed.lock().expect("watch outcome poisoned").take() {
+            None => Ok(()),
+            Some(Err(WatchLimit)) => self.settle(Err::<(), _>(WatchLimit)),
+            Some(Ok(source)) => Err(WatchError::Start { path: self.root.clone(), source }),
+        }
     }
 
     pub fn mode(&self) -> &'static str {
