@@ -85,6 +85,14 @@ impl Baseline {
         }
     }
 
+    /// [`Baseline::rebase`] once an empty target holds half of the local tree: the delta over
+    /// the tree is the half still to send, and shrinks from then on.
+    pub fn rebase_when_half(&mut self, local: &Tree) {
+        if self.base == Base::Nothing && self.differs.len().saturating_mul(2) >= local.len() {
+            self.rebase(local);
+        }
+    }
+
     /// What the target holds at `path`.
     pub fn entry<'a>(&'a self, local: &'a Tree, path: &str) -> Option<&'a Entry> {
         match (self.differs.get(path), self.base) {
@@ -322,6 +330,27 @@ mod tests {
         baseline.rebase(&local);
         assert_eq!(baseline.differing(), 1, "only d/x still differs");
         assert_eq!(baseline.diff(&local), [Change::Upsert { path: "d/x".into(), entry: file(b"x") }]);
+    }
+
+    #[test]
+    fn an_empty_target_half_filled_is_kept_over_the_local_tree_and_shrinks() {
+        let local = a_d_x();
+        let mut baseline = Baseline::of(Manifest::new(), &local);
+        let send = |baseline: &mut Baseline, path: &str| {
+            let upserts = vec![(path.to_string(), local[path].entry.clone())];
+            fold(baseline, &local, &mut Refused::new(), Sent { deletes: &[], chmods: &[], upserts }, &answer(&[]));
+            baseline.rebase_when_half(&local);
+        };
+        send(&mut baseline, "a");
+        assert_eq!(baseline.differing(), 1, "a third of the tree: still the paths the target holds");
+        send(&mut baseline, "d");
+        assert_eq!(baseline.differing(), 1, "two thirds: only d/x, the path still to send");
+        assert_eq!(baseline.entry(&local, "d"), Some(&Entry::Dir));
+        assert_eq!(baseline.entry(&local, "d/x"), None);
+        assert_eq!(baseline.diff(&local), [Change::Upsert { path: "d/x".into(), entry: file(b"x") }]);
+        send(&mut baseline, "d/x");
+        assert_eq!(baseline.differing(), 0);
+        assert!(baseline.diff(&local).is_empty());
     }
 
     #[test]

@@ -537,6 +537,7 @@ impl Session {
         let mut deletes = Vec::new();
         let mut chmods = Vec::new();
         let mut upserts = Vec::new();
+        let mut bytes = 0u64;
         for change in changes {
             match change {
                 Change::Delete { path } => deletes.push(path),
@@ -553,10 +554,13 @@ impl Session {
                         self.refused.insert(path, entry);
                     }
                 }
+                // Only the path is kept: each batch takes the entry and stat from the local
+                // tree (which holds still during a sync), so that a big sync does not hold a
+                // second copy of them for its whole length.
                 Change::Upsert { path, entry } => {
                     if self.refused.get(&path) != Some(&entry) {
-                        let stat = self.local.get(&path).and_then(|s| s.stat);
-                        upserts.push((path, entry, stat));
+                        bytes += entry.size();
+                        upserts.push(path);
                     }
                 }
             }
@@ -564,7 +568,6 @@ impl Session {
         if deletes.is_empty() && chmods.is_empty() && upserts.is_empty() {
             return Ok(());
         }
-        let bytes: u64 = upserts.iter().map(|(_, e, _)| e.size()).sum();
         self.reporter.emit(Event::SyncStarted {
             round: self.round + 1,
             files: upserts.len() as u64,
@@ -591,7 +594,15 @@ impl Session {
         loop {
             let d: Vec<String> = deletes.by_ref().take(BATCH_ENTRIES).collect();
             let c: Vec<Chmod> = chmods.by_ref().take(BATCH_ENTRIES - d.len()).collect();
-            let u: Vec<pack::Upsert> = upserts.by_ref().take(BATCH_ENTRIES - d.len() - c.len()).collect();
+            let local = &self.local;
+            let u: Vec<pack::Upsert> = upserts
+                .by_ref()
+                .filter_map(|path| {
+                    let scanned = local.get(&path)?;
+                    Some((path, scanned.entry.clone(), scanned.stat))
+                })
+                .take(BATCH_ENTRIES - d.len() - c.len())
+                .collect();
             if d.is_empty() && c.is_empty() && u.is_empty() {
                 break;
             }
@@ -599,6 +610,9 @@ impl Session {
             if result.is_err() {
                 break;
             }
+            // Halfway through filling an empty target, the baseline is kept over the local tree
+            // again: from then on it shrinks with each batch instead of growing.
+            self.baseline.rebase_when_half(&self.local);
         }
         ticker.abort();
         self.reporter.finish_progress();
