@@ -264,9 +264,9 @@ fn walk_below(
             });
         }
     });
-    // Each thread handed over its finds sorted: what is left is merging those runs.
-    let mut found = found.into_inner().expect("scan results poisoned");
-    found.sort_by(|a, b| a.0.cmp(&b.0));
+    // Each thread handed over its finds sorted: the tree's own (stable) sort finds those runs
+    // and merges them.
+    let found = found.into_inner().expect("scan results poisoned");
     let mut problems = problems.into_inner().expect("scan problems poisoned");
     problems.sort_by(|a, b| a.path.cmp(&b.path));
     let stats = stats.into_inner().expect("scan stats poisoned");
