@@ -201,7 +201,12 @@ pub fn digest(tree: &Tree) -> Digest {
 /// Whether a scan leaves the stat cache to save different from `previous` (the cache it read):
 /// a file was hashed, or files came or went. Directories and symlinks are not cached.
 pub fn cache_changed(previous: &dyn StatSource, outcome: &ScanOutcome) -> bool {
-    outcome.stats.hashed_files > 0 || previous.files() != outcome.tree.files()
+    cache_changed_from(previous.files(), outcome)
+}
+
+/// [`cache_changed`] of a stat source that knew `previous_files` files.
+pub fn cache_changed_from(previous_files: usize, outcome: &ScanOutcome) -> bool {
+    outcome.stats.hashed_files > 0 || previous_files != outcome.tree.files()
 }
 
 /// Walks the whole tree under `filter.root()`; `previous` serves as the stat cache.
@@ -213,9 +218,41 @@ pub fn scan(filter: &Arc<Filter>, previous: &dyn StatSource) -> ScanOutcome {
 /// it, from the walker thread: a watch set there sees whatever changes in the folder after the
 /// walk read it.
 pub fn scan_with(filter: &Arc<Filter>, previous: &dyn StatSource, before_read: &BeforeRead<'_>) -> ScanOutcome {
-    let mut outcome = walk_below(filter, "", previous, SCAN_THREADS, before_read);
-    outcome.stats.entries = outcome.tree.len() as u64;
-    outcome
+    walk_with(filter, previous, before_read).into_outcome()
+}
+
+/// [`scan_with`] up to the tree: what it found, so that the caller can let the stat source go
+/// before the tree is built (the two would otherwise be held at once).
+pub fn walk_with(filter: &Arc<Filter>, previous: &dyn StatSource, before_read: &BeforeRead<'_>) -> Found {
+    walk_below(filter, "", previous, SCAN_THREADS, before_read)
+}
+
+/// What a walk found: each walker thread's finds, sorted.
+pub struct Found {
+    runs: Vec<Vec<(String, Scanned)>>,
+    problems: Vec<Problem>,
+    stats: ScanStats,
+}
+
+impl Found {
+    /// The tree: the tree's own (stable) sort finds the walker threads' sorted runs and merges
+    /// them.
+    pub fn into_outcome(mut self) -> ScanOutcome {
+        let entries = match self.runs.len() {
+            0 | 1 => self.runs.pop().unwrap_or_default(),
+            _ => {
+                // One run after the other, each let go once moved.
+                let mut entries = Vec::with_capacity(self.runs.iter().map(Vec::len).sum());
+                for run in self.runs {
+                    entries.extend(run);
+                }
+                entries
+            }
+        };
+        let tree: Tree = entries.into_iter().collect();
+        let stats = ScanStats { entries: tree.len() as u64, ..self.stats };
+        ScanOutcome { tree, problems: self.problems, stats }
+    }
 }
 
 /// See [`scan_with`].
@@ -234,9 +271,9 @@ fn walk_below(
     previous: &dyn StatSource,
     threads: usize,
     before_read: &BeforeRead<'_>,
-) -> ScanOutcome {
+) -> Found {
     let queue = DirQueue { state: Mutex::new((vec![start.to_owned()], 0)), ready: Condvar::new() };
-    let found: Mutex<Vec<(String, Scanned)>> = Mutex::new(Vec::new());
+    let found: Mutex<Vec<Vec<(String, Scanned)>>> = Mutex::new(Vec::new());
     let problems: Mutex<Vec<Problem>> = Mutex::new(Vec::new());
     let stats: Mutex<ScanStats> = Mutex::new(ScanStats::default());
     let root = match rustix::fs::open(filter.root(), OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
@@ -244,7 +281,7 @@ fn walk_below(
         Ok(fd) => fd,
         Err(e) => {
             let problem = Problem { path: start.to_owned(), message: io::Error::from(e).to_string() };
-            return ScanOutcome { tree: Tree::new(), problems: vec![problem], stats: ScanStats::default() };
+            return Found { runs: Vec::new(), problems: vec![problem], stats: ScanStats::default() };
         }
     };
     std::thread::scope(|scope| {
@@ -264,13 +301,11 @@ fn walk_below(
             });
         }
     });
-    // Each thread handed over its finds sorted: the tree's own (stable) sort finds those runs
-    // and merges them.
-    let found = found.into_inner().expect("scan results poisoned");
+    let runs = found.into_inner().expect("scan results poisoned");
     let mut problems = problems.into_inner().expect("scan problems poisoned");
     problems.sort_by(|a, b| a.path.cmp(&b.path));
     let stats = stats.into_inner().expect("scan stats poisoned");
-    ScanOutcome { tree: found.into_iter().collect(), problems, stats }
+    Found { runs, problems, stats }
 }
 
 /// The folders waiting to be read, and how many are being read (the walk ends when both are
@@ -428,10 +463,10 @@ fn put(tree: &mut Tree, changed: &mut std::collections::BTreeSet<String>, rel: &
 }
 
 fn scan_under(filter: &Arc<Filter>, rel: &str, previous: &Tree) -> ScanOutcome {
-    walk_below(filter, rel, previous, 1, &|_| {})
+    walk_below(filter, rel, previous, 1, &|_| {}).into_outcome()
 }
 
-type Sink<'a> = (&'a Mutex<Vec<(String, Scanned)>>, &'a Mutex<Vec<Problem>>, &'a Mutex<ScanStats>);
+type Sink<'a> = (&'a Mutex<Vec<Vec<(String, Scanned)>>>, &'a Mutex<Vec<Problem>>, &'a Mutex<ScanStats>);
 
 /// What one walker thread found; handed over to the shared results when the thread is done.
 struct Batch<'a> {
@@ -610,9 +645,10 @@ impl Stat {
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
         let (found, problems, stats) = self.sink;
-        // Sorted here, by each walker thread at once, rather than all of it after the walk.
+        // Sorted here, by each walker thread at once, rather than all of it after the walk; handed
+        // over whole (not copied into one list while the stat source is still held).
         self.found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        found.lock().expect("poisoned").append(&mut self.found);
+        found.lock().expect("poisoned").push(std::mem::take(&mut self.found));
         problems.lock().expect("poisoned").append(&mut self.problems);
         let mut s = stats.lock().expect("poisoned");
         s.hashed_files += self.stats.hashed_files;

@@ -26,7 +26,8 @@ pub struct Full {
 /// `before_read` is called with each folder right before the walk reads it (see
 /// [`walk::scan_with`]).
 pub async fn first(filter: Arc<Filter>, cache: StatCache, before_read: BeforeRead) -> Full {
-    let (full, _) = scan(filter, cache, before_read, "first").await;
+    // The saved cache is let go before the tree is built: the two are never held at once.
+    let (full, _) = scan(filter, cache, before_read, false, "first").await;
     full
 }
 
@@ -35,22 +36,27 @@ pub type BeforeRead = Box<dyn Fn(&str) + Send + Sync>;
 
 /// Reads the whole tree; `previous` serves as the stat cache and comes back in `Full::previous`.
 pub async fn full(filter: Arc<Filter>, previous: Tree) -> Full {
-    let (full, previous) = scan(filter, previous, Box::new(|_| {}), "full").await;
-    Full { previous, ..full }
+    let (full, previous) = scan(filter, previous, Box::new(|_| {}), true, "full").await;
+    Full { previous: previous.unwrap_or_default(), ..full }
 }
 
-/// One full scan in a blocking task; the stat source comes back with the result.
+/// One full scan in a blocking task; the stat source comes back with the result if `keep`,
+/// or is dropped as soon as the walk is done.
 async fn scan<S: StatSource + Send + 'static>(
     filter: Arc<Filter>,
     source: S,
     before_read: BeforeRead,
+    keep: bool,
     kind: &'static str,
-) -> (Full, S) {
+) -> (Full, Option<S>) {
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let outcome = walk::scan_with(&filter, &source, &*before_read);
+        let found = walk::walk_with(&filter, &source, &*before_read);
+        let known = source.files();
+        let source = keep.then_some(source);
+        let outcome = found.into_outcome();
         let took = started.elapsed();
-        let cache_changed = walk::cache_changed(&source, &outcome);
+        let cache_changed = walk::cache_changed_from(known, &outcome);
         let (tree, problems, stats) = (outcome.tree, outcome.problems, outcome.stats);
         (Full { tree, previous: Tree::new(), problems, stats, took, cache_changed }, source)
     })

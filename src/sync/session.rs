@@ -79,8 +79,6 @@ pub struct Session {
     refused: Refused,
     live: Option<AgentClient>,
     round: u64,
-    /// A batch was sent since the memory was last trimmed.
-    synced: bool,
     /// How the last restart went (for `--once`).
     last_restart: Option<RestartReport>,
     /// A synced change calls for a restart that has not been asked for yet (held back while
@@ -116,7 +114,6 @@ impl Session {
             refused: Refused::new(),
             live: None,
             round: 0,
-            synced: false,
             last_restart: None,
             restart_owed: false,
             id: session_id(),
@@ -183,10 +180,9 @@ impl Session {
                 }
             }
         }
-        // The sync's transient buffers (and the baseline's delta, gone now) go back to the OS.
-        if std::mem::take(&mut self.synced) {
-            devloop_agent::release_memory();
-        }
+        // The first scan's and the sync's transient buffers (and the baseline's delta, gone now)
+        // go back to the OS.
+        devloop_agent::release_memory();
         let Some(watcher) = watcher.as_mut() else {
             let verdict = match self.unequal() {
                 Some(differ) => Err(differ),
@@ -638,7 +634,6 @@ impl Session {
             .await?;
         let sent = Sent { deletes: &deletes, chmods: &chmods, upserts: packed.sent };
         baseline::fold(&mut self.baseline, &self.local, &mut self.refused, sent, &applied);
-        self.synced = true;
         for problem in packed.skipped {
             self.pending.insert(problem.path.clone());
             self.reporter.emit(Event::Problem { path: problem.path, message: problem.message });
