@@ -241,9 +241,13 @@ impl Found {
         let entries = match self.runs.len() {
             0 | 1 => self.runs.pop().unwrap_or_default(),
             _ => {
-                // One run after the other, each let go once moved.
-                let mut entries = Vec::with_capacity(self.runs.iter().map(Vec::len).sum());
-                for run in self.runs {
+                // The longest run grows to hold the others (a large buffer grows in place), each
+                // let go once moved.
+                self.runs.sort_by_key(|run| std::cmp::Reverse(run.len()));
+                let rest = self.runs.split_off(1);
+                let mut entries = self.runs.pop().unwrap_or_default();
+                entries.reserve(rest.iter().map(Vec::len).sum());
+                for run in rest {
                     entries.extend(run);
                 }
                 entries

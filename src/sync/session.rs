@@ -180,9 +180,6 @@ impl Session {
                 }
             }
         }
-        // The first scan's and the sync's transient buffers (and the baseline's delta, gone now)
-        // go back to the OS.
-        devloop_agent::release_memory();
         let Some(watcher) = watcher.as_mut() else {
             let verdict = match self.unequal() {
                 Some(differ) => Err(differ),
@@ -193,6 +190,9 @@ impl Session {
         };
         self.reporter
             .emit(Event::Watching { root: self.config.root.display().to_string(), mode: watcher.mode().into() });
+        // The first scan's and the sync's transient buffers (and the baseline's delta, gone now)
+        // go back to the OS, once the watch is on.
+        devloop_agent::release_memory();
         let outcome = self.follow(watcher, &mut shutdown).await;
         self.close().await;
         outcome
