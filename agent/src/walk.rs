@@ -211,18 +211,13 @@ pub fn cache_changed_from(previous_files: usize, outcome: &ScanOutcome) -> bool 
 
 /// Walks the whole tree under `filter.root()`; `previous` serves as the stat cache.
 pub fn scan(filter: &Arc<Filter>, previous: &dyn StatSource) -> ScanOutcome {
-    scan_with(filter, previous, &|_| {})
+    walk_with(filter, previous, &|_| {}).into_outcome()
 }
 
-/// [`scan`], calling `before_read` with each folder (the root as "") right before the walk lists
-/// it, from the walker thread: a watch set there sees whatever changes in the folder after the
-/// walk read it.
-pub fn scan_with(filter: &Arc<Filter>, previous: &dyn StatSource, before_read: &BeforeRead<'_>) -> ScanOutcome {
-    walk_with(filter, previous, before_read).into_outcome()
-}
-
-/// [`scan_with`] up to the tree: what it found, so that the caller can let the stat source go
-/// before the tree is built (the two would otherwise be held at once).
+/// [`scan`] up to the tree, calling `before_read` with each folder (the root as "") right before
+/// the walk lists it, from the walker thread: a watch set there sees whatever changes in the
+/// folder after the walk read it. What it found becomes the tree by [`Found::into_outcome`], so
+/// that the caller can let the stat source go first (the two would otherwise be held at once).
 pub fn walk_with(filter: &Arc<Filter>, previous: &dyn StatSource, before_read: &BeforeRead<'_>) -> Found {
     walk_below(filter, "", previous, SCAN_THREADS, before_read)
 }
@@ -259,7 +254,7 @@ impl Found {
     }
 }
 
-/// See [`scan_with`].
+/// See [`walk_with`].
 pub type BeforeRead<'a> = dyn Fn(&str) + Sync + 'a;
 
 /// Threads of a full scan.
@@ -898,11 +893,12 @@ mod tests {
         let (dir, filter) = setup();
         let root = dir.path().to_path_buf();
         let seen = Mutex::new(Vec::new());
-        let out = scan_with(&filter, &Tree::new(), &|folder: &str| {
+        let out = walk_with(&filter, &Tree::new(), &|folder: &str| {
             seen.lock().unwrap().push(folder.to_owned());
             // Written before the listing: the scan must hold it.
             fs::write(root.join(folder).join("hooked.txt"), folder).unwrap();
-        });
+        })
+        .into_outcome();
         let mut seen = seen.into_inner().unwrap();
         seen.sort();
         assert_eq!(seen, ["", "empty", "src"]);

@@ -24,7 +24,7 @@ pub struct Full {
 
 /// Reads the whole tree for the first time, `cache` (saved by an earlier run) as stat cache.
 /// `before_read` is called with each folder right before the walk reads it (see
-/// [`walk::scan_with`]).
+/// [`walk::walk_with`]).
 pub async fn first(filter: Arc<Filter>, cache: StatCache, before_read: BeforeRead) -> Full {
     // The saved cache is let go before the tree is built: the two are never held at once.
     let (full, _) = scan(filter, cache, before_read, false, "first").await;
