@@ -493,12 +493,18 @@ fn rss(bins: &Bins, tree: &Path, work: &Path, figures: &mut Figures) {
     std::thread::sleep(Duration::from_millis(500));
     let pid = child.id();
     let (now, peak) = (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"));
+    let (anon, file) = (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:"));
     let _ = child.kill();
     let _ = child.wait();
     println!(
         "devloop watch RSS  steady {:>6.1} MB   peak {:>6.1} MB   (targets: < 24 MB steady, < 40 MB peak)",
         now as f64 / 1024.0,
         peak as f64 / 1024.0
+    );
+    println!(
+        "  steady: {:.1} MB anonymous (heap, stacks), {:.1} MB of mapped files (the binary's pages)",
+        anon as f64 / 1024.0,
+        file as f64 / 1024.0
     );
     figures.add("watcher RSS, 100k files, steady", "MB", now as f64 / 1024.0, None, Target::Below(24.0));
     figures.add("watcher RSS, 100k files, peak", "MB", peak as f64 / 1024.0, None, Target::Below(40.0));

@@ -66,9 +66,15 @@ fn hundred_edits_hundred_restarts_new_content_no_orphans() {
     fx.write("message.txt", "v0");
     let mut watch = fx.watch_restarts();
     assert_eq!(get(port).map(|(body, _)| body).as_deref(), Some("v0"));
-    let output =
-        watch.seen.iter().any(|e| e["event"] == "output" && e["line"].as_str().unwrap_or("").contains("serving"));
-    assert!(output, "the app's output reaches the user: {:?}", watch.seen);
+    // The app's output reaches the user. It prints `serving` once it listens, so the readiness
+    // probe may get in first and the line arrive after the report.
+    let serving =
+        |e: &serde_json::Value| e["event"] == "output" && e["line"].as_str().unwrap_or("").contains("serving");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !watch.seen.iter().any(serving) {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        watch.wait_for("output", left);
+    }
 
     let mut pids = std::collections::HashSet::new();
     for i in 1..=100 {

@@ -14,6 +14,8 @@ pub mod beneath;
 #[cfg(feature = "tree")]
 pub mod filter;
 #[cfg(feature = "tree")]
+pub mod tree;
+#[cfg(feature = "tree")]
 pub mod walk;
 #[cfg(feature = "tree")]
 pub mod watch;

@@ -4,7 +4,6 @@
 //!
 //! Everything here is blocking IO; callers run a whole scan inside one blocking task.
 
-use std::collections::BTreeMap;
 use std::fs::{self, Metadata};
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
@@ -31,16 +30,16 @@ pub struct Stat {
     pub ino: u64,
 }
 
-/// What the stat cache compares, held compact (16 bytes, also inside an `Option`): the inode,
-/// and a 64-bit fingerprint of size, mtime and ctime. A file whose key is unchanged keeps its
-/// digest; a change of any of them changes the key but with a chance of 2^-64.
+/// What the stat cache compares, held compact (8 bytes, also inside an `Option`): a 64-bit
+/// fingerprint of size, mtime, ctime and inode. A file whose key is unchanged keeps its digest; a
+/// change of any of them (another file renamed over it included) changes the key but with a
+/// chance of 2^-64.
 ///
 /// The fingerprint is std's `DefaultHasher` with its fixed keys: stable within one build, and
 /// a build whose hasher differs only finds every saved key changed (each file hashed once).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatKey {
     pub fingerprint: std::num::NonZeroU64,
-    pub ino: u64,
 }
 
 /// How long after its last change a file's stat is trusted to stand for its content. A file
@@ -65,9 +64,9 @@ impl Stat {
     pub fn key(&self) -> StatKey {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::hash::DefaultHasher::new();
-        (self.size, self.mtime_ns, self.ctime_ns).hash(&mut hasher);
+        (self.size, self.mtime_ns, self.ctime_ns, self.ino).hash(&mut hasher);
         let fingerprint = std::num::NonZeroU64::new(hasher.finish()).unwrap_or(std::num::NonZeroU64::MIN);
-        StatKey { fingerprint, ino: self.ino }
+        StatKey { fingerprint }
     }
 
     /// The key to cache for content read at `read_at` (taken before the read began), or `None`
@@ -89,8 +88,8 @@ pub struct Scanned {
     pub stat: Option<StatKey>,
 }
 
-/// A scanned tree, sorted by path. It is also the stat cache of the next scan.
-pub type Tree = BTreeMap<String, Scanned>;
+/// A scanned tree, sorted by path ([`crate::tree`]). It is also the stat cache of the next scan.
+pub use crate::tree::Tree;
 
 /// What a stat cache knows of a file: the stat it was hashed at, and the digest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,12 +173,12 @@ pub fn folders_of(cache: &StatCache) -> Tree {
 
 /// The manifest view of a tree.
 pub fn manifest_of(tree: &Tree) -> Manifest {
-    tree.iter().map(|(path, s)| (path.clone(), s.entry.clone())).collect()
+    tree.iter().map(|(path, s)| (path.to_owned(), s.entry.clone())).collect()
 }
 
 /// The records of a tree, in path order (what the agent sends of its manifest).
 pub fn records_of(tree: &Tree) -> Vec<crate::manifest::Record> {
-    tree.iter().map(|(path, s)| crate::manifest::Record { path: path.clone(), entry: s.entry.clone() }).collect()
+    tree.iter().map(|(path, s)| crate::manifest::Record { path: path.to_owned(), entry: s.entry.clone() }).collect()
 }
 
 /// Walks the whole tree stat-cached by the cache saved at `cache_path`, and saves the cache
@@ -195,7 +194,7 @@ pub fn scan_cached(filter: &Arc<Filter>, cache_path: &Path) -> ScanOutcome {
 
 /// The digest of a tree's manifest (see [`crate::manifest::digest_of`]).
 pub fn digest(tree: &Tree) -> Digest {
-    crate::manifest::digest_of(tree.iter().map(|(path, s)| (path.as_str(), &s.entry)))
+    crate::manifest::digest_of(tree.iter().map(|(path, s)| (path, &s.entry)))
 }
 
 /// Whether a scan leaves the stat cache to save different from `previous` (the cache it read):
@@ -233,7 +232,7 @@ impl Found {
     /// The tree: the tree's own (stable) sort finds the walker threads' sorted runs and merges
     /// them.
     pub fn into_outcome(mut self) -> ScanOutcome {
-        let entries = match self.runs.len() {
+        let mut entries = match self.runs.len() {
             0 | 1 => self.runs.pop().unwrap_or_default(),
             _ => {
                 // The longest run grows to hold the others (a large buffer grows in place), each
@@ -248,6 +247,8 @@ impl Found {
                 entries
             }
         };
+        // A stable sort merges the sorted runs (and keeps a path's last find last, as a map would).
+        entries.sort_by(|(a, _), (b, _)| a.cmp(b));
         let tree: Tree = entries.into_iter().collect();
         let stats = ScanStats { entries: tree.len() as u64, ..self.stats };
         ScanOutcome { tree, problems: self.problems, stats }
@@ -687,7 +688,7 @@ fn hash_into(file: &mut impl Read, buf: &mut [u8]) -> io::Result<(Digest, u64)> 
 
 fn subtree_keys(tree: &Tree, rel: &str) -> Vec<String> {
     let prefix = format!("{rel}/");
-    tree.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)).map(|(k, _)| k.clone()).collect()
+    tree.prefixed(&prefix).map(|(k, _)| k.to_owned()).collect()
 }
 
 /// Removes `rel` and everything under it; returns the paths removed.
@@ -710,12 +711,12 @@ fn remove_subtree_below(tree: &mut Tree, rel: &str) -> Vec<String> {
 /// First bytes of a saved stat cache; a file without them (another version's) is not read.
 ///
 /// After them: the number of files (u64), one record of [`RECORD`] bytes per file in path order
-/// (path offset and length in the name table, u32 each; size, the [`StatKey`]'s fingerprint and
-/// inode, 8 bytes each; the exec bit and 7 bytes of padding; the digest), then the name table.
+/// (path offset and length in the name table, u32 each; size and the [`StatKey`]'s fingerprint,
+/// 8 bytes each; the digest), then the name table.
 /// Little-endian. A scan looks files up in it by binary search: loading it allocates nothing per
 /// file.
-const CACHE_FORMAT: &[u8] = b"devloop-stat-cache-4\n";
-const RECORD: usize = 72;
+const CACHE_FORMAT: &[u8] = b"devloop-stat-cache-5\n";
+const RECORD: usize = 56;
 
 /// A stat cache as saved by [`save_stat_cache`], read whole and looked up in place.
 #[derive(Default)]
@@ -772,8 +773,8 @@ impl StatCache {
                 std::cmp::Ordering::Equal => {
                     let size = u64_at(record, 8);
                     let fingerprint = std::num::NonZeroU64::new(u64_at(record, 16))?;
-                    let stat = StatKey { fingerprint, ino: u64_at(record, 24) };
-                    let hash = Digest(record[40..72].try_into().ok()?);
+                    let stat = StatKey { fingerprint };
+                    let hash = Digest(record[24..56].try_into().ok()?);
                     return Some(Known { stat, hash, size });
                 }
             }
@@ -833,22 +834,20 @@ pub fn load_stat_cache(path: &Path) -> StatCache {
 
 /// Saves the files of `tree` (path, stat, digest) atomically; best effort.
 pub fn save_stat_cache(path: &Path, tree: &Tree) {
-    let files: Vec<(&String, &Scanned)> =
+    let files: Vec<(&str, &Scanned)> =
         tree.iter().filter(|(_, s)| matches!(s, Scanned { entry: Entry::File { .. }, stat: Some(_) })).collect();
     let mut bytes = Vec::with_capacity(CACHE_FORMAT.len() + 8 + files.len() * (RECORD + 24));
     bytes.extend_from_slice(CACHE_FORMAT);
     bytes.extend_from_slice(&(files.len() as u64).to_le_bytes());
     let mut names = Vec::new();
     for (path, scanned) in &files {
-        let (Entry::File { hash, size, exec }, Some(stat)) = (&scanned.entry, scanned.stat) else { continue };
+        let (Entry::File { hash, size, .. }, Some(stat)) = (&scanned.entry, scanned.stat) else { continue };
         let (Ok(offset), Ok(len)) = (u32::try_from(names.len()), u32::try_from(path.len())) else { return };
         names.extend_from_slice(path.as_bytes());
         bytes.extend_from_slice(&offset.to_le_bytes());
         bytes.extend_from_slice(&len.to_le_bytes());
         bytes.extend_from_slice(&size.to_le_bytes());
         bytes.extend_from_slice(&stat.fingerprint.get().to_le_bytes());
-        bytes.extend_from_slice(&stat.ino.to_le_bytes());
-        bytes.extend_from_slice(&[u8::from(*exec), 0, 0, 0, 0, 0, 0, 0]);
         bytes.extend_from_slice(&hash.0);
     }
     bytes.extend_from_slice(&names);
@@ -911,7 +910,7 @@ mod tests {
     fn scan_reads_what_the_build_context_holds() {
         let (_dir, filter) = setup();
         let out = scan(&filter, &Tree::new());
-        let paths: Vec<_> = out.tree.keys().map(String::as_str).collect();
+        let paths: Vec<_> = out.tree.keys().collect();
         assert_eq!(paths, [".env", ".gitignore", "empty", "link", "src", "src/main.rs"]);
         assert_eq!(out.tree["link"].entry, Entry::Symlink { target: "src/main.rs".into() });
         assert_eq!(

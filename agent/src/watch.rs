@@ -192,8 +192,7 @@ impl FolderWatches {
         for path in hinted.iter().filter(|p| is_dir(p)) {
             candidates.insert(path);
             let prefix = format!("{path}/");
-            let below = tree.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix));
-            candidates.extend(below.filter(|(_, s)| s.entry.is_dir()).map(|(k, _)| k.as_str()));
+            candidates.extend(tree.prefixed(&prefix).filter(|(_, s)| s.entry.is_dir()).map(|(k, _)| k));
         }
         self.add_unwatched(candidates)
     }
@@ -258,7 +257,7 @@ impl FolderWatches {
 }
 
 fn folders(tree: &Tree) -> impl Iterator<Item = &str> {
-    tree.iter().filter(|(_, s)| s.entry.is_dir()).map(|(p, _)| p.as_str())
+    tree.iter().filter(|(_, s)| s.entry.is_dir()).map(|(p, _)| p)
 }
 
 /// The relative path an event is about, or `None` for paths devloop never syncs (`.git/`,

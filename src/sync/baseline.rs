@@ -30,21 +30,37 @@ pub struct Baseline {
     base: Base,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 enum Base {
     /// What the local tree holds.
     #[default]
     Local,
-    /// Nothing: an empty target, as at an initial sync (so that the delta does not start as
-    /// every local path, each saying "nothing there").
-    Nothing,
+    /// What the local tree holds up to this path (included), nothing after it (`None`: nothing
+    /// at all): an empty target, as an initial sync fills it in path order. So the delta
+    /// neither starts as every local path saying "nothing there" nor grows with each path sent.
+    Upto(Option<String>),
+}
+
+impl Base {
+    /// What the base says `path` holds.
+    fn entry<'a>(&self, local: &'a Tree, path: &str) -> Option<&'a Entry> {
+        self.covers(path).then(|| local.get(path).map(|s| &s.entry)).flatten()
+    }
+
+    /// Whether the base follows the local tree at `path`.
+    fn covers(&self, path: &str) -> bool {
+        match self {
+            Base::Local => true,
+            Base::Upto(bound) => bound.as_deref().is_some_and(|bound| path <= bound),
+        }
+    }
 }
 
 impl Baseline {
     /// The target holds `manifest`.
     pub fn of(manifest: Manifest, local: &Tree) -> Baseline {
         if manifest.is_empty() && !local.is_empty() {
-            return Baseline { differs: BTreeMap::new(), base: Base::Nothing };
+            return Baseline { differs: BTreeMap::new(), base: Base::Upto(None) };
         }
         let mut differs = BTreeMap::new();
         let mut held = manifest.into_iter().peekable();
@@ -54,7 +70,7 @@ impl Baseline {
                 (None, None) => break,
                 (Some(_), None) => std::cmp::Ordering::Less,
                 (None, Some(_)) => std::cmp::Ordering::Greater,
-                (Some((h, _)), Some((l, _))) => h.as_str().cmp(l.as_str()),
+                (Some((h, _)), Some((l, _))) => h.as_str().cmp(l),
             };
             match order {
                 std::cmp::Ordering::Less => {
@@ -63,7 +79,7 @@ impl Baseline {
                 }
                 std::cmp::Ordering::Greater => {
                     let (path, _) = here.next().expect("peeked");
-                    differs.insert(path.clone(), None);
+                    differs.insert(path.to_owned(), None);
                 }
                 std::cmp::Ordering::Equal => {
                     let ((path, entry), (_, scanned)) = (held.next().expect("peeked"), here.next().expect("peeked"));
@@ -76,29 +92,43 @@ impl Baseline {
         Baseline { differs, base: Base::Local }
     }
 
-    /// Kept over the local tree again once the target got most of it (after an initial sync):
-    /// the delta shrinks to what still differs.
+    /// Kept over the whole local tree once an initial sync went past its last path. (A sync
+    /// cut short keeps its bound: the next one goes on from there.)
     pub fn rebase(&mut self, local: &Tree) {
-        if self.base == Base::Nothing {
-            let held = std::mem::take(&mut self.differs).into_iter().filter_map(|(p, e)| Some((p, e?))).collect();
-            *self = Baseline::of(held, local);
+        if let Base::Upto(bound) = &self.base {
+            let last = local.keys().last();
+            if last.is_none_or(|last| bound.as_deref().is_some_and(|bound| last <= bound)) {
+                self.base = Base::Local;
+            }
         }
     }
 
-    /// [`Baseline::rebase`] once an empty target holds half of the local tree: the delta over
-    /// the tree is the half still to send, and shrinks from then on.
-    pub fn rebase_when_half(&mut self, local: &Tree) {
-        if self.base == Base::Nothing && self.differs.len().saturating_mul(2) >= local.len() {
-            self.rebase(local);
+    /// An initial sync's batch reached `last` (its upserts sent in path order), of which the
+    /// agent took `applied`: the base follows the local tree up to `last`, and the paths it
+    /// passed that the target did not get (refused, too large, vanished) hold nothing there.
+    fn advance(&mut self, local: &Tree, last: &str, applied: &HashSet<&str>) {
+        let Base::Upto(bound) = &self.base else { return };
+        if self.base.covers(last) {
+            return;
         }
+        // The local paths after the bound, up to `last`.
+        let passed = local.from(bound.as_deref().unwrap_or("")).filter(|(path, _)| !self.base.covers(path));
+        let missed: Vec<String> = passed
+            .take_while(|(path, _)| *path <= last)
+            .filter(|(path, _)| !applied.contains(path) && !self.differs.contains_key(*path))
+            .map(|(path, _)| path.to_owned())
+            .collect();
+        for path in missed {
+            self.differs.insert(path, None);
+        }
+        self.base = Base::Upto(Some(last.to_owned()));
     }
 
     /// What the target holds at `path`.
     pub fn entry<'a>(&'a self, local: &'a Tree, path: &str) -> Option<&'a Entry> {
-        match (self.differs.get(path), self.base) {
-            (Some(held), _) => held.as_ref(),
-            (None, Base::Local) => local.get(path).map(|s| &s.entry),
-            (None, Base::Nothing) => None,
+        match self.differs.get(path) {
+            Some(held) => held.as_ref(),
+            None => self.base.entry(local, path),
         }
     }
 
@@ -110,18 +140,14 @@ impl Baseline {
     /// Before the local tree changes at `path`, where it held `old`: the target still holds
     /// `old` there, unless the baseline already says otherwise.
     pub fn pin(&mut self, path: &str, old: Option<&Entry>) {
-        if self.base == Base::Local && !self.differs.contains_key(path) {
+        if self.base.covers(path) && !self.differs.contains_key(path) {
             self.differs.insert(path.to_owned(), old.cloned());
         }
     }
 
     /// The target holds `held` at `path` now.
     fn set(&mut self, local: &Tree, path: String, held: Option<Entry>) {
-        let base = match self.base {
-            Base::Local => local.get(&path).map(|s| &s.entry),
-            Base::Nothing => None,
-        };
-        if base == held.as_ref() {
+        if self.base.entry(local, &path) == held.as_ref() {
             self.differs.remove(&path);
         } else {
             self.differs.insert(path, held);
@@ -132,7 +158,7 @@ impl Baseline {
     pub fn diff(&self, local: &Tree) -> Vec<Change> {
         match self.base {
             Base::Local => diff_paths(&self.view(local), local, self.differs.keys().map(String::as_str)),
-            Base::Nothing => super::diff::diff(&self.view(local), local),
+            Base::Upto(_) => super::diff::diff(&self.view(local), local),
         }
     }
 
@@ -161,18 +187,19 @@ impl Entries for Held<'_> {
 
     fn sorted(&self) -> Box<dyn Iterator<Item = (&str, &Entry)> + '_> {
         let mut differs = self.baseline.differs.iter().peekable();
-        let mut local = self.local.iter().filter(|_| self.baseline.base == Base::Local).peekable();
+        let base = &self.baseline.base;
+        let mut local = self.local.iter().take_while(|(path, _)| base.covers(path)).peekable();
         Box::new(std::iter::from_fn(move || loop {
             let order = match (differs.peek(), local.peek()) {
                 (None, None) => return None,
                 (Some(_), None) => std::cmp::Ordering::Less,
                 (None, Some(_)) => std::cmp::Ordering::Greater,
-                (Some((d, _)), Some((l, _))) => d.as_str().cmp(l.as_str()),
+                (Some((d, _)), Some((l, _))) => d.as_str().cmp(l),
             };
             let (path, held) = match order {
                 std::cmp::Ordering::Greater => {
                     let (path, scanned) = local.next().expect("peeked");
-                    return Some((path.as_str(), &scanned.entry));
+                    return Some((path, &scanned.entry));
                 }
                 std::cmp::Ordering::Equal => {
                     local.next();
@@ -202,6 +229,12 @@ pub struct Sent<'a> {
 pub fn fold(baseline: &mut Baseline, local: &Tree, refused: &mut Refused, sent: Sent<'_>, answer: &Applied) {
     let no: HashSet<usize> = answer.refused_at.iter().map(|&at| at as usize).collect();
     let (deletes, chmods) = (sent.deletes.len(), sent.chmods.len());
+    // An initial sync's base follows the local tree up to the last path sent.
+    if let Some(last) = sent.upserts.iter().map(|(path, _)| path.as_str()).max() {
+        let applied = sent.upserts.iter().enumerate().filter(|(i, _)| !no.contains(&(deletes + chmods + i)));
+        let applied: HashSet<&str> = applied.map(|(_, (path, _))| path.as_str()).collect();
+        baseline.advance(local, last, &applied);
+    }
     for (at, path) in sent.deletes.iter().enumerate() {
         if !no.contains(&at) {
             baseline.set(local, path.clone(), None);
@@ -317,7 +350,7 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_target_keeps_no_delta_until_it_is_filled_and_rebased() {
+    fn an_empty_target_keeps_no_delta_while_it_is_filled_in_order() {
         let local = a_d_x();
         let mut baseline = Baseline::of(Manifest::new(), &local);
         assert_eq!(baseline.differing(), 0, "nothing stored for an empty target");
@@ -325,32 +358,52 @@ mod tests {
         assert_eq!(baseline.entry(&local, "a"), None);
         let upserts = vec![("a".to_string(), file(b"a")), ("d".to_string(), Entry::Dir)];
         fold(&mut baseline, &local, &mut Refused::new(), Sent { deletes: &[], chmods: &[], upserts }, &answer(&[]));
+        assert_eq!(baseline.differing(), 0, "the base follows the local tree up to `d`");
         assert_eq!(baseline.entry(&local, "a"), Some(&file(b"a")));
+        assert_eq!(baseline.entry(&local, "d/x"), None);
         assert_eq!(baseline.diff(&local), [Change::Upsert { path: "d/x".into(), entry: file(b"x") }]);
         baseline.rebase(&local);
-        assert_eq!(baseline.differing(), 1, "only d/x still differs");
-        assert_eq!(baseline.diff(&local), [Change::Upsert { path: "d/x".into(), entry: file(b"x") }]);
+        assert_eq!(
+            baseline.diff(&local),
+            [Change::Upsert { path: "d/x".into(), entry: file(b"x") }],
+            "cut short: d/x still to send"
+        );
+        let upserts = vec![("d/x".to_string(), file(b"x"))];
+        fold(&mut baseline, &local, &mut Refused::new(), Sent { deletes: &[], chmods: &[], upserts }, &answer(&[]));
+        baseline.rebase(&local);
+        assert_eq!(baseline.differing(), 0);
+        assert!(baseline.diff(&local).is_empty());
+        assert_eq!(baseline.base, Base::Local, "past the last path, the base is the whole local tree");
     }
 
     #[test]
-    fn an_empty_target_half_filled_is_kept_over_the_local_tree_and_shrinks() {
+    fn an_empty_target_filled_in_order_keeps_only_the_paths_it_did_not_get() {
         let local = a_d_x();
         let mut baseline = Baseline::of(Manifest::new(), &local);
-        let send = |baseline: &mut Baseline, path: &str| {
-            let upserts = vec![(path.to_string(), local[path].entry.clone())];
-            fold(baseline, &local, &mut Refused::new(), Sent { deletes: &[], chmods: &[], upserts }, &answer(&[]));
-            baseline.rebase_when_half(&local);
-        };
-        send(&mut baseline, "a");
-        assert_eq!(baseline.differing(), 1, "a third of the tree: still the paths the target holds");
-        send(&mut baseline, "d");
-        assert_eq!(baseline.differing(), 1, "two thirds: only d/x, the path still to send");
-        assert_eq!(baseline.entry(&local, "d"), Some(&Entry::Dir));
-        assert_eq!(baseline.entry(&local, "d/x"), None);
-        assert_eq!(baseline.diff(&local), [Change::Upsert { path: "d/x".into(), entry: file(b"x") }]);
-        send(&mut baseline, "d/x");
-        assert_eq!(baseline.differing(), 0);
-        assert!(baseline.diff(&local).is_empty());
+        let mut refused = Refused::new();
+        // `a` refused by the agent, `d` not sent at all (it vanished while packing), `d/x` taken.
+        let upserts = vec![("a".to_string(), file(b"a")), ("d/x".to_string(), file(b"x"))];
+        fold(&mut baseline, &local, &mut refused, Sent { deletes: &[], chmods: &[], upserts }, &answer(&[0]));
+        assert_eq!(baseline.differing(), 2, "a and d hold nothing in the target");
+        assert_eq!(baseline.entry(&local, "a"), None);
+        assert_eq!(baseline.entry(&local, "d"), None);
+        assert_eq!(baseline.entry(&local, "d/x"), Some(&file(b"x")));
+        assert!(refused.contains_key("a"));
+        assert_eq!(
+            baseline.diff(&local),
+            [
+                Change::Upsert { path: "a".into(), entry: file(b"a") },
+                Change::Upsert { path: "d".into(), entry: Entry::Dir }
+            ]
+        );
+        // Past the bound the local tree is not the base: nothing to pin there.
+        let mut tail = Baseline::of(Manifest::new(), &local);
+        let upserts = vec![("a".to_string(), file(b"a"))];
+        fold(&mut tail, &local, &mut Refused::new(), Sent { deletes: &[], chmods: &[], upserts }, &answer(&[]));
+        tail.pin("a", Some(&file(b"a")));
+        tail.pin("d/x", Some(&file(b"x")));
+        assert_eq!(tail.differing(), 1, "only `a`, within the bound, is pinned");
+        assert_eq!(tail.entry(&local, "d/x"), None);
     }
 
     #[test]

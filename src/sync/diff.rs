@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::iter::Peekable;
 
 use devloop_agent::manifest::Entry;
-use devloop_agent::walk::Scanned;
+use devloop_agent::walk::Tree;
 
 /// One step that makes the target more like the source.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,12 +42,12 @@ impl Entries for BTreeMap<String, Entry> {
     }
 }
 
-impl Entries for BTreeMap<String, Scanned> {
+impl Entries for Tree {
     fn entry(&self, path: &str) -> Option<&Entry> {
         self.get(path).map(|s| &s.entry)
     }
     fn sorted(&self) -> Box<dyn Iterator<Item = (&str, &Entry)> + '_> {
-        Box::new(self.iter().map(|(p, s)| (p.as_str(), &s.entry)))
+        Box::new(self.iter().map(|(p, s)| (p, &s.entry)))
     }
 }
 

@@ -101,9 +101,9 @@ fn append_symlink<W: Write>(builder: &mut tar::Builder<W>, path: &str, target: &
     builder.append_link(&mut h, path, target).map_err(Failure::Sink)
 }
 
-/// Packs the regular file `path` as it is now, if it is still the file the scan saw (`scanned`:
-/// the stat it was hashed at). `None` when it vanished or changed type or identity since: the
-/// session looks at it again.
+/// Packs the regular file `path` as it is now (`scanned`: the stat the scan hashed it at, whose
+/// digest `known` is taken when the file still has it). `None` when it vanished or changed type
+/// since: the session looks at it again.
 fn append_file<W: Write>(
     builder: &mut tar::Builder<W>,
     root: &OwnedFd,
@@ -119,11 +119,9 @@ fn append_file<W: Write>(
         Err(OpenError::Io(e)) => return Err(Failure::Read(e)),
     };
     let full = devloop_agent::walk::Stat::of_stat(&stat);
+    // Unchanged since the scan (another file renamed over it changes the key too): the scan's
+    // digest holds. Otherwise the content is hashed as it is read.
     let now = full.key();
-    // Another file took the name since the scan: look at it again rather than send it unseen.
-    if scanned.is_some_and(|scanned| scanned.ino != now.ino) {
-        return Ok(None);
-    }
     let mode = if exec { 0o755 } else { 0o644 };
     // The open file still has the stat the scan hashed it at: its digest is known, one pass less.
     // (A write racing this read makes the agent's digest check refuse it; the watcher resends.)

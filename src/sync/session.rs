@@ -151,6 +151,8 @@ impl Session {
             _ = shutdown.wait_for(|stop| *stop) => return Ok(Outcome::Stopped),
         };
         self.adopt(full);
+        // The walker threads' buffers go back to the OS before a sync allocates its own.
+        devloop_agent::release_memory();
         let connected = connected?;
         let mut watcher = match watcher {
             None => None,
@@ -522,7 +524,8 @@ impl Session {
         }
         self.restart_owed |= restart;
         let synced = self.sync(changes).await;
-        // An empty target's baseline was kept as what it got; now it is most of the local tree.
+        // An empty target's baseline followed the local tree up to the last path sent; past the
+        // last one it follows the whole tree.
         self.baseline.rebase(&self.local);
         synced
     }
@@ -606,9 +609,6 @@ impl Session {
             if result.is_err() {
                 break;
             }
-            // Halfway through filling an empty target, the baseline is kept over the local tree
-            // again: from then on it shrinks with each batch instead of growing.
-            self.baseline.rebase_when_half(&self.local);
         }
         ticker.abort();
         self.reporter.finish_progress();
@@ -687,8 +687,8 @@ fn touched(tree: &Tree, paths: &[String]) -> Manifest {
             }
         }
         let prefix = format!("{path}/");
-        for (p, s) in tree.range(prefix.clone()..).take_while(|(p, _)| p.starts_with(&prefix)) {
-            out.entry(p.clone()).or_insert_with(|| s.entry.clone());
+        for (p, s) in tree.prefixed(&prefix) {
+            out.entry(p.to_owned()).or_insert_with(|| s.entry.clone());
         }
     }
     out
