@@ -10,10 +10,12 @@
 //! Architecture invariant: the baseline advances on `Applied`, never on "sent".
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::iter::Peekable;
 
 use devloop_agent::filter::Filter;
 use devloop_agent::manifest::{Entry, Manifest};
 use devloop_agent::protocol::{Applied, Chmod};
+use devloop_agent::tree;
 use devloop_agent::walk::Tree;
 
 use super::diff::{diff_paths, Change, Entries};
@@ -59,37 +61,11 @@ impl Base {
 impl Baseline {
     /// The target holds `manifest`.
     pub fn of(manifest: Manifest, local: &Tree) -> Baseline {
-        if manifest.is_empty() && !local.is_empty() {
-            return Baseline { differs: BTreeMap::new(), base: Base::Upto(None) };
+        let mut builder = Builder::new(local);
+        for (path, entry) in manifest {
+            builder.held(path, entry);
         }
-        let mut differs = BTreeMap::new();
-        let mut held = manifest.into_iter().peekable();
-        let mut here = local.iter().peekable();
-        loop {
-            let order = match (held.peek(), here.peek()) {
-                (None, None) => break,
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (Some((h, _)), Some((l, _))) => h.as_str().cmp(l),
-            };
-            match order {
-                std::cmp::Ordering::Less => {
-                    let (path, entry) = held.next().expect("peeked");
-                    differs.insert(path, Some(entry));
-                }
-                std::cmp::Ordering::Greater => {
-                    let (path, _) = here.next().expect("peeked");
-                    differs.insert(path.to_owned(), None);
-                }
-                std::cmp::Ordering::Equal => {
-                    let ((path, entry), (_, scanned)) = (held.next().expect("peeked"), here.next().expect("peeked"));
-                    if entry != scanned.entry {
-                        differs.insert(path, Some(entry));
-                    }
-                }
-            }
-        }
-        Baseline { differs, base: Base::Local }
+        builder.finish()
     }
 
     /// Kept over the whole local tree once an initial sync went past its last path. (A sync
@@ -171,6 +147,54 @@ impl Baseline {
     /// where the local tree has nothing, the target counts as holding nothing either.
     pub fn forget_excluded(&mut self, filter: &Filter) {
         self.differs.retain(|path, held| !filter.is_excluded(path, held.as_ref().is_some_and(Entry::is_dir)));
+    }
+}
+
+/// A [`Baseline`] built from an agent's manifest record by record, as they arrive: only where
+/// the target differs from the local tree is kept, never the whole manifest. The agent sends its
+/// records in path order; a record out of order is still taken right (it only costs a lookup).
+pub struct Builder<'a> {
+    local: &'a Tree,
+    /// The local paths no record has reached yet.
+    ahead: Peekable<tree::Iter<'a>>,
+    differs: BTreeMap<String, Option<Entry>>,
+    any: bool,
+}
+
+impl<'a> Builder<'a> {
+    pub fn new(local: &'a Tree) -> Builder<'a> {
+        Builder { local, ahead: local.iter().peekable(), differs: BTreeMap::new(), any: false }
+    }
+
+    /// The target holds `entry` at `path`.
+    pub fn held(&mut self, path: String, entry: Entry) {
+        self.any = true;
+        // Local paths before this one that no record named: the target lacks them.
+        while let Some(&(here, _)) = self.ahead.peek() {
+            if here >= path.as_str() {
+                break;
+            }
+            self.differs.insert(here.to_owned(), None);
+            self.ahead.next();
+        }
+        if self.ahead.peek().is_some_and(|&(here, _)| here == path) {
+            self.ahead.next();
+        }
+        if self.local.get(&path).is_some_and(|s| s.entry == entry) {
+            self.differs.remove(&path);
+        } else {
+            self.differs.insert(path, Some(entry));
+        }
+    }
+
+    pub fn finish(self) -> Baseline {
+        // An empty target: nothing stored until a sync fills it.
+        if !self.any && !self.local.is_empty() {
+            return Baseline { differs: BTreeMap::new(), base: Base::Upto(None) };
+        }
+        let mut differs = self.differs;
+        differs.extend(self.ahead.map(|(here, _)| (here.to_owned(), None)));
+        Baseline { differs, base: Base::Local }
     }
 }
 
@@ -347,6 +371,26 @@ mod tests {
             super::super::diff::diff(&held, &local),
             "the delta's diff is the whole diff"
         );
+    }
+
+    #[test]
+    fn records_taken_one_by_one_in_any_order_build_the_same_baseline() {
+        let local = a_d_x();
+        // The target: an older `a`, `d`, no `d/x`, and a `gone` the local tree lacks.
+        let held = [("a", file(b"old")), ("d", Entry::Dir), ("gone", file(b"g"))];
+        let whole = |baseline: &Baseline| -> Manifest {
+            baseline.view(&local).sorted().map(|(p, e)| (p.to_string(), e.clone())).collect()
+        };
+        let sorted = Baseline::of(held.iter().map(|(p, e)| (p.to_string(), e.clone())).collect(), &local);
+        for order in [[2, 0, 1], [1, 2, 0], [0, 2, 1]] {
+            let mut builder = Builder::new(&local);
+            for i in order {
+                builder.held(held[i].0.to_string(), held[i].1.clone());
+            }
+            let built = builder.finish();
+            assert_eq!(whole(&built), whole(&sorted), "order {order:?}");
+            assert_eq!(built.differing(), 3, "a, d/x and gone differ");
+        }
     }
 
     #[test]

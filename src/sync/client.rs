@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use devloop_agent::manifest::{Digest, Manifest};
+use devloop_agent::manifest::{Digest, Record};
 use devloop_agent::protocol::{
     self, Applied, Chmod, FrameReader, FrameWriter, FromAgent, ProtocolError, RestartReport, ToAgent, DATA_CHUNK,
 };
@@ -137,20 +137,20 @@ impl AgentClient {
         Ok((client, greeting))
     }
 
-    /// Answers the manifest's digest: the agent's manifest when `wanted` (the digests differ),
-    /// `None` when not (the trees are equal). Problems the agent met reading its tree are shown.
-    pub async fn manifest(&mut self, wanted: bool) -> Result<Option<Manifest>, SessionError> {
+    /// Answers the manifest's digest: the agent's records when `wanted` (the digests differ),
+    /// each handed to `each` as it arrives; none when not (the trees are equal). Problems the
+    /// agent met reading its tree are shown.
+    pub async fn manifest(&mut self, wanted: bool, mut each: impl FnMut(Record)) -> Result<(), SessionError> {
         self.out.message(&ToAgent::Manifest { wanted }).await?;
         self.out.flush().await?;
-        let mut manifest = Manifest::new();
         loop {
             match self.next().await? {
-                FromAgent::Manifest { records } => manifest.extend(records.into_iter().map(|r| (r.path, r.entry))),
+                FromAgent::Manifest { records } => records.into_iter().for_each(&mut each),
                 FromAgent::ManifestEnd { problems, .. } => {
                     for p in problems {
                         self.reporter.emit(Event::Problem { path: format!("(target) {}", p.path), message: p.message });
                     }
-                    return Ok(wanted.then_some(manifest));
+                    return Ok(());
                 }
                 other => {
                     return Err(ProtocolError::Unexpected { expected: "the manifest", got: format!("{other:?}") }.into())

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devloop_agent::filter::Filter;
-use devloop_agent::manifest::{Entry, Manifest};
+use devloop_agent::manifest::{Entry, Manifest, Record};
 use devloop_agent::protocol::{self, Chmod, RestartReport, ToAgent};
 use devloop_agent::relpath;
 use devloop_agent::walk::{self, Tree};
@@ -489,18 +489,23 @@ impl Session {
         self.max_file_size = greeting.max_file_size;
         let same = greeting.digest == walk::digest(&self.local);
         let timeout = self.config.connect_timeout;
-        let manifest = tokio::time::timeout(timeout, client.manifest(!same))
+        // Unequal digests: the records, taken one by one as they arrive (only where the target
+        // differs from the local tree is kept).
+        let mut held = baseline::Builder::new(&self.local);
+        let filter = Arc::clone(&self.filter);
+        let each = |record: Record| {
+            if !filter.is_excluded(&record.path, record.entry.is_dir()) {
+                held.held(record.path, record.entry);
+            }
+        };
+        tokio::time::timeout(timeout, client.manifest(!same, each))
             .await
             .map_err(|_| SessionError::Timeout(timeout))??;
         self.live = Some(client);
-        self.baseline = match manifest {
-            Some(manifest) => {
-                let filter = Arc::clone(&self.filter);
-                let held = manifest.into_iter().filter(|(path, entry)| !filter.is_excluded(path, entry.is_dir()));
-                Baseline::of(held.collect(), &self.local)
-            }
+        self.baseline = match same {
+            false => held.finish(),
             // Equal digests: the target holds the local tree.
-            None => Baseline::default(),
+            true => Baseline::default(),
         };
         self.reporter.emit(Event::Connected {
             target: self.transport.describe(),
