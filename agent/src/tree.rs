@@ -88,21 +88,20 @@ impl Tree {
 
     /// Removes `path`; returns what it was.
     pub fn remove(&mut self, path: &str) -> Option<Scanned> {
-        let in_rows = self.row(path).is_ok();
-        let old = match self.changes.get_mut(path) {
-            Some(change) => {
+        let row = self.row(path).ok();
+        let old = match (self.changes.get_mut(path), row) {
+            (Some(change), _) => {
                 let old = change.take();
-                if !in_rows {
+                if row.is_none() {
                     self.changes.remove(path);
                 }
                 old
             }
-            None if in_rows => {
-                let i = self.row(path).ok()?;
+            (None, Some(i)) => {
                 self.changes.insert(path.to_owned(), None);
                 Some(self.rows[i].clone())
             }
-            None => None,
+            (None, None) => None,
         };
         if old.is_some() {
             self.len -= 1;
@@ -188,42 +187,18 @@ impl Tree {
         if self.changes.is_empty() {
             return;
         }
-        let changes = std::mem::take(&mut self.changes);
-        let len = self.len;
-        let old = std::mem::take(self);
-        let extra: usize = changes.keys().map(String::len).sum();
-        self.paths.reserve(old.paths.len() + extra);
-        self.ends.reserve(len);
-        self.rows.reserve(len);
-        let mut changes = changes.into_iter().peekable();
-        let mut rows = old.rows.into_iter().enumerate();
-        let path_of = |i: usize| {
-            let start = if i == 0 { 0 } else { old.ends[i - 1] as usize };
-            &old.paths[start..old.ends[i] as usize]
+        let bytes = self.paths.len() + self.changes.keys().map(String::len).sum::<usize>();
+        let mut folded = Tree {
+            paths: String::with_capacity(bytes),
+            ends: Vec::with_capacity(self.len),
+            rows: Vec::with_capacity(self.len),
+            ..Tree::default()
         };
-        let mut pending = rows.next();
-        loop {
-            let order = match (&pending, changes.peek()) {
-                (None, None) => break,
-                (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-                (Some((i, _)), Some((path, _))) => path_of(*i).cmp(path.as_str()),
-            };
-            if order == Ordering::Less {
-                let (i, scanned) = pending.take().expect("a row is pending");
-                self.push(path_of(i), scanned);
-                pending = rows.next();
-                continue;
-            }
-            if order == Ordering::Equal {
-                pending = rows.next();
-            }
-            let (path, change) = changes.next().expect("a change is pending");
-            if let Some(scanned) = change {
-                self.push(&path, scanned);
-            }
+        for (path, scanned) in self.iter() {
+            folded.push(path, scanned.clone());
         }
-        self.len = self.rows.len();
+        folded.len = folded.rows.len();
+        *self = folded;
     }
 }
 

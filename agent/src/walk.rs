@@ -229,8 +229,7 @@ pub struct Found {
 }
 
 impl Found {
-    /// The tree: the tree's own (stable) sort finds the walker threads' sorted runs and merges
-    /// them.
+    /// The tree: the walker threads' sorted runs, merged by one stable sort.
     pub fn into_outcome(mut self) -> ScanOutcome {
         let mut entries = match self.runs.len() {
             0 | 1 => self.runs.pop().unwrap_or_default(),

@@ -88,7 +88,7 @@ impl Baseline {
             return;
         }
         // The local paths after the bound, up to `last`.
-        let passed = local.from(bound.as_deref().unwrap_or("")).filter(|(path, _)| !self.base.covers(path));
+        let passed = local.from(bound.as_deref().unwrap_or("")).skip_while(|(path, _)| self.base.covers(path));
         let missed: Vec<String> = passed
             .take_while(|(path, _)| *path <= last)
             .filter(|(path, _)| !applied.contains(path) && !self.differs.contains_key(*path))
@@ -177,10 +177,12 @@ impl<'a> Builder<'a> {
             self.differs.insert(here.to_owned(), None);
             self.ahead.next();
         }
-        if self.ahead.peek().is_some_and(|&(here, _)| here == path) {
-            self.ahead.next();
-        }
-        if self.local.get(&path).is_some_and(|s| s.entry == entry) {
+        // In order, the local entry is the one ahead; out of order, it is looked up.
+        let local = match self.ahead.next_if(|&(here, _)| here == path) {
+            Some((_, scanned)) => Some(scanned),
+            None => self.local.get(&path),
+        };
+        if local.is_some_and(|s| s.entry == entry) {
             self.differs.remove(&path);
         } else {
             self.differs.insert(path, Some(entry));
@@ -254,7 +256,7 @@ pub fn fold(baseline: &mut Baseline, local: &Tree, refused: &mut Refused, sent: 
     let no: HashSet<usize> = answer.refused_at.iter().map(|&at| at as usize).collect();
     let (deletes, chmods) = (sent.deletes.len(), sent.chmods.len());
     // An initial sync's base follows the local tree up to the last path sent.
-    if let Some(last) = sent.upserts.iter().map(|(path, _)| path.as_str()).max() {
+    if let (Base::Upto(_), Some(last)) = (&baseline.base, sent.upserts.iter().map(|(path, _)| path.as_str()).max()) {
         let applied = sent.upserts.iter().enumerate().filter(|(i, _)| !no.contains(&(deletes + chmods + i)));
         let applied: HashSet<&str> = applied.map(|(_, (path, _))| path.as_str()).collect();
         baseline.advance(local, last, &applied);

@@ -502,11 +502,8 @@ impl Session {
             .await
             .map_err(|_| SessionError::Timeout(timeout))??;
         self.live = Some(client);
-        self.baseline = match same {
-            false => held.finish(),
-            // Equal digests: the target holds the local tree.
-            true => Baseline::default(),
-        };
+        // Equal digests: the target holds the local tree.
+        self.baseline = if same { Baseline::default() } else { held.finish() };
         self.reporter.emit(Event::Connected {
             target: self.transport.describe(),
             agent: greeting.agent,
