@@ -39,6 +39,17 @@ impl Tree {
         Tree::default()
     }
 
+    /// An empty tree with room for `rows` paths of `bytes` bytes in all (a walk's merged finds,
+    /// counted before they go in).
+    pub fn with_capacity(bytes: usize, rows: usize) -> Tree {
+        Tree {
+            paths: String::with_capacity(bytes),
+            ends: Vec::with_capacity(rows),
+            rows: Vec::with_capacity(rows),
+            ..Tree::default()
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -84,6 +95,17 @@ impl Tree {
         }
         self.fold_when_large();
         old
+    }
+
+    /// Sets `path` to `scanned` as [`Tree::insert`] does, without an owned path when it sorts
+    /// after every path the tree holds (paths given in order are appended).
+    pub fn append(&mut self, path: &str, scanned: Scanned) {
+        if self.changes.is_empty() && self.after_last(path) {
+            self.push(path, scanned);
+            self.len += 1;
+        } else {
+            self.insert(path.to_owned(), scanned);
+        }
     }
 
     /// Removes `path`; returns what it was.

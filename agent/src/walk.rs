@@ -221,34 +221,60 @@ pub fn walk_with(filter: &Arc<Filter>, previous: &dyn StatSource, before_read: &
     walk_below(filter, "", previous, SCAN_THREADS, before_read)
 }
 
-/// What a walk found: each walker thread's finds, sorted.
+/// What a walk found: each walker thread's finds, each sorted by path.
 pub struct Found {
-    runs: Vec<Vec<(String, Scanned)>>,
+    runs: Vec<Run>,
     problems: Vec<Problem>,
     stats: ScanStats,
 }
 
+/// One walker thread's finds: its paths one after the other (no allocation per path), and the
+/// order that sorts them.
+struct Run {
+    paths: String,
+    ends: Vec<u32>,
+    rows: Vec<Scanned>,
+    order: Vec<u32>,
+}
+
+impl Run {
+    fn path(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.paths[start..self.ends[i] as usize]
+    }
+
+    /// The path at `at` in sorted order, if any is left.
+    fn path_at(&self, at: usize) -> Option<&str> {
+        self.order.get(at).map(|&i| self.path(i as usize))
+    }
+}
+
 impl Found {
-    /// The tree: the walker threads' sorted runs, merged by one stable sort.
+    /// The tree: the walker threads' sorted runs merged into it, sized once.
     pub fn into_outcome(mut self) -> ScanOutcome {
-        let mut entries = match self.runs.len() {
-            0 | 1 => self.runs.pop().unwrap_or_default(),
-            _ => {
-                // The longest run grows to hold the others (a large buffer grows in place), each
-                // let go once moved.
-                self.runs.sort_by_key(|run| std::cmp::Reverse(run.len()));
-                let rest = self.runs.split_off(1);
-                let mut entries = self.runs.pop().unwrap_or_default();
-                entries.reserve(rest.iter().map(Vec::len).sum());
-                for run in rest {
-                    entries.extend(run);
+        let bytes = self.runs.iter().map(|run| run.paths.len()).sum();
+        let rows = self.runs.iter().map(|run| run.rows.len()).sum();
+        let mut tree = Tree::with_capacity(bytes, rows);
+        let mut next = vec![0usize; self.runs.len()];
+        loop {
+            // The run whose next path sorts first (of equal paths, the later run's goes in last).
+            let mut least: Option<(usize, &str)> = None;
+            for (k, run) in self.runs.iter().enumerate() {
+                if let Some(path) = run.path_at(next[k]) {
+                    if least.is_none_or(|(_, best)| path <= best) {
+                        least = Some((k, path));
+                    }
                 }
-                entries
             }
-        };
-        // A stable sort merges the sorted runs (and keeps a path's last find last, as a map would).
-        entries.sort_by(|(a, _), (b, _)| a.cmp(b));
-        let tree: Tree = entries.into_iter().collect();
+            let Some((k, _)) = least else { break };
+            let i = self.runs[k].order[next[k]] as usize;
+            next[k] += 1;
+            let placeholder = Scanned { entry: Entry::Dir, stat: None };
+            let scanned = std::mem::replace(&mut self.runs[k].rows[i], placeholder);
+            tree.append(self.runs[k].path(i), scanned);
+        }
+        drop(self.runs);
+        tree.shrink_to_fit();
         let stats = ScanStats { entries: tree.len() as u64, ..self.stats };
         ScanOutcome { tree, problems: self.problems, stats }
     }
@@ -272,7 +298,7 @@ fn walk_below(
     before_read: &BeforeRead<'_>,
 ) -> Found {
     let queue = DirQueue { state: Mutex::new((vec![start.to_owned()], 0)), ready: Condvar::new() };
-    let found: Mutex<Vec<Vec<(String, Scanned)>>> = Mutex::new(Vec::new());
+    let found: Mutex<Vec<Run>> = Mutex::new(Vec::new());
     let problems: Mutex<Vec<Problem>> = Mutex::new(Vec::new());
     let stats: Mutex<ScanStats> = Mutex::new(ScanStats::default());
     let root = match rustix::fs::open(filter.root(), OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
@@ -287,7 +313,8 @@ fn walk_below(
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
                 let mut batch = Batch {
-                    found: Vec::new(),
+                    run: Run { paths: String::new(), ends: Vec::new(), rows: Vec::new(), order: Vec::new() },
+                    rel: String::new(),
                     problems: Vec::new(),
                     stats: ScanStats::default(),
                     sink: (&found, &problems, &stats),
@@ -465,11 +492,13 @@ fn scan_under(filter: &Arc<Filter>, rel: &str, previous: &Tree) -> ScanOutcome {
     walk_below(filter, rel, previous, 1, &|_| {}).into_outcome()
 }
 
-type Sink<'a> = (&'a Mutex<Vec<Vec<(String, Scanned)>>>, &'a Mutex<Vec<Problem>>, &'a Mutex<ScanStats>);
+type Sink<'a> = (&'a Mutex<Vec<Run>>, &'a Mutex<Vec<Problem>>, &'a Mutex<ScanStats>);
 
 /// What one walker thread found; handed over to the shared results when the thread is done.
 struct Batch<'a> {
-    found: Vec<(String, Scanned)>,
+    run: Run,
+    /// The path of the entry being read (kept: its buffer serves every entry).
+    rel: String,
     problems: Vec<Problem>,
     stats: ScanStats,
     sink: Sink<'a>,
@@ -521,15 +550,13 @@ impl Batch<'_> {
                 self.problems.push(Problem { path, message: "file name is not UTF-8; skipped".into() });
                 continue;
             };
-            let rel = if dir.is_empty() {
-                name_str.to_owned()
-            } else {
-                let mut rel = String::with_capacity(dir.len() + 1 + name_str.len());
-                rel.push_str(dir);
-                rel.push('/');
-                rel.push_str(name_str);
-                rel
-            };
+            self.rel.clear();
+            if !dir.is_empty() {
+                self.rel.push_str(dir);
+                self.rel.push('/');
+            }
+            self.rel.push_str(name_str);
+            let rel = self.rel.as_str();
             let mut kind = entry.file_type();
             let mut stat = None;
             if kind == FileType::Unknown {
@@ -551,9 +578,12 @@ impl Batch<'_> {
             match read_at(&fd, name, kind, stat, || previous.known_in(scope, &rel), &mut self.stats) {
                 Ok(Some(scanned)) => {
                     if kind == FileType::Directory {
-                        subdirs.push(rel.clone());
+                        subdirs.push(rel.to_owned());
                     }
-                    self.found.push((rel, scanned));
+                    let run = &mut self.run;
+                    run.paths.push_str(rel);
+                    run.ends.push(u32::try_from(run.paths.len()).expect("a walk's paths fit in 4 GiB"));
+                    run.rows.push(scanned);
                 }
                 Ok(None) => self.problems.push(not_syncable(&rel, kind)),
                 // Gone, or changed type, between the listing and the look.
@@ -646,8 +676,14 @@ impl Drop for Batch<'_> {
         let (found, problems, stats) = self.sink;
         // Sorted here, by each walker thread at once, rather than all of it after the walk; handed
         // over whole (not copied into one list while the stat source is still held).
-        self.found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        found.lock().expect("poisoned").push(std::mem::take(&mut self.found));
+        let mut run = std::mem::replace(
+            &mut self.run,
+            Run { paths: String::new(), ends: Vec::new(), rows: Vec::new(), order: Vec::new() },
+        );
+        let mut order: Vec<u32> = (0..run.rows.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| run.path(a as usize).cmp(run.path(b as usize)));
+        run.order = order;
+        found.lock().expect("poisoned").push(run);
         problems.lock().expect("poisoned").append(&mut self.problems);
         let mut s = stats.lock().expect("poisoned");
         s.hashed_files += self.stats.hashed_files;
@@ -903,6 +939,35 @@ mod tests {
         for file in ["hooked.txt", "empty/hooked.txt", "src/hooked.txt"] {
             assert!(out.tree.contains_key(file), "{file} written by before_read is missing");
         }
+    }
+
+    /// The walker threads' finds merge into one tree in byte order, whichever thread read which
+    /// folder: `a` < `a-b` < `a.txt` < `a/…`, each path once, every row its own entry.
+    #[test]
+    fn the_walkers_finds_merge_into_one_sorted_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut expected = std::collections::BTreeMap::new();
+        for d in ["a", "a-b", "a/b", "a/b/c", "b", "z"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+            expected.insert(d.to_string(), Entry::Dir);
+        }
+        for (i, f) in ["a.txt", "a/b.txt", "a/b/c/x", "a-b/y", "b/0", "z/z", "top"].iter().enumerate() {
+            let body = format!("file {i}");
+            write(root, f, &body);
+            expected.insert(f.to_string(), Entry::File { hash: Digest::of(body.as_bytes()), size: 6, exec: false });
+        }
+        for i in 0..300 {
+            let f = format!("b/{i:03}");
+            write(root, &f, "many");
+            expected.insert(f, Entry::File { hash: Digest::of(b"many"), size: 4, exec: false });
+        }
+        let filter = Arc::new(Filter::new(root, &[]).unwrap());
+        let out = walk_below(&filter, "", &Tree::new(), 3, &|_| {}).into_outcome();
+        let got: Vec<(&str, &Entry)> = out.tree.iter().map(|(p, s)| (p, &s.entry)).collect();
+        let want: Vec<(&str, &Entry)> = expected.iter().map(|(p, e)| (p.as_str(), e)).collect();
+        assert_eq!(got, want);
+        assert_eq!(out.stats.entries, expected.len() as u64);
     }
 
     #[test]
