@@ -27,7 +27,11 @@ pub struct FilterError {
 
 pub struct Filter {
     root: PathBuf,
-    excludes: Gitignore,
+    /// The configured excludes by the depth of the paths they can match: `excludes[d - 1]`
+    /// holds those that can match a path of `d` components (every pattern that matches at any
+    /// depth, and the anchored ones of exactly that depth), the last one serves every deeper
+    /// path. An anchored pattern such as `/values.dev.yaml` costs nothing below the root.
+    excludes: Vec<Gitignore>,
     /// Reading the tree as docker's build context for this Dockerfile: only the root
     /// `.dockerignore` applies (not `.gitignore`), and the Dockerfile itself is always in, as
     /// `docker build` sends it whatever `.dockerignore` says.
@@ -44,11 +48,21 @@ impl Filter {
     /// A filter for the build context of `dockerfile` (see [`Filter::docker_context`]) when it
     /// is named, else the sync's filter.
     pub fn with(root: &Path, excludes: &[String], docker_context: Option<&str>) -> Result<Filter, FilterError> {
-        let mut builder = GitignoreBuilder::new(root);
-        for pattern in excludes {
-            builder.add_line(None, pattern).map_err(|source| FilterError { pattern: pattern.clone(), source })?;
-        }
-        let excludes = builder.build().map_err(|source| FilterError { pattern: excludes.join(" "), source })?;
+        let depths: Vec<Option<usize>> = excludes.iter().map(|pattern| fixed_depth(pattern)).collect();
+        let deepest = depths.iter().flatten().copied().max().unwrap_or(0);
+        // Each set keeps the patterns' order: of the patterns that match a path, the last wins.
+        let excludes = (1..=deepest + 1)
+            .map(|depth| {
+                let mut builder = GitignoreBuilder::new(root);
+                for (pattern, fixed) in excludes.iter().zip(&depths) {
+                    if fixed.is_none_or(|fixed| fixed == depth) {
+                        let line = builder.add_line(None, pattern);
+                        line.map_err(|source| FilterError { pattern: pattern.clone(), source })?;
+                    }
+                }
+                builder.build().map_err(|source| FilterError { pattern: excludes.join(" "), source })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Filter {
             root: root.to_path_buf(),
             excludes,
@@ -139,6 +153,26 @@ impl Filter {
 
 /// What decides the entries of one folder: the exclude patterns, and the rule files of the
 /// folder and of every folder above it.
+/// How many components every path that the gitignore `pattern` can match has, when that is
+/// fixed: a pattern anchored where it is read (a `/` at its start or in its middle) whose every
+/// wildcard stays within one component (`*` and `?` never match a `/` in gitignore). `None`
+/// for any depth: no `/` but a trailing one, a `**`, or a class, alternation, escape or space
+/// (whatever could stand for a `/` or change how the line reads).
+fn fixed_depth(pattern: &str) -> Option<usize> {
+    let line = pattern.strip_prefix('!').unwrap_or(pattern);
+    let line = line.strip_suffix('/').unwrap_or(line);
+    if line.contains("**") || line.contains(['[', ']', '{', '}', '\\', ' ', '\t', '#']) {
+        return None;
+    }
+    let anchored = line.strip_prefix('/');
+    let body = anchored.unwrap_or(line);
+    if anchored.is_none() && !body.contains('/') {
+        return None;
+    }
+    let components: Vec<&str> = body.split('/').collect();
+    (!components.iter().any(|c| c.is_empty())).then_some(components.len())
+}
+
 pub struct InFolder<'a> {
     filter: &'a Filter,
     /// The folders that have rules, nearest first: the length of the folder's path, its rules.
@@ -156,7 +190,9 @@ impl InFolder<'_> {
         if filter.docker_context.as_deref() == Some(rel) {
             return false;
         }
-        if filter.excludes.matched(rel, is_dir).is_ignore() {
+        let depth = rel.bytes().filter(|&b| b == b'/').count();
+        let excludes = &filter.excludes[depth.min(filter.excludes.len() - 1)];
+        if excludes.matched(rel, is_dir).is_ignore() {
             return true;
         }
         // The deepest folder with a rule about this path decides.
@@ -218,6 +254,69 @@ mod tests {
         assert!(f.is_excluded("secrets", false));
         assert!(f.is_excluded("docs/readme.md", false));
         assert!(!f.is_excluded("src/main.rs", false));
+    }
+
+    /// The excludes split by depth decide every path as the whole list does, whitelists and
+    /// their order included.
+    #[test]
+    fn excludes_split_by_depth_decide_as_the_whole_list() {
+        let dir = tree(&[]);
+        let lists: [&[&str]; 5] = [
+            &["/values.dev.yaml", "/devloop-agent"],
+            &["/a/*.log", "!/a/keep.log", "*.log", "!b/c/keep.log"],
+            &["a/b/", "/x", "!a/b", "**/deep/*", "a/b/c/d", "c?/[d]/e"],
+            &["/a", "!/a", "a/*/c", "/*/b/", "!x/b"],
+            &["a/**/b", "/z/y", "!/z/y", "z/y", "/top/", "# not/a/path", "q/r\\ ", "{a,b}/c"],
+        ];
+        let paths = [
+            "values.dev.yaml",
+            "a/values.dev.yaml",
+            "devloop-agent",
+            "a",
+            "a/b",
+            "a/b/c",
+            "a/b/c/d",
+            "a/x.log",
+            "a/keep.log",
+            "b/c/keep.log",
+            "a/b/c/keep.log",
+            "x",
+            "x/b",
+            "y/b",
+            "z/y",
+            "z/y/w",
+            "top",
+            "a/deep/f",
+            "c1/d/e",
+            "q/r ",
+            "b/c",
+            "a/q/b",
+        ];
+        for list in lists {
+            let list: Vec<String> = list.iter().map(|p| p.to_string()).collect();
+            let split = Filter::new(dir.path(), &list).unwrap();
+            let mut builder = GitignoreBuilder::new(dir.path());
+            for pattern in &list {
+                builder.add_line(None, pattern).unwrap();
+            }
+            let whole = builder.build().unwrap();
+            for path in paths {
+                for is_dir in [false, true] {
+                    let depth = path.matches('/').count();
+                    let at = &split.excludes[depth.min(split.excludes.len() - 1)];
+                    assert_eq!(
+                        at.matched(path, is_dir).is_ignore(),
+                        whole.matched(path, is_dir).is_ignore(),
+                        "{path} (dir: {is_dir}) under {list:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(fixed_depth("/values.dev.yaml"), Some(1));
+        assert_eq!(fixed_depth("!a/*/c/"), Some(3));
+        assert_eq!(fixed_depth("*.log"), None);
+        assert_eq!(fixed_depth("a/**/b"), None);
+        assert_eq!(fixed_depth("[/]x/y"), None);
     }
 
     #[test]
