@@ -753,11 +753,76 @@ fn remove_subtree_below(tree: &mut Tree, rel: &str) -> Vec<String> {
 const CACHE_FORMAT: &[u8] = b"devloop-stat-cache-5\n";
 const RECORD: usize = 56;
 
-/// A stat cache as saved by [`save_stat_cache`], read whole and looked up in place.
+/// A stat cache as saved by [`save_stat_cache`], mapped and looked up in place.
 #[derive(Default)]
 pub struct StatCache {
-    bytes: Vec<u8>,
+    bytes: CacheBytes,
     count: usize,
+}
+
+/// The bytes of a saved stat cache: the file mapped read-only (as git reads its index: no copy,
+/// and only the pages a scan looks at are ever touched), or read whole where mapping fails. A
+/// cache file is only ever replaced by a rename ([`save_stat_cache`]), never written in place,
+/// so a mapping keeps the file as it was when it was opened.
+enum CacheBytes {
+    Mapped { ptr: std::ptr::NonNull<u8>, len: usize },
+    Read(Vec<u8>),
+}
+
+// The mapping is read-only and owned by the value: shared reads from any thread are sound.
+unsafe impl Send for CacheBytes {}
+unsafe impl Sync for CacheBytes {}
+
+impl Default for CacheBytes {
+    fn default() -> CacheBytes {
+        CacheBytes::Read(Vec::new())
+    }
+}
+
+impl CacheBytes {
+    fn open(path: &Path) -> io::Result<CacheBytes> {
+        let file = fs::File::open(path)?;
+        let len = file.metadata()?.len() as usize;
+        if len == 0 {
+            return Ok(CacheBytes::default());
+        }
+        // SAFETY: a fresh private read-only mapping of a whole file, unmapped only by Drop.
+        let mapped = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ,
+                rustix::mm::MapFlags::PRIVATE,
+                &file,
+                0,
+            )
+        };
+        match mapped.ok().and_then(|ptr| std::ptr::NonNull::new(ptr.cast::<u8>())) {
+            Some(ptr) => Ok(CacheBytes::Mapped { ptr, len }),
+            None => Ok(CacheBytes::Read(fs::read(path)?)),
+        }
+    }
+}
+
+impl std::ops::Deref for CacheBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            // SAFETY: `len` bytes mapped readable at `ptr` for as long as `self` lives.
+            CacheBytes::Mapped { ptr, len } => unsafe { std::slice::from_raw_parts(ptr.as_ptr(), *len) },
+            CacheBytes::Read(bytes) => bytes,
+        }
+    }
+}
+
+impl Drop for CacheBytes {
+    fn drop(&mut self) {
+        if let CacheBytes::Mapped { ptr, len } = *self {
+            // SAFETY: the mapping made in `open`, not used after this.
+            let _ = unsafe { rustix::mm::munmap(ptr.as_ptr().cast(), len) };
+        }
+    }
 }
 
 impl StatCache {
@@ -852,7 +917,7 @@ impl StatSource for StatCache {
 /// Reads a stat cache saved by [`save_stat_cache`]; an empty one when there is none or it is
 /// unreadable.
 pub fn load_stat_cache(path: &Path) -> StatCache {
-    let Ok(bytes) = fs::read(path) else { return StatCache::default() };
+    let Ok(bytes) = CacheBytes::open(path) else { return StatCache::default() };
     let Some(count) = bytes.strip_prefix(CACHE_FORMAT).and_then(|rest| rest.get(..8)) else {
         return StatCache::default();
     };
