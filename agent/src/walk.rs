@@ -567,15 +567,15 @@ impl Batch<'_> {
                     }
                     Err(rustix::io::Errno::NOENT) => continue,
                     Err(e) => {
-                        self.problems.push(problem(&rel, &e.into()));
+                        self.problems.push(problem(rel, &e.into()));
                         continue;
                     }
                 }
             }
-            if rules.excluded(&rel, kind == FileType::Directory) {
+            if rules.excluded(rel, kind == FileType::Directory) {
                 continue;
             }
-            match read_at(&fd, name, kind, stat, || previous.known_in(scope, &rel), &mut self.stats) {
+            match read_at(&fd, name, kind, stat, || previous.known_in(scope, rel), &mut self.stats) {
                 Ok(Some(scanned)) => {
                     if kind == FileType::Directory {
                         subdirs.push(rel.to_owned());
@@ -585,10 +585,10 @@ impl Batch<'_> {
                     run.ends.push(u32::try_from(run.paths.len()).expect("a walk's paths fit in 4 GiB"));
                     run.rows.push(scanned);
                 }
-                Ok(None) => self.problems.push(not_syncable(&rel, kind)),
+                Ok(None) => self.problems.push(not_syncable(rel, kind)),
                 // Gone, or changed type, between the listing and the look.
                 Err(e) if is_not_in_tree(&e) => {}
-                Err(e) => self.problems.push(problem(&rel, &e)),
+                Err(e) => self.problems.push(problem(rel, &e)),
             }
         }
         subdirs
