@@ -21,6 +21,9 @@ use crate::report::{Event, Progress, Reporter};
 
 /// An open session with the agent. Messages the agent sends on its own (the app's output and
 /// exits) are shown as they come, whatever the client is waiting for.
+/// The buffer of the frames sent: below [`DATA_CHUNK`], see [`AgentClient::connect`].
+const FRAME_BUFFER: usize = 64 << 10;
+
 pub struct AgentClient {
     out: FrameWriter<BufWriter<Writer>>,
     rx: mpsc::UnboundedReceiver<Result<FromAgent, ProtocolError>>,
@@ -73,7 +76,9 @@ impl AgentClient {
             .await
             .map_err(|_| SessionError::Timeout(welcome_limit))??;
         let mut reader = connection.reader;
-        let mut writer = BufWriter::with_capacity(DATA_CHUNK + 1024, connection.writer);
+        // Messages are gathered here; data frames (`DATA_CHUNK`) are larger than the buffer and go
+        // straight to the transport, never copied into it.
+        let mut writer = BufWriter::with_capacity(FRAME_BUFFER, connection.writer);
         tokio::time::timeout_at(deadline, protocol::handshake(&mut reader, &mut writer))
             .await
             .map_err(|_| SessionError::Timeout(welcome_limit))??;

@@ -37,8 +37,26 @@ pub enum PackError {
 /// One path to pack: its entry as scanned, and the stat it was hashed at (for files).
 pub type Upsert = (String, Entry, Option<StatKey>);
 
+/// Where a batch is packed: any `Write`, which may also take a file's bytes straight from its
+/// descriptor into its own buffer ([`ChunkWriter`] does: one copy of each byte, not two).
+pub trait Sink: Write {
+    /// Writes exactly `size` bytes read from `file` at its offset: the file's, then zeros if it
+    /// ends sooner (the agent's digest check refuses such a file; the stream stays well-formed).
+    fn fill_from(&mut self, file: &mut std::fs::File, size: u64) -> io::Result<()> {
+        io::copy(&mut ExactSize { inner: file.take(size), remaining: size }, self).map(drop)
+    }
+}
+
+impl Sink for Vec<u8> {}
+
+impl<S: Sink + ?Sized> Sink for &mut S {
+    fn fill_from(&mut self, file: &mut std::fs::File, size: u64) -> io::Result<()> {
+        (**self).fill_from(file, size)
+    }
+}
+
 /// Packs `upserts` (paths relative to `root`) into `sink`. `progress` is told of every byte packed.
-pub fn pack<W: Write>(root: &Path, upserts: &[Upsert], sink: W, progress: &dyn Fn(u64)) -> Result<Packed, PackError> {
+pub fn pack<W: Sink>(root: &Path, upserts: &[Upsert], sink: W, progress: &dyn Fn(u64)) -> Result<Packed, PackError> {
     let mut builder = tar::Builder::new(sink);
     builder.mode(tar::HeaderMode::Deterministic);
     let mut packed = Packed::default();
@@ -91,12 +109,12 @@ fn header(kind: EntryType, mode: u32, size: u64) -> Header {
     header
 }
 
-fn append_dir<W: Write>(builder: &mut tar::Builder<W>, path: &str) -> Result<(), Failure> {
+fn append_dir<W: Sink>(builder: &mut tar::Builder<W>, path: &str) -> Result<(), Failure> {
     let mut h = header(EntryType::Directory, 0o755, 0);
     builder.append_data(&mut h, path, io::empty()).map_err(Failure::Sink)
 }
 
-fn append_symlink<W: Write>(builder: &mut tar::Builder<W>, path: &str, target: &str) -> Result<(), Failure> {
+fn append_symlink<W: Sink>(builder: &mut tar::Builder<W>, path: &str, target: &str) -> Result<(), Failure> {
     let mut h = header(EntryType::Symlink, 0o777, 0);
     builder.append_link(&mut h, path, target).map_err(Failure::Sink)
 }
@@ -104,7 +122,7 @@ fn append_symlink<W: Write>(builder: &mut tar::Builder<W>, path: &str, target: &
 /// Packs the regular file `path` as it is now (`scanned`: the stat the scan hashed it at, whose
 /// digest `known` is taken when the file still has it). `None` when it vanished or changed type
 /// since: the session looks at it again.
-fn append_file<W: Write>(
+fn append_file<W: Sink>(
     builder: &mut tar::Builder<W>,
     root: &OwnedFd,
     path: &str,
@@ -128,8 +146,7 @@ fn append_file<W: Write>(
     if let (Some(digest), true) = (known, scanned == Some(now)) {
         builder.append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())]).map_err(Failure::Sink)?;
         let mut h = header(EntryType::Regular, mode, full.size);
-        let exact = ExactSize { inner: (&mut file).take(full.size), remaining: full.size };
-        builder.append_data(&mut h, path, exact).map_err(Failure::Sink)?;
+        append_from_file(builder, &mut h, path, &mut file, full.size).map_err(Failure::Sink)?;
         return Ok(Some(Entry::File { hash: digest, size: full.size, exec }));
     }
     if full.size <= READ_ONCE_LIMIT {
@@ -138,7 +155,7 @@ fn append_file<W: Write>(
         let digest = Digest::of(&content);
         builder.append_pax_extensions([(PAX_BLAKE3, digest.to_hex().as_bytes())]).map_err(Failure::Sink)?;
         let mut h = header(EntryType::Regular, mode, content.len() as u64);
-        builder.append_data(&mut h, path, content.as_slice()).map_err(Failure::Sink)?;
+        append_bytes(builder, &mut h, path, &content).map_err(Failure::Sink)?;
         return Ok(Some(Entry::File { hash: digest, size: content.len() as u64, exec }));
     }
     // Hashed, then read again from the start through the same descriptor.
@@ -151,6 +168,45 @@ fn append_file<W: Write>(
     let exact = ExactSize { inner: file.take(hashed_size), remaining: hashed_size };
     builder.append_data(&mut h, path, exact).map_err(Failure::Sink)?;
     Ok(Some(Entry::File { hash: digest, size: hashed_size, exec }))
+}
+
+/// Appends a regular file's entry whose `size` bytes are read from `file` straight into the
+/// sink. A path that fits the header is written here; a longer one takes the tar crate's way
+/// (its GNU long-name entry first).
+fn append_from_file<W: Sink>(
+    builder: &mut tar::Builder<W>,
+    h: &mut Header,
+    path: &str,
+    file: &mut std::fs::File,
+    size: u64,
+) -> io::Result<()> {
+    if h.set_path(path).is_err() {
+        let exact = ExactSize { inner: file.take(size), remaining: size };
+        return builder.append_data(h, path, exact);
+    }
+    h.set_cksum();
+    let sink = builder.get_mut();
+    sink.write_all(h.as_bytes())?;
+    sink.fill_from(file, size)?;
+    pad_block(sink, size)
+}
+
+/// [`append_from_file`] of bytes at hand: written into the sink in one piece.
+fn append_bytes<W: Sink>(builder: &mut tar::Builder<W>, h: &mut Header, path: &str, content: &[u8]) -> io::Result<()> {
+    if h.set_path(path).is_err() {
+        return builder.append_data(h, path, content);
+    }
+    h.set_cksum();
+    let sink = builder.get_mut();
+    sink.write_all(h.as_bytes())?;
+    sink.write_all(content)?;
+    pad_block(sink, content.len() as u64)
+}
+
+/// Entries take whole 512-byte blocks: zeros after `size` bytes up to the next one.
+fn pad_block(sink: &mut impl Write, size: u64) -> io::Result<()> {
+    let pad = (512 - size % 512) % 512;
+    sink.write_all(&[0; 512][..pad as usize])
 }
 
 /// A path that stopped being reachable as scanned: something on the way is no longer a folder.
@@ -216,6 +272,37 @@ impl<F: FnMut(Vec<u8>) -> io::Result<()>> Write for ChunkWriter<F> {
     }
 }
 
+impl<F: FnMut(Vec<u8>) -> io::Result<()>> Sink for ChunkWriter<F> {
+    /// Reads into the chunk's free room itself: the kernel's copy is the only one.
+    fn fill_from(&mut self, file: &mut std::fs::File, size: u64) -> io::Result<()> {
+        let mut left = size;
+        while left > 0 {
+            if self.buf.len() == self.chunk {
+                let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk));
+                (self.emit)(full)?;
+            }
+            let room = (self.chunk - self.buf.len()).min(usize::try_from(left).unwrap_or(usize::MAX));
+            let spare = &mut self.buf.spare_capacity_mut()[..room];
+            let got = match rustix::io::read(&*file, spare) {
+                Ok((read, _)) => read.len(),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if got == 0 {
+                // The file ended sooner than its stat said: zeros keep the entry's size.
+                let zeros = self.buf.len() + room;
+                self.buf.resize(zeros, 0);
+                left -= room as u64;
+                continue;
+            }
+            // SAFETY: the kernel wrote `got` bytes at the start of the spare capacity.
+            unsafe { self.buf.set_len(self.buf.len() + got) };
+            left -= got as u64;
+        }
+        Ok(())
+    }
+}
+
 impl<F: FnMut(Vec<u8>) -> io::Result<()>> Drop for ChunkWriter<F> {
     fn drop(&mut self) {
         let _ = self.flush();
@@ -266,6 +353,60 @@ mod tests {
         assert_eq!(seen[1], ("d/a.txt".into(), EntryType::Regular, Some(Digest::of(b"alpha").to_hex())));
         assert_eq!(seen[2].1, EntryType::Symlink);
         assert_eq!(seen[3].0, long);
+    }
+
+    /// Files read straight into the chunks (their digests known from the scan) make the same
+    /// stream as any tar writer would: whole blocks, any size, across chunk boundaries.
+    #[test]
+    fn files_read_into_the_chunks_make_a_well_formed_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes = [0usize, 1, 511, 512, 513, 3000, 10_000];
+        let mut upserts = Vec::new();
+        for (i, size) in sizes.iter().enumerate() {
+            let body: Vec<u8> = (0..*size).map(|b| (b * 7 + i) as u8).collect();
+            let name = format!("f{i}.bin");
+            fs::write(dir.path().join(&name), &body).unwrap();
+            let stat = devloop_agent::walk::Stat::of(&fs::metadata(dir.path().join(&name)).unwrap()).key();
+            upserts.push((name, Entry::File { hash: Digest::of(&body), size: *size as u64, exec: false }, Some(stat)));
+        }
+        let mut chunks = Vec::new();
+        let packed = {
+            let sink = ChunkWriter::new(1000, |c| {
+                assert!(c.len() <= 1000);
+                chunks.push(c);
+                Ok(())
+            });
+            pack(dir.path(), &upserts, sink, &|_| {}).unwrap()
+        };
+        assert_eq!(packed.sent.len(), sizes.len());
+        let stream = chunks.concat();
+        let mut archive = tar::Archive::new(stream.as_slice());
+        let mut seen = 0;
+        for (entry, (name, expected, _)) in archive.entries().unwrap().zip(&upserts) {
+            let mut entry = entry.unwrap();
+            assert_eq!(entry.path_bytes().as_ref(), name.as_bytes());
+            let mut content = Vec::new();
+            entry.read_to_end(&mut content).unwrap();
+            assert_eq!(Some(Digest::of(&content)), expected.digest(), "{name}");
+            seen += 1;
+        }
+        assert_eq!(seen, sizes.len());
+    }
+
+    #[test]
+    fn a_file_shorter_than_its_stat_is_filled_with_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("short"), b"abc").unwrap();
+        let mut file = fs::File::open(dir.path().join("short")).unwrap();
+        let mut chunks = Vec::new();
+        {
+            let mut sink = ChunkWriter::new(4, |c| {
+                chunks.push(c);
+                Ok(())
+            });
+            sink.fill_from(&mut file, 6).unwrap();
+        }
+        assert_eq!(chunks, [b"abc\0".to_vec(), b"\0\0".to_vec()]);
     }
 
     #[test]

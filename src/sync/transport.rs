@@ -4,6 +4,7 @@
 //! one lives in `kubernetes::exec`, beyond the sync core.
 
 use std::future::Future;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
@@ -115,6 +116,9 @@ impl CommandTransport {
     }
 }
 
+/// The size asked for the pipe into a command transport (see [`CommandTransport::connect`]).
+const PIPE_SIZE: usize = 1 << 20;
+
 impl Transport for CommandTransport {
     fn connect(&self) -> ConnectFuture<'_> {
         Box::pin(async move {
@@ -127,6 +131,10 @@ impl Transport for CommandTransport {
                 .spawn()
                 .map_err(|source| TransportError::Spawn { program: self.argv[0].clone(), source })?;
             let writer = child.stdin.take().expect("piped stdin");
+            // A batch streams through this pipe: a larger one lets each side run longer before
+            // the other must (64 KiB is Linux's default; 1 MiB any process may ask for). Best
+            // effort: the default serves too.
+            let _ = rustix::pipe::fcntl_setpipe_size(writer.as_fd(), PIPE_SIZE);
             let reader = child.stdout.take().expect("piped stdout");
             Ok(Connection { reader: Box::new(reader), writer: Box::new(writer), child: Some(child) })
         })
