@@ -760,10 +760,9 @@ pub struct StatCache {
     count: usize,
 }
 
-/// The bytes of a saved stat cache: the file mapped read-only (as git reads its index: no copy,
-/// and only the pages a scan looks at are ever touched), or read whole where mapping fails. A
-/// cache file is only ever replaced by a rename ([`save_stat_cache`]), never written in place,
-/// so a mapping keeps the file as it was when it was opened.
+/// The bytes of a saved stat cache: read whole, or the file mapped read-only (as git maps its
+/// index). devloop only ever replaces a cache file by a rename ([`save_stat_cache`]), never
+/// writes one in place, so a mapping keeps the file as it was when it was opened.
 enum CacheBytes {
     Mapped { ptr: std::ptr::NonNull<u8>, len: usize },
     Read(Vec<u8>),
@@ -780,7 +779,7 @@ impl Default for CacheBytes {
 }
 
 impl CacheBytes {
-    fn open(path: &Path) -> io::Result<CacheBytes> {
+    fn map(path: &Path) -> io::Result<CacheBytes> {
         let file = fs::File::open(path)?;
         let len = file.metadata()?.len() as usize;
         if len == 0 {
@@ -915,9 +914,20 @@ impl StatSource for StatCache {
 }
 
 /// Reads a stat cache saved by [`save_stat_cache`]; an empty one when there is none or it is
-/// unreadable.
+/// unreadable. Read whole: the agent's cache lies where the app can write, and a mapped file cut
+/// short under a reader kills it (`SIGBUS`).
 pub fn load_stat_cache(path: &Path) -> StatCache {
-    let Ok(bytes) = CacheBytes::open(path) else { return StatCache::default() };
+    stat_cache_of(fs::read(path).map(CacheBytes::Read))
+}
+
+/// [`load_stat_cache`] mapped instead of read, for a cache that only the user's own devloop
+/// writes (the CLI's, in `~/.cache`): no copy, and only the pages a scan looks at are touched.
+pub fn map_stat_cache(path: &Path) -> StatCache {
+    stat_cache_of(CacheBytes::map(path))
+}
+
+fn stat_cache_of(bytes: io::Result<CacheBytes>) -> StatCache {
+    let Ok(bytes) = bytes else { return StatCache::default() };
     let Some(count) = bytes.strip_prefix(CACHE_FORMAT).and_then(|rest| rest.get(..8)) else {
         return StatCache::default();
     };
@@ -1102,30 +1112,35 @@ mod tests {
         let tree = scan(&filter, &Tree::new()).tree;
         let path = dir.path().join("cache.bin");
         save_stat_cache(&path, &tree);
-        let cache = load_stat_cache(&path);
-        // Files with a trusted stat only: not folders, not symlinks.
-        assert_eq!(cache.paths().collect::<Vec<_>>(), [".env", ".gitignore", "src/main.rs"]);
-        assert_eq!(cache.files(), 3);
-        for path in [".env", ".gitignore", "src/main.rs"] {
-            assert_eq!(cache.known(path), tree.known(path), "{path}");
+        // Read whole (the agent's) or mapped (the CLI's): the same cache.
+        for cache in [load_stat_cache(&path), map_stat_cache(&path)] {
+            // Files with a trusted stat only: not folders, not symlinks.
+            assert_eq!(cache.paths().collect::<Vec<_>>(), [".env", ".gitignore", "src/main.rs"]);
+            assert_eq!(cache.files(), 3);
+            for path in [".env", ".gitignore", "src/main.rs"] {
+                assert_eq!(cache.known(path), tree.known(path), "{path}");
+            }
+            assert_eq!(cache.known("src"), None);
+            assert_eq!(cache.known("src/main.r"), None);
+            assert_eq!(cache.known("zzz"), None);
+            assert_eq!(folders_of(&cache).keys().collect::<Vec<_>>(), ["src"]);
         }
-        assert_eq!(cache.known("src"), None);
-        assert_eq!(cache.known("src/main.r"), None);
-        assert_eq!(cache.known("zzz"), None);
-        assert_eq!(folders_of(&cache).keys().collect::<Vec<_>>(), ["src"]);
         // Every truncation of it, and garbage after the tag, read as an empty cache or as one
-        // whose lookups fail: never a panic.
+        // whose lookups fail: never a panic. (Each cut is a new file, as a save renames one in.)
         let bytes = fs::read(&path).unwrap();
         for cut in 0..bytes.len() {
-            fs::write(&path, &bytes[..cut]).unwrap();
-            let cache = load_stat_cache(&path);
-            let _ = cache.known("src/main.rs");
-            let _ = cache.paths().count();
+            let cut_path = dir.path().join(format!("cut-{cut}.bin"));
+            fs::write(&cut_path, &bytes[..cut]).unwrap();
+            for cache in [load_stat_cache(&cut_path), map_stat_cache(&cut_path)] {
+                let _ = cache.known("src/main.rs");
+                let _ = cache.paths().count();
+            }
         }
         let mut garbage = CACHE_FORMAT.to_vec();
         garbage.extend_from_slice(&u64::MAX.to_le_bytes());
         fs::write(&path, &garbage).unwrap();
         assert_eq!(load_stat_cache(&path).files(), 0);
+        assert_eq!(map_stat_cache(&path).files(), 0);
     }
 
     #[test]

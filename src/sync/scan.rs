@@ -89,7 +89,7 @@ pub fn cache_path(root: &Path) -> Option<PathBuf> {
 /// The stat cache saved by an earlier run (empty when there is none).
 pub async fn load_cache(path: Option<PathBuf>) -> StatCache {
     match path {
-        Some(path) => tokio::task::spawn_blocking(move || walk::load_stat_cache(&path)).await.unwrap_or_default(),
+        Some(path) => tokio::task::spawn_blocking(move || walk::map_stat_cache(&path)).await.unwrap_or_default(),
         None => StatCache::default(),
     }
 }
