@@ -73,9 +73,13 @@ const SMALL_FILE: u64 = 256 << 10;
 /// Writer threads of a batch (spawned at its second small file). File creation waits on the file
 /// system more than on the CPU, so more writers than cores pay off on real disks.
 const WRITERS: usize = 4;
-/// Small files read and waiting for a writer: bounds a batch's memory to about
-/// `(QUEUED + WRITERS) * SMALL_FILE`.
-const QUEUED: usize = 8;
+/// Small files go to the writers in groups of up to this many files or [`GROUP_BYTES`]: waking a
+/// thread costs about as much as writing a small file, so it is paid once per group.
+const GROUP_FILES: usize = 16;
+const GROUP_BYTES: usize = 256 << 10;
+/// Groups read and waiting for a writer: bounds a batch's memory to about
+/// `(QUEUED + WRITERS) * (GROUP_BYTES + SMALL_FILE)`.
+const QUEUED: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
@@ -199,10 +203,11 @@ impl Applier {
         };
         // Results in stream order (writers finish out of order), for a stable report.
         let mut results: Vec<Written> = Vec::new();
-        let (done_tx, done_rx) = mpsc::channel::<Written>();
+        let (done_tx, done_rx) = mpsc::channel::<Vec<Written>>();
         let (dest, buf) = (&self.dest, &mut self.buf);
         let broke = std::thread::scope(|scope| {
             let mut writers: Option<Writers> = None;
+            let mut group = Group::default();
             let mut small_seen = false;
             let mut broke = None;
             for (seq, entry) in entries.enumerate() {
@@ -234,9 +239,11 @@ impl Applier {
                         dest.write_small(&path, file)
                     }
                     Ok(Some(file)) => {
-                        let writers = writers.get_or_insert_with(|| Writers::start(scope, dest, &done_tx));
-                        writers.send(seq, path, file);
-                        results.extend(done_rx.try_iter());
+                        if group.add(seq, path, file) {
+                            let writers = writers.get_or_insert_with(|| Writers::start(scope, dest, &done_tx));
+                            writers.send(group.take());
+                            results.extend(done_rx.try_iter().flatten());
+                        }
                         continue;
                     }
                     Ok(None) => dest.entry(buf, &path, &mut entry),
@@ -250,13 +257,16 @@ impl Applier {
                     result => results.push((seq, path, result)),
                 }
             }
-            // The writers finish what they were handed (all of it arrived whole) before the
-            // batch is reported.
+            // The last group; the writers finish what they were handed (all of it arrived
+            // whole) before the batch is reported.
+            if !group.files.is_empty() {
+                writers.get_or_insert_with(|| Writers::start(scope, dest, &done_tx)).send(group.take());
+            }
             drop(writers);
             broke
         });
         drop(done_tx);
-        results.extend(done_rx.try_iter());
+        results.extend(done_rx.try_iter().flatten());
         results.sort_unstable_by_key(|(seq, _, _)| *seq);
         for (seq, path, result) in results {
             match result {
@@ -594,26 +604,50 @@ fn small_file<R: Read>(entry: &mut tar::Entry<'_, R>, max_file_size: u64) -> Res
     Ok(Some(SmallFile { content, expected, exec }))
 }
 
-/// The writer threads of one batch, fed through a short queue.
+/// Small files read whole, waiting to go to a writer together.
+#[derive(Default)]
+struct Group {
+    files: Vec<(usize, String, SmallFile)>,
+    bytes: usize,
+}
+
+impl Group {
+    /// Adds a file; whether the group is full.
+    fn add(&mut self, seq: usize, path: String, file: SmallFile) -> bool {
+        self.bytes += file.content.len();
+        self.files.push((seq, path, file));
+        self.files.len() >= GROUP_FILES || self.bytes >= GROUP_BYTES
+    }
+
+    fn take(&mut self) -> Vec<(usize, String, SmallFile)> {
+        self.bytes = 0;
+        std::mem::take(&mut self.files)
+    }
+}
+
+/// The writer threads of one batch, fed groups of files through a short queue.
 struct Writers {
-    tx: mpsc::SyncSender<(usize, String, SmallFile)>,
+    tx: mpsc::SyncSender<Vec<(usize, String, SmallFile)>>,
 }
 
 impl Writers {
     fn start<'scope>(
         scope: &'scope std::thread::Scope<'scope, '_>,
         dest: &'scope Dest,
-        done: &mpsc::Sender<Written>,
+        done: &mpsc::Sender<Vec<Written>>,
     ) -> Writers {
-        let (tx, rx) = mpsc::sync_channel::<(usize, String, SmallFile)>(QUEUED);
+        let (tx, rx) = mpsc::sync_channel::<Vec<(usize, String, SmallFile)>>(QUEUED);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..WRITERS {
             let (rx, done) = (Arc::clone(&rx), done.clone());
             scope.spawn(move || loop {
                 let job = rx.lock().expect("writer queue poisoned").recv();
-                let Ok((seq, path, file)) = job else { break };
-                let result = dest.write_small(&path, file);
-                if done.send((seq, path, result)).is_err() {
+                let Ok(files) = job else { break };
+                let written = files.into_iter().map(|(seq, path, file)| {
+                    let result = dest.write_small(&path, file);
+                    (seq, path, result)
+                });
+                if done.send(written.collect()).is_err() {
                     break;
                 }
             });
@@ -621,9 +655,9 @@ impl Writers {
         Writers { tx }
     }
 
-    fn send(&self, seq: usize, path: String, file: SmallFile) {
+    fn send(&self, files: Vec<(usize, String, SmallFile)>) {
         // The writers end only when this sender is dropped.
-        let _ = self.tx.send((seq, path, file));
+        let _ = self.tx.send(files);
     }
 }
 

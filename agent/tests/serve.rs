@@ -238,6 +238,40 @@ async fn hostile_batch_writes_nothing_outside_the_root_and_loses_nothing_else() 
     client.bye().await;
 }
 
+/// Small files go to the writer threads in groups: every file of a long batch lands with its
+/// own content, and the refused ones (a bad digest here and there, in different groups) are
+/// reported at their own places in the stream, whichever thread wrote which group.
+#[tokio::test]
+async fn a_long_batch_of_small_files_lands_whole_and_reports_refusals_in_stream_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir_all(&root).unwrap();
+    let (mut client, _) = connect(&root, 1 << 20).await;
+    let tampered = [3usize, 20, 21, 57, 199];
+    let mut tar = Tar::new();
+    for i in 0..200 {
+        let path = format!("d{}/f{i:03}.txt", i % 7);
+        let body = format!("file {i} ").repeat(i % 50 + 1);
+        tar = match tampered.contains(&i) {
+            true => tar.file_with_digest(&path, body.as_bytes(), Digest::of(b"claimed")),
+            false => tar.file(&path, body.as_bytes()),
+        };
+    }
+    let applied = client.batch(1, &[], vec![], tar.bytes()).await;
+
+    assert_eq!(applied.written, 195);
+    let at: Vec<u32> = tampered.iter().map(|&i| i as u32).collect();
+    assert_eq!(applied.refused_at, at);
+    for i in 0..200 {
+        let path = root.join(format!("d{}/f{i:03}.txt", i % 7));
+        match tampered.contains(&i) {
+            true => assert!(!path.exists(), "{} was refused", path.display()),
+            false => assert_eq!(fs::read_to_string(&path).unwrap(), format!("file {i} ").repeat(i % 50 + 1)),
+        }
+    }
+    client.bye().await;
+}
+
 #[tokio::test]
 async fn a_batch_cut_off_midway_leaves_old_or_new_files_and_the_next_session_converges() {
     let dir = tempfile::tempdir().unwrap();
