@@ -230,6 +230,7 @@ pub struct Found {
 
 /// One walker thread's finds: its paths one after the other (no allocation per path), and the
 /// order that sorts them.
+#[derive(Default)]
 struct Run {
     paths: String,
     ends: Vec<u32>,
@@ -313,7 +314,7 @@ fn walk_below(
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
                 let mut batch = Batch {
-                    run: Run { paths: String::new(), ends: Vec::new(), rows: Vec::new(), order: Vec::new() },
+                    run: Run::default(),
                     rel: String::new(),
                     problems: Vec::new(),
                     stats: ScanStats::default(),
@@ -676,10 +677,7 @@ impl Drop for Batch<'_> {
         let (found, problems, stats) = self.sink;
         // Sorted here, by each walker thread at once, rather than all of it after the walk; handed
         // over whole (not copied into one list while the stat source is still held).
-        let mut run = std::mem::replace(
-            &mut self.run,
-            Run { paths: String::new(), ends: Vec::new(), rows: Vec::new(), order: Vec::new() },
-        );
+        let mut run = std::mem::take(&mut self.run);
         let mut order: Vec<u32> = (0..run.rows.len() as u32).collect();
         order.sort_unstable_by(|&a, &b| run.path(a as usize).cmp(run.path(b as usize)));
         run.order = order;
