@@ -125,12 +125,29 @@ fn main() -> ExitCode {
             Command::Serve { root, max_file_size } => {
                 let link = Link::Socket(control::socket_path(&root));
                 let options = ServeOptions { root, max_file_size, link };
-                report(serve(tokio::io::stdin(), tokio::io::stdout(), options).await)
+                report(serve(session_input(), tokio::io::stdout(), options).await)
             }
             Command::Run { options, stdio, max_file_size } => run(options, stdio, max_file_size).await,
             Command::Version => unreachable!("handled above"),
         }
     })
+}
+
+/// The session's input. A pipe — what every transport gives the agent: a local target's, a
+/// Kubernetes exec's FIFO — is read through the runtime's own polling, straight into the frame;
+/// tokio's `stdin` would read it on a blocking thread into a buffer of its own and copy it out
+/// (a hand-off and a copy per read, a batch's 100 MB included). Anything else (a socket, a
+/// terminal) is read as `stdin`.
+fn session_input() -> Box<dyn tokio::io::AsyncRead + Send + Unpin> {
+    use std::os::fd::AsFd;
+    let pipe = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(|fd| tokio::net::unix::pipe::Receiver::from_file(std::fs::File::from(fd)));
+    match pipe {
+        Ok(pipe) => Box::new(pipe),
+        Err(_) => Box::new(tokio::io::stdin()),
+    }
 }
 
 async fn run(options: SuperviseOptions, stdio: bool, max_file_size: u64) -> ExitCode {
@@ -156,7 +173,7 @@ async fn run(options: SuperviseOptions, stdio: bool, max_file_size: u64) -> Exit
     let session = async {
         if stdio {
             let options = ServeOptions { root: root.clone(), max_file_size, link: Link::InProcess(supervisor.clone()) };
-            Some(serve(tokio::io::stdin(), tokio::io::stdout(), options).await)
+            Some(serve(session_input(), tokio::io::stdout(), options).await)
         } else {
             std::future::pending().await
         }
