@@ -197,7 +197,8 @@ impl Applier {
         updates: &mut Vec<TreeUpdate>,
     ) -> Option<String> {
         let mut archive = tar::Archive::new(crate::targuard::Guard::new(tar));
-        let entries = match archive.entries() {
+        // With a seek the crate skips nothing it need not: see the guard's `Seek`.
+        let entries = match archive.entries_with_seek() {
             Ok(entries) => entries,
             Err(e) => return Some(format!("the batch's tar stream is unreadable: {e}")),
         };

@@ -8,7 +8,7 @@
 //! PAX `size` records (which would change how long the next entry's content is, and so where the
 //! next header starts) are refused too: devloop's own batches never carry them.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 
 /// Largest extended header or long name accepted (paths are at most 4096 bytes; a PAX header
 /// carries a path, a link target and a digest).
@@ -25,11 +25,13 @@ pub struct Guard<R> {
     skip: u64,
     /// The content of a PAX header being gathered (to look for `size` records).
     pax: Option<(Vec<u8>, u64)>,
+    /// Bytes passed so far: the stream's position, for [`Seek`].
+    passed: u64,
 }
 
 impl<R: Read> Guard<R> {
     pub fn new(inner: R) -> Guard<R> {
-        Guard { inner, header: [0; BLOCK], filled: 0, skip: 0, pax: None }
+        Guard { inner, header: [0; BLOCK], filled: 0, skip: 0, pax: None, passed: 0 }
     }
 
     /// Follows the bytes that passed: headers are checked, content is counted off.
@@ -95,7 +97,35 @@ impl<R: Read> Read for Guard<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.observe(&buf[..n])?;
+        self.passed += n as u64;
         Ok(n)
+    }
+}
+
+/// Forward only, by reading through (what a stream can do). The `tar` crate moves to each next
+/// header by a seek when its reader can, and otherwise by reading into a 32 KiB buffer it zeroes
+/// first — per header, even when there is nothing to skip (two headers per file in a batch).
+impl<R: Read> Seek for Guard<R> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let ahead = match to {
+            SeekFrom::Current(n) => u64::try_from(n).ok(),
+            SeekFrom::Start(at) => at.checked_sub(self.passed),
+            SeekFrom::End(_) => None,
+        };
+        let Some(mut ahead) = ahead else {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "a batch's stream only moves forward"));
+        };
+        if ahead > 0 {
+            let mut sink = [0u8; 8 << 10];
+            while ahead > 0 {
+                let want = ahead.min(sink.len() as u64) as usize;
+                match self.read(&mut sink[..want])? {
+                    0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    n => ahead -= n as u64,
+                }
+            }
+        }
+        Ok(self.passed)
     }
 }
 
@@ -180,6 +210,47 @@ mod tests {
         let mut fine = header(b'0', 500 << 20).to_vec();
         fine.extend_from_slice(&[0u8; 1024]);
         assert!(read_all(fine).is_ok(), "a large regular file is the size cap's business, not the guard's");
+    }
+
+    #[test]
+    fn entries_read_by_seeking_past_unread_content_are_the_entries_read_whole() {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, size) in [("a", 3usize), ("b", 70_000), ("c", 0), ("d", 513)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(size as u64);
+            h.set_mode(0o644);
+            builder.append_pax_extensions([("DEVLOOP.blake3", name.as_bytes())]).unwrap();
+            builder.append_data(&mut h, name, &vec![name.as_bytes()[0]; size][..]).unwrap();
+        }
+        let bytes = builder.into_inner().unwrap();
+        // Every other entry's content left unread: the archive seeks past it.
+        let mut archive = tar::Archive::new(Guard::new(io::Cursor::new(bytes)));
+        let mut seen = Vec::new();
+        for (i, entry) in archive.entries_with_seek().unwrap().enumerate() {
+            let mut entry = entry.unwrap();
+            let name = entry.path().unwrap().to_string_lossy().into_owned();
+            let mut content = Vec::new();
+            if i % 2 == 1 {
+                entry.read_to_end(&mut content).unwrap();
+            }
+            seen.push((name, entry.size(), content.len()));
+        }
+        let want = [("a", 3, 0), ("b", 70_000, 70_000), ("c", 0, 0), ("d", 513, 513)];
+        assert_eq!(seen, want.map(|(n, s, c)| (n.to_string(), s, c)));
+
+        let mut guard = Guard::new(io::Cursor::new(vec![0u8; 1024]));
+        assert_eq!(guard.seek(SeekFrom::Current(600)).unwrap(), 600);
+        assert!(guard.seek(SeekFrom::Current(-1)).is_err(), "a stream cannot go back");
+        assert!(guard.seek(SeekFrom::Current(1000)).is_err(), "past the end is an early end");
+    }
+
+    #[test]
+    fn a_header_skipped_by_a_seek_is_still_checked() {
+        let mut bytes = header(b'0', 0).to_vec();
+        bytes.extend_from_slice(&header(b'x', 500 << 20));
+        let mut guard = Guard::new(io::Cursor::new(bytes));
+        let err = guard.seek(SeekFrom::Current(1024)).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
     }
 
     #[test]
