@@ -88,7 +88,11 @@ impl<R: Read> Guard<R> {
                 self.pax = Some((Vec::with_capacity(size as usize), size));
             }
         }
-        self.skip = size.div_ceil(BLOCK as u64) * BLOCK as u64;
+        // Content is padded to whole blocks; a size within a block of u64::MAX has no padded end.
+        self.skip = size
+            .div_ceil(BLOCK as u64)
+            .checked_mul(BLOCK as u64)
+            .ok_or_else(|| bad(format!("a tar header announces {size} bytes, more than any stream holds")))?;
         Ok(())
     }
 }
@@ -251,6 +255,15 @@ mod tests {
         let mut guard = Guard::new(io::Cursor::new(bytes));
         let err = guard.seek(SeekFrom::Current(1024)).unwrap_err();
         assert!(err.to_string().contains("larger than"), "{err}");
+    }
+
+    #[test]
+    fn a_size_with_no_padded_end_is_refused_not_overflowed() {
+        // Base-256 size fields can say up to u64::MAX (the fuzzer found it: an overflow panic).
+        let mut h = header(b'0', 0);
+        h[124..136].copy_from_slice(&[0x80, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        let err = read_all(h.to_vec()).unwrap_err();
+        assert!(err.to_string().contains("more than any stream holds"), "{err}");
     }
 
     #[test]
