@@ -116,18 +116,11 @@ impl<R: Read> Seek for Guard<R> {
             SeekFrom::Start(at) => at.checked_sub(self.passed),
             SeekFrom::End(_) => None,
         };
-        let Some(mut ahead) = ahead else {
+        let Some(ahead) = ahead else {
             return Err(io::Error::new(io::ErrorKind::Unsupported, "a batch's stream only moves forward"));
         };
-        if ahead > 0 {
-            let mut sink = [0u8; 8 << 10];
-            while ahead > 0 {
-                let want = ahead.min(sink.len() as u64) as usize;
-                match self.read(&mut sink[..want])? {
-                    0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    n => ahead -= n as u64,
-                }
-            }
+        if io::copy(&mut self.by_ref().take(ahead), &mut io::sink())? < ahead {
+            return Err(io::ErrorKind::UnexpectedEof.into());
         }
         Ok(self.passed)
     }
