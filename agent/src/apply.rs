@@ -8,7 +8,8 @@
 //! next session clears.
 //!
 //! Architecture invariant: nothing is written outside the root. Every path passes
-//! [`relpath::check`]; every folder is resolved at the moment of use, beneath the root's own file
+//! [`relpath::check`]; every folder is resolved at the moment of use (a writer thread keeps the
+//! one its previous file went into for the next files of the same group), beneath the root's own file
 //! descriptor, without following any symlink (`openat2` with `RESOLVE_BENEATH |
 //! RESOLVE_NO_SYMLINKS`, or one `O_NOFOLLOW` open per component where the kernel lacks it), and
 //! every change is made relative to that folder's descriptor (`renameat`, `unlinkat`, `fchmod` of
@@ -23,7 +24,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use tar::EntryType;
@@ -31,7 +32,7 @@ use tar::EntryType;
 use crate::manifest::{Digest, Entry};
 use crate::protocol::{Applied, Chmod, MAX_BATCH_ENTRIES, PAX_BLAKE3};
 use crate::relpath::{self, PathError};
-use crate::walk::{Scanned, Stat, StatKey};
+use crate::walk::Scanned;
 use crate::RESERVED_DIR;
 
 /// Default largest file a batch may carry.
@@ -237,7 +238,7 @@ impl Applier {
                     // The first small file is written here: a one-file edit waits for no thread.
                     Ok(Some(file)) if !small_seen => {
                         small_seen = true;
-                        dest.write_small(&path, file)
+                        dest.write_small(&path, file, &mut LastFolder::default())
                     }
                     Ok(Some(file)) => {
                         if group.add(seq, path, file) {
@@ -349,9 +350,9 @@ impl Dest {
                 let exec = header.mode()? & 0o111 != 0;
                 let expected = pax_digest(entry)?;
                 let staged = self.staged_name();
-                let result = self.write_file(buf, &staged, entry, expected, exec).and_then(|(digest, stat)| {
+                let result = self.write_file(buf, &staged, entry, expected, exec).and_then(|digest| {
                     self.place(&staged, path)?;
-                    Ok(Scanned { entry: Entry::File { hash: digest, size, exec }, stat })
+                    Ok(Scanned { entry: Entry::File { hash: digest, size, exec }, stat: None })
                 });
                 if result.is_err() {
                     let _ = rustix::fs::unlinkat(&self.staging, &staged, AtFlags::empty());
@@ -381,8 +382,9 @@ impl Dest {
         }
     }
 
-    /// Writes the entry's content to `staged` and checks its digest; returns the digest and the
-    /// stat to cache for it (a rename does not change it; `None` while it is too fresh to trust).
+    /// Writes the entry's content to `staged` and checks its digest; returns the digest. (No
+    /// stat is cached for a file just written: it is too fresh to trust, see
+    /// [`crate::walk::Stat::settled`]; the next walk hashes it once it has settled.)
     fn write_file<R: Read>(
         &self,
         buf: &mut Vec<u8>,
@@ -390,11 +392,10 @@ impl Dest {
         entry: &mut tar::Entry<'_, R>,
         expected: Digest,
         exec: bool,
-    ) -> Result<(Digest, Option<StatKey>), Refusal> {
+    ) -> Result<Digest, Refusal> {
         let mode = file_mode(exec);
         let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let mut out = File::from(rustix::fs::openat(&self.staging, staged, flags, Mode::from_raw_mode(mode))?);
-        let written_at = SystemTime::now();
         let mut hasher = blake3::Hasher::new();
         buf.resize(256 << 10, 0);
         loop {
@@ -411,56 +412,65 @@ impl Dest {
         if got != expected {
             return Err(Refusal::DigestMismatch { expected: expected.to_hex(), got: got.to_hex() });
         }
-        let meta = out.metadata()?;
-        fix_mode_from(&out, &meta, mode)?;
-        Ok((got, Stat::of(&meta).settled(written_at)))
+        fix_mode(&out, mode)?;
+        Ok(got)
     }
 
     /// Writes a small file that arrived whole: checked against its digest before anything is
     /// written, then created unnamed in its folder and linked in under its name (a new file), or
     /// staged and renamed over what is there. Either way a reader sees the whole file or none.
-    fn write_small(&self, path: &str, file: SmallFile) -> Result<Scanned, Refusal> {
+    /// `last` is the folder the previous file of the caller's group went into (a batch comes
+    /// folder by folder): kept, it saves resolving the same folder again for each file. (No stat
+    /// is cached for the file, as in [`Dest::write_file`].)
+    fn write_small(&self, path: &str, file: SmallFile, last: &mut LastFolder) -> Result<Scanned, Refusal> {
         let got = Digest::of(&file.content);
         if got != file.expected {
             return Err(Refusal::DigestMismatch { expected: file.expected.to_hex(), got: got.to_hex() });
         }
         let (parent, name) = split(path);
-        let dir = self.folder(parent, true)?;
         let mode = file_mode(file.exec);
-        let written_at = SystemTime::now();
-        let placed = match self.unnamed.load(Ordering::Relaxed) {
-            true => self.write_unnamed(&dir, name, &file.content, mode)?,
-            false => None,
-        };
-        let out = match placed {
-            Some(out) => out,
-            None => self.write_staged(&dir, name, &file.content, mode)?,
-        };
-        // Read after the link or rename, which moved the ctime.
-        let stat = Stat::of(&out.metadata()?).settled(written_at);
+        let kept = last.holds(parent);
+        match self.create(last.open(self, parent)?, name, &file.content, mode) {
+            // The folder kept from the previous file may have been removed since (a removed folder
+            // answers ENOENT or EPERM, by file system): resolved (and made) anew, once.
+            Err(_) if kept => {
+                last.forget();
+                self.create(last.open(self, parent)?, name, &file.content, mode)?
+            }
+            created => created?,
+        }
         let size = file.content.len() as u64;
-        Ok(Scanned { entry: Entry::File { hash: got, size, exec: file.exec }, stat })
+        Ok(Scanned { entry: Entry::File { hash: got, size, exec: file.exec }, stat: None })
     }
 
-    /// `O_TMPFILE` in the destination folder, linked in; `None` when this file system or
+    /// Creates the file `name` in `dir` with `content`, unnamed and linked in where this file
+    /// system can, else staged and renamed.
+    fn create(&self, dir: &OwnedFd, name: &str, content: &[u8], mode: u32) -> Result<(), Refusal> {
+        if !(self.unnamed.load(Ordering::Relaxed) && self.write_unnamed(dir, name, content, mode)?) {
+            self.write_staged(dir, name, content, mode)?;
+        }
+        Ok(())
+    }
+
+    /// `O_TMPFILE` in the destination folder, linked in; `false` when this file system or
     /// sandbox cannot (then the staging folder serves from now on).
-    fn write_unnamed(&self, dir: &OwnedFd, name: &str, content: &[u8], mode: u32) -> Result<Option<File>, Refusal> {
+    fn write_unnamed(&self, dir: &OwnedFd, name: &str, content: &[u8], mode: u32) -> Result<bool, Refusal> {
         let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
         let out = match rustix::fs::openat(dir, ".", flags, Mode::from_raw_mode(mode)) {
             Ok(fd) => File::from(fd),
             Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL) => {
                 self.unnamed.store(false, Ordering::Relaxed);
-                return Ok(None);
+                return Ok(false);
             }
             Err(e) => return Err(e.into()),
         };
         (&out).write_all(content)?;
         fix_mode(&out, mode)?;
         match link_unnamed(&out, dir, name) {
-            Ok(true) => Ok(Some(out)),
+            Ok(true) => Ok(true),
             Ok(false) => {
                 self.unnamed.store(false, Ordering::Relaxed);
-                Ok(None)
+                Ok(false)
             }
             // Something is there already: link into staging, then rename over it.
             Err(rustix::io::Errno::EXIST) => {
@@ -473,22 +483,21 @@ impl Dest {
                 if placed.is_err() {
                     let _ = rustix::fs::unlinkat(&self.staging, &staged, AtFlags::empty());
                 }
-                placed.map(|()| Some(out))
+                placed.map(|()| true)
             }
             Err(e) => Err(e.into()),
         }
     }
 
     /// A named file in the staging folder, renamed over `name` in `dir`.
-    fn write_staged(&self, dir: &OwnedFd, name: &str, content: &[u8], mode: u32) -> Result<File, Refusal> {
+    fn write_staged(&self, dir: &OwnedFd, name: &str, content: &[u8], mode: u32) -> Result<(), Refusal> {
         let staged = self.staged_name();
         let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let result = (|| {
             let out = File::from(rustix::fs::openat(&self.staging, &staged, flags, Mode::from_raw_mode(mode))?);
             (&out).write_all(content)?;
             fix_mode(&out, mode)?;
-            self.place_in(&staged, dir, name)?;
-            Ok(out)
+            self.place_in(&staged, dir, name)
         })();
         if result.is_err() {
             let _ = rustix::fs::unlinkat(&self.staging, &staged, AtFlags::empty());
@@ -553,7 +562,10 @@ fn fix_mode(file: &File, mode: u32) -> io::Result<()> {
     if umask() & mode == 0 {
         return Ok(());
     }
-    fix_mode_from(file, &file.metadata()?, mode)
+    if std::os::unix::fs::PermissionsExt::mode(&file.metadata()?.permissions()) & 0o777 != mode {
+        rustix::fs::fchmod(file, Mode::from_raw_mode(mode))?;
+    }
+    Ok(())
 }
 
 /// This process's umask, read once from `/proc/self/status` (the `umask` call would set it,
@@ -565,14 +577,6 @@ fn umask() -> u32 {
         let line = status.lines().find_map(|l| l.strip_prefix("Umask:"));
         line.and_then(|v| u32::from_str_radix(v.trim(), 8).ok()).unwrap_or(0o777)
     })
-}
-
-/// [`fix_mode`] with the metadata at hand.
-fn fix_mode_from(file: &File, meta: &std::fs::Metadata, mode: u32) -> io::Result<()> {
-    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777 != mode {
-        rustix::fs::fchmod(file, Mode::from_raw_mode(mode))?;
-    }
-    Ok(())
 }
 
 /// A small file read whole from the stream, for a writer thread.
@@ -626,6 +630,31 @@ impl Group {
     }
 }
 
+/// The folder a writer's previous file went into, by its path in the root: resolved beneath the
+/// root (no symlink followed) for the first file of a group that goes there, kept for the next
+/// ones. A folder swapped for a symlink meanwhile is not followed: the descriptor is the folder.
+#[derive(Default)]
+struct LastFolder(Option<(String, OwnedFd)>);
+
+impl LastFolder {
+    fn holds(&self, parent: &str) -> bool {
+        self.0.as_ref().is_some_and(|(path, _)| path == parent)
+    }
+
+    /// The folder `parent`, kept or resolved now (made if missing).
+    fn open(&mut self, dest: &Dest, parent: &str) -> Result<&OwnedFd, Refusal> {
+        if !self.holds(parent) {
+            self.0 = None;
+            self.0 = Some((parent.to_owned(), dest.folder(parent, true)?));
+        }
+        Ok(&self.0.as_ref().expect("just kept").1)
+    }
+
+    fn forget(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// The writer threads of one batch, fed groups of files through a short queue.
 struct Writers {
     tx: mpsc::SyncSender<Vec<(usize, String, SmallFile)>>,
@@ -644,8 +673,9 @@ impl Writers {
             scope.spawn(move || loop {
                 let job = rx.lock().expect("writer queue poisoned").recv();
                 let Ok(files) = job else { break };
+                let mut last = LastFolder::default();
                 let written = files.into_iter().map(|(seq, path, file)| {
-                    let result = dest.write_small(&path, file);
+                    let result = dest.write_small(&path, file, &mut last);
                     (seq, path, result)
                 });
                 if done.send(written.collect()).is_err() {
@@ -795,4 +825,43 @@ fn stream_error(e: io::Error) -> io::Error {
 
 fn is_stream_error(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<StreamError>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small(content: &[u8]) -> SmallFile {
+        SmallFile { content: content.to_vec(), expected: Digest::of(content), exec: false }
+    }
+
+    /// A writer keeps the folder of its previous file: removed since, it is made anew; swapped
+    /// for a symlink to outside since, the file goes into the folder itself, never outside.
+    #[test]
+    fn the_folder_kept_from_the_previous_file_is_the_folder_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, outside) = (dir.path().join("root"), dir.path().join("outside"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let applier = Applier::new(&root, DEFAULT_MAX_FILE_SIZE).unwrap();
+        let dest = &applier.dest;
+        let mut last = LastFolder::default();
+
+        dest.write_small("d/a", small(b"a"), &mut last).unwrap();
+        assert!(last.holds("d"));
+        std::fs::remove_dir_all(root.join("d")).unwrap();
+        dest.write_small("d/b", small(b"b"), &mut last).unwrap();
+        assert_eq!(std::fs::read(root.join("d/b")).unwrap(), b"b", "the removed folder was made again");
+
+        std::fs::rename(root.join("d"), root.join("d.real")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
+        dest.write_small("d/c", small(b"c"), &mut last).unwrap();
+        assert_eq!(std::fs::read(root.join("d.real/c")).unwrap(), b"c");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside");
+
+        // A new writer (or the next group) resolves the path again: the symlink is refused.
+        let refused = dest.write_small("d/e", small(b"e"), &mut LastFolder::default());
+        assert!(matches!(refused, Err(Refusal::NotAFolder(_))), "{refused:?}");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    }
 }
