@@ -207,6 +207,7 @@ impl Applier {
         let mut results: Vec<Written> = Vec::new();
         let (done_tx, done_rx) = mpsc::channel::<Vec<Written>>();
         let (dest, buf) = (&self.dest, &mut self.buf);
+        let buffers = Buffers::default();
         let broke = std::thread::scope(|scope| {
             let mut writers: Option<Writers> = None;
             let mut group = Group::default();
@@ -234,15 +235,18 @@ impl Applier {
                         continue;
                     }
                 };
-                let result = match small_file(&mut entry, dest.max_file_size) {
+                let result = match small_file(&mut entry, dest.max_file_size, &buffers) {
                     // The first small file is written here: a one-file edit waits for no thread.
                     Ok(Some(file)) if !small_seen => {
                         small_seen = true;
-                        dest.write_small(&path, file, &mut LastFolder::default())
+                        let written = dest.write_small(&path, &file, &mut LastFolder::default());
+                        buffers.give_back([file.content]);
+                        written
                     }
                     Ok(Some(file)) => {
                         if group.add(seq, path, file) {
-                            let writers = writers.get_or_insert_with(|| Writers::start(scope, dest, &done_tx));
+                            let writers =
+                                writers.get_or_insert_with(|| Writers::start(scope, dest, &done_tx, &buffers));
                             writers.send(group.take());
                             results.extend(done_rx.try_iter().flatten());
                         }
@@ -262,7 +266,7 @@ impl Applier {
             // The last group; the writers finish what they were handed (all of it arrived
             // whole) before the batch is reported.
             if !group.files.is_empty() {
-                writers.get_or_insert_with(|| Writers::start(scope, dest, &done_tx)).send(group.take());
+                writers.get_or_insert_with(|| Writers::start(scope, dest, &done_tx, &buffers)).send(group.take());
             }
             drop(writers);
             broke
@@ -422,7 +426,7 @@ impl Dest {
     /// `last` is the folder the previous file of the caller's group went into (a batch comes
     /// folder by folder): kept, it saves resolving the same folder again for each file. (No stat
     /// is cached for the file, as in [`Dest::write_file`].)
-    fn write_small(&self, path: &str, file: SmallFile, last: &mut LastFolder) -> Result<Scanned, Refusal> {
+    fn write_small(&self, path: &str, file: &SmallFile, last: &mut LastFolder) -> Result<Scanned, Refusal> {
         let got = Digest::of(&file.content);
         if got != file.expected {
             return Err(Refusal::DigestMismatch { expected: file.expected.to_hex(), got: got.to_hex() });
@@ -590,7 +594,11 @@ struct SmallFile {
 type Written = (usize, String, Result<Scanned, Refusal>);
 
 /// Reads a small regular file's content and digest from the stream; `None` for any other entry.
-fn small_file<R: Read>(entry: &mut tar::Entry<'_, R>, max_file_size: u64) -> Result<Option<SmallFile>, Refusal> {
+fn small_file<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    max_file_size: u64,
+    buffers: &Buffers,
+) -> Result<Option<SmallFile>, Refusal> {
     let header = entry.header();
     if !matches!(header.entry_type(), EntryType::Regular | EntryType::Continuous) {
         return Ok(None);
@@ -601,12 +609,45 @@ fn small_file<R: Read>(entry: &mut tar::Entry<'_, R>, max_file_size: u64) -> Res
     }
     let exec = header.mode()? & 0o111 != 0;
     let expected = pax_digest(entry)?;
-    let mut content = Vec::with_capacity(size as usize);
-    entry.read_to_end(&mut content).map_err(stream_error)?;
-    if (content.len() as u64) < size {
-        return Err(Refusal::Io(stream_error(io::ErrorKind::UnexpectedEof.into())));
+    let mut content = buffers.take(size as usize);
+    if let Err(e) = entry.read_exact(&mut content) {
+        buffers.give_back([content]);
+        return Err(Refusal::Io(stream_error(e)));
     }
     Ok(Some(SmallFile { content, expected, exec }))
+}
+
+/// The content buffers of small files: given back once a file is written and taken again for the
+/// next one read, so that a file is read into memory that needs neither allocating nor zeroing
+/// (a buffer that held a file is overwritten in place). One batch's; at most [`KEPT_BYTES`] kept.
+#[derive(Default)]
+struct Buffers(Mutex<(Vec<Vec<u8>>, usize)>);
+
+/// What [`Buffers`] keeps: about the content of the groups a batch has in flight.
+const KEPT_BYTES: usize = QUEUED * GROUP_BYTES;
+
+impl Buffers {
+    /// A buffer of `size` bytes to overwrite (only the part no file ever filled is zeroed).
+    fn take(&self, size: usize) -> Vec<u8> {
+        let mut buf = {
+            let mut kept = self.0.lock().expect("buffers poisoned");
+            let buf = kept.0.pop().unwrap_or_default();
+            kept.1 -= buf.capacity();
+            buf
+        };
+        buf.resize(size, 0);
+        buf
+    }
+
+    fn give_back(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+        let mut kept = self.0.lock().expect("buffers poisoned");
+        for buf in bufs {
+            if kept.1 + buf.capacity() <= KEPT_BYTES {
+                kept.1 += buf.capacity();
+                kept.0.push(buf);
+            }
+        }
+    }
 }
 
 /// Small files read whole, waiting to go to a writer together.
@@ -665,6 +706,7 @@ impl Writers {
         scope: &'scope std::thread::Scope<'scope, '_>,
         dest: &'scope Dest,
         done: &mpsc::Sender<Vec<Written>>,
+        buffers: &'scope Buffers,
     ) -> Writers {
         let (tx, rx) = mpsc::sync_channel::<Vec<(usize, String, SmallFile)>>(QUEUED);
         let rx = Arc::new(Mutex::new(rx));
@@ -674,11 +716,15 @@ impl Writers {
                 let job = rx.lock().expect("writer queue poisoned").recv();
                 let Ok(files) = job else { break };
                 let mut last = LastFolder::default();
-                let written = files.into_iter().map(|(seq, path, file)| {
-                    let result = dest.write_small(&path, file, &mut last);
-                    (seq, path, result)
-                });
-                if done.send(written.collect()).is_err() {
+                let mut written = Vec::with_capacity(files.len());
+                let mut contents = Vec::with_capacity(files.len());
+                for (seq, path, file) in files {
+                    let result = dest.write_small(&path, &file, &mut last);
+                    contents.push(file.content);
+                    written.push((seq, path, result));
+                }
+                buffers.give_back(contents);
+                if done.send(written).is_err() {
                     break;
                 }
             });
@@ -847,20 +893,20 @@ mod tests {
         let dest = &applier.dest;
         let mut last = LastFolder::default();
 
-        dest.write_small("d/a", small(b"a"), &mut last).unwrap();
+        dest.write_small("d/a", &small(b"a"), &mut last).unwrap();
         assert!(last.holds("d"));
         std::fs::remove_dir_all(root.join("d")).unwrap();
-        dest.write_small("d/b", small(b"b"), &mut last).unwrap();
+        dest.write_small("d/b", &small(b"b"), &mut last).unwrap();
         assert_eq!(std::fs::read(root.join("d/b")).unwrap(), b"b", "the removed folder was made again");
 
         std::fs::rename(root.join("d"), root.join("d.real")).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
-        dest.write_small("d/c", small(b"c"), &mut last).unwrap();
+        dest.write_small("d/c", &small(b"c"), &mut last).unwrap();
         assert_eq!(std::fs::read(root.join("d.real/c")).unwrap(), b"c");
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside");
 
         // A new writer (or the next group) resolves the path again: the symlink is refused.
-        let refused = dest.write_small("d/e", small(b"e"), &mut LastFolder::default());
+        let refused = dest.write_small("d/e", &small(b"e"), &mut LastFolder::default());
         assert!(matches!(refused, Err(Refusal::NotAFolder(_))), "{refused:?}");
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
     }
