@@ -101,7 +101,10 @@ impl Filter {
             }
             at = at.rfind('/').map_or("", |cut| &at[..cut]);
         }
-        InFolder { filter: self, rules }
+        // An entry's name follows the folder's path and a `/`; its depth is the folder's slashes.
+        let (name_at, depth) =
+            if folder.is_empty() { (0, 0) } else { (folder.len() + 1, folder.matches('/').count() + 1) };
+        InFolder { filter: self, rules, name_at, depth }
     }
 
     fn rules(&self, folder: &str) -> Option<Arc<Gitignore>> {
@@ -177,21 +180,24 @@ pub struct InFolder<'a> {
     filter: &'a Filter,
     /// The folders that have rules, nearest first: the length of the folder's path, its rules.
     rules: Vec<(usize, Arc<Gitignore>)>,
+    /// Where an entry's name begins in its path, and how many `/` the path holds (the same for
+    /// every entry of the folder: worked out once, not per entry).
+    name_at: usize,
+    depth: usize,
 }
 
 impl InFolder<'_> {
     /// Whether `rel`, an entry of this folder, is left out by its own name.
     pub fn excluded(&self, rel: &str, is_dir: bool) -> bool {
         let filter = self.filter;
-        let name = rel.rsplit('/').next().unwrap_or(rel);
+        let name = rel.get(self.name_at..).unwrap_or(rel);
         if name == ".git" || rel == RESERVED_DIR {
             return true;
         }
         if filter.docker_context.as_deref() == Some(rel) {
             return false;
         }
-        let depth = rel.bytes().filter(|&b| b == b'/').count();
-        let excludes = &filter.excludes[depth.min(filter.excludes.len() - 1)];
+        let excludes = &filter.excludes[self.depth.min(filter.excludes.len() - 1)];
         if excludes.matched(rel, is_dir).is_ignore() {
             return true;
         }

@@ -287,6 +287,10 @@ pub type BeforeRead<'a> = dyn Fn(&str) + Sync + 'a;
 /// Threads of a full scan.
 const SCAN_THREADS: usize = 2;
 
+/// The buffer a walker thread lists folders into: about 1,500 entries of short names per
+/// `getdents` call.
+const LISTING_BYTES: usize = 64 * 1024;
+
 /// Everything below the folder `start` ("" for the root), not `start` itself: folders are read
 /// by `threads` threads from a shared queue, each entry examined relative to its folder's
 /// descriptor (`fstatat`, `openat`: no path walked from the root per file), folders excluded by
@@ -316,6 +320,7 @@ fn walk_below(
                 let mut batch = Batch {
                     run: Run::default(),
                     rel: String::new(),
+                    listing: vec![std::mem::MaybeUninit::uninit(); LISTING_BYTES],
                     problems: Vec::new(),
                     stats: ScanStats::default(),
                     sink: (&found, &problems, &stats),
@@ -500,6 +505,8 @@ struct Batch<'a> {
     run: Run,
     /// The path of the entry being read (kept: its buffer serves every entry).
     rel: String,
+    /// What `getdents` fills, reused for every folder.
+    listing: Vec<std::mem::MaybeUninit<u8>>,
     problems: Vec<Problem>,
     stats: ScanStats,
     sink: Sink<'a>,
@@ -510,11 +517,9 @@ impl Batch<'_> {
     fn read_dir(&mut self, filter: &Filter, root: &OwnedFd, dir: &str, previous: &dyn StatSource) -> Vec<String> {
         // Resolved beneath the root, following no symlink on the way: a folder swapped for a
         // symlink since it was listed is never read through. The folder's descriptor serves the
-        // lookups; the listing reads through its own.
-        let opened = crate::beneath::open_dir(root, dir)
-            .and_then(|fd| Ok(rustix::fs::Dir::read_from(&fd).map(|listing| (fd, listing))?));
-        let (fd, mut listing) = match opened {
-            Ok(opened) => opened,
+        // listing and the lookups.
+        let fd = match crate::beneath::open_dir(root, dir) {
+            Ok(fd) => fd,
             // Gone since it was listed: not part of the tree now.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
             // Replaced by a file or a symlink since it was listed: not followed; the change's
@@ -532,9 +537,13 @@ impl Batch<'_> {
         let mut subdirs = Vec::new();
         let scope = previous.scope(dir);
         let rules = filter.in_folder(dir);
-        while let Some(entry) = listing.read() {
+        // The entries are read in place from the batch's buffer: no allocation per name.
+        let mut listing = rustix::fs::RawDir::new(&fd, &mut self.listing);
+        while let Some(entry) = listing.next() {
             let entry = match entry {
                 Ok(entry) => entry,
+                // The folder was removed while it was read: it is not part of the tree now.
+                Err(rustix::io::Errno::NOENT) => break,
                 Err(e) => {
                     self.problems.push(problem(dir, &e.into()));
                     break;
@@ -1041,6 +1050,27 @@ mod tests {
         let want: Vec<(&str, &Entry)> = expected.iter().map(|(p, e)| (p.as_str(), e)).collect();
         assert_eq!(got, want);
         assert_eq!(out.stats.entries, expected.len() as u64);
+    }
+
+    /// A folder whose listing fills the walker's buffer several times over is read whole, each
+    /// entry once.
+    #[test]
+    fn a_folder_larger_than_one_listing_buffer_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let padding = "n".repeat(40);
+        let names: Vec<String> = (0..3000).map(|i| format!("big/{padding}{i:05}")).collect();
+        fs::create_dir(root.join("big")).unwrap();
+        for name in &names {
+            write(root, name, "x");
+        }
+        let listed: usize = names.iter().map(|n| (n.len() - 4 + 20).div_ceil(8) * 8).sum();
+        assert!(listed > 2 * LISTING_BYTES, "the folder must take several getdents calls ({listed} bytes)");
+        let filter = Arc::new(Filter::new(root, &[]).unwrap());
+        let out = walk_below(&filter, "", &Tree::new(), 2, &|_| {}).into_outcome();
+        let got: Vec<&str> = out.tree.iter().map(|(p, _)| p).filter(|p| p.starts_with("big/")).collect();
+        assert_eq!(got, names.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
     }
 
     #[test]
