@@ -65,6 +65,30 @@ impl Tree {
         }
     }
 
+    /// [`Tree::get`] of paths asked for in increasing order: `cursor` (0 before the first) keeps
+    /// the row where the last one was found, so that the next is looked for from there — the row
+    /// right after it first. A walk reads each folder's names in order.
+    pub fn get_in_order(&self, cursor: &mut usize, path: &str) -> Option<&Scanned> {
+        if !self.changes.is_empty() {
+            return self.get(path);
+        }
+        let from = (*cursor).min(self.rows.len());
+        let at = match self.rows.get(from) {
+            Some(_) if self.path(from) == path => Ok(from),
+            _ => self.row_in(from, self.rows.len(), path),
+        };
+        match at {
+            Ok(i) => {
+                *cursor = i + 1;
+                Some(&self.rows[i])
+            }
+            Err(i) => {
+                *cursor = i;
+                None
+            }
+        }
+    }
+
     /// The entry of `path`, to change in place.
     pub fn get_mut(&mut self, path: &str) -> Option<&mut Scanned> {
         if self.changes.contains_key(path) {
@@ -175,7 +199,11 @@ impl Tree {
 
     /// The row of `path`, or where it would be.
     fn row(&self, path: &str) -> Result<usize, usize> {
-        let (mut low, mut high) = (0, self.rows.len());
+        self.row_in(0, self.rows.len(), path)
+    }
+
+    /// [`Tree::row`] searching rows `low..high` only.
+    fn row_in(&self, mut low: usize, mut high: usize, path: &str) -> Result<usize, usize> {
         while low < high {
             let mid = low + (high - low) / 2;
             match self.path(mid).cmp(path) {
@@ -187,7 +215,7 @@ impl Tree {
         Err(low)
     }
 
-    fn after_last(&self, path: &str) -> bool {
+    pub(crate) fn after_last(&self, path: &str) -> bool {
         self.rows.is_empty() || self.path(self.rows.len() - 1) < path
     }
 

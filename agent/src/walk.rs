@@ -114,6 +114,12 @@ pub trait StatSource: Sync {
     fn known_in(&self, _scope: Scope, rel: &str) -> Option<Known> {
         self.known(rel)
     }
+    /// [`StatSource::known_in`] of the folder's paths asked for in increasing order: `cursor`
+    /// (0 before the first) keeps where the last one was found, and the next is looked for from
+    /// there, the record right after it first (a walk reads each folder's names in order).
+    fn known_in_order(&self, scope: Scope, _cursor: &mut usize, rel: &str) -> Option<Known> {
+        self.known_in(scope, rel)
+    }
 }
 
 /// A part of a stat source: the records of one folder, or all.
@@ -130,16 +136,25 @@ pub enum Scope {
 
 impl StatSource for Tree {
     fn known(&self, rel: &str) -> Option<Known> {
-        match self.get(rel)? {
-            Scanned { entry: Entry::File { hash, size, .. }, stat: Some(stat) } => {
-                Some(Known { stat: *stat, hash: *hash, size: *size })
-            }
-            _ => None,
-        }
+        known_of(self.get(rel)?)
     }
 
     fn files(&self) -> usize {
         self.values().filter(|s| s.stat.is_some()).count()
+    }
+
+    fn known_in_order(&self, _scope: Scope, cursor: &mut usize, rel: &str) -> Option<Known> {
+        known_of(self.get_in_order(cursor, rel)?)
+    }
+}
+
+/// What a tree's entry says of a file's stat and digest, if it is a file hashed at a known stat.
+fn known_of(scanned: &Scanned) -> Option<Known> {
+    match scanned {
+        Scanned { entry: Entry::File { hash, size, .. }, stat: Some(stat) } => {
+            Some(Known { stat: *stat, hash: *hash, size: *size })
+        }
+        _ => None,
     }
 }
 
@@ -221,21 +236,29 @@ pub fn walk_with(filter: &Arc<Filter>, previous: &dyn StatSource, before_read: &
     walk_below(filter, "", previous, SCAN_THREADS, before_read)
 }
 
-/// What a walk found: each walker thread's finds, each sorted by path.
+/// What a walk found: each walker thread's finds, folder by folder.
 pub struct Found {
+    /// The folder the walk began at: its entries are the tree's first level.
+    start: String,
     runs: Vec<Run>,
     problems: Vec<Problem>,
     stats: ScanStats,
 }
 
-/// One walker thread's finds: its paths one after the other (no allocation per path), and the
-/// order that sorts them.
+/// One walker thread's finds: its paths one after the other (no allocation per path), a
+/// folder's entries together and in name order.
 #[derive(Default)]
 struct Run {
     paths: String,
     ends: Vec<u32>,
     rows: Vec<Scanned>,
-    order: Vec<u32>,
+    /// The folders this thread read, each with the rows of its entries.
+    folders: Vec<Folder>,
+}
+
+struct Folder {
+    dir: String,
+    rows: std::ops::Range<u32>,
 }
 
 impl Run {
@@ -243,42 +266,81 @@ impl Run {
         let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
         &self.paths[start..self.ends[i] as usize]
     }
+}
 
-    /// The path at `at` in sorted order, if any is left.
-    fn path_at(&self, at: usize) -> Option<&str> {
-        self.order.get(at).map(|&i| self.path(i as usize))
-    }
+/// A folder's entries being put into the tree: the next of its rows, and its subfolders whose
+/// own entries are still to come.
+struct Level<'a> {
+    run: usize,
+    next: u32,
+    end: u32,
+    /// Subfolders already put in, in the order their entries go in (`sub/` among the names).
+    below: std::collections::VecDeque<&'a str>,
 }
 
 impl Found {
-    /// The tree: the walker threads' sorted runs merged into it, sized once.
-    pub fn into_outcome(mut self) -> ScanOutcome {
-        let bytes = self.runs.iter().map(|run| run.paths.len()).sum();
-        let rows = self.runs.iter().map(|run| run.rows.len()).sum();
-        let mut tree = Tree::with_capacity(bytes, rows);
-        let mut next = vec![0usize; self.runs.len()];
-        loop {
-            // The run whose next path sorts first (of equal paths, the later run's goes in last).
-            let mut least: Option<(usize, &str)> = None;
-            for (k, run) in self.runs.iter().enumerate() {
-                if let Some(path) = run.path_at(next[k]) {
-                    if least.is_none_or(|(_, best)| path <= best) {
-                        least = Some((k, path));
-                    }
+    /// The tree, sized once: each folder's entries (in name order already) put in as they come,
+    /// a subfolder's own entries where its path and a `/` sort among its siblings (after `a`,
+    /// `a-b` and `a.txt` come `a/…`). Nothing is sorted here; paths are compared only with a
+    /// subfolder's name waiting to go in.
+    pub fn into_outcome(self) -> ScanOutcome {
+        let Found { start, mut runs, problems, stats } = self;
+        let bytes = runs.iter().map(|run| run.paths.len()).sum();
+        let count = runs.iter().map(|run| run.rows.len()).sum();
+        let mut tree = Tree::with_capacity(bytes, count);
+        // The entries are moved out of the runs; their paths are read where they lie.
+        let mut rows: Vec<Vec<Scanned>> = runs.iter_mut().map(|run| std::mem::take(&mut run.rows)).collect();
+        let mut folders = std::collections::HashMap::new();
+        for (k, run) in runs.iter().enumerate() {
+            folders.extend(run.folders.iter().map(|folder| (folder.dir.as_str(), (k, folder.rows.clone()))));
+        }
+        let level = |dir: &str| {
+            let (run, range) = folders.get(dir)?;
+            Some(Level { run: *run, next: range.start, end: range.end, below: Default::default() })
+        };
+        let mut stack: Vec<Level> = level(&start).into_iter().collect();
+        while let Some(at) = stack.last_mut() {
+            let run = &runs[at.run];
+            let next = (at.next < at.end).then(|| run.path(at.next as usize));
+            if let Some(&sub) = at.below.front() {
+                if next.is_none_or(|path| subtree_sorts_before(sub, path)) {
+                    at.below.pop_front();
+                    // A folder gone before it was read has no entries.
+                    stack.extend(level(sub));
+                    continue;
                 }
             }
-            let Some((k, _)) = least else { break };
-            let i = self.runs[k].order[next[k]] as usize;
-            next[k] += 1;
-            let placeholder = Scanned { entry: Entry::Dir, stat: None };
-            let scanned = std::mem::replace(&mut self.runs[k].rows[i], placeholder);
-            tree.append(self.runs[k].path(i), scanned);
+            let Some(path) = next else {
+                stack.pop();
+                continue;
+            };
+            let i = at.next as usize;
+            at.next += 1;
+            let scanned = std::mem::replace(&mut rows[at.run][i], Scanned { entry: Entry::Dir, stat: None });
+            if scanned.entry.is_dir() {
+                let place = at.below.partition_point(|waiting| subtree_cmp(waiting, path).is_lt());
+                at.below.insert(place, path);
+            }
+            debug_assert!(tree.after_last(path), "a walk's entries go into the tree in order: {path}");
+            tree.append(path, scanned);
         }
-        drop(self.runs);
+        drop(rows);
+        drop(runs);
         tree.shrink_to_fit();
-        let stats = ScanStats { entries: tree.len() as u64, ..self.stats };
-        ScanOutcome { tree, problems: self.problems, stats }
+        let stats = ScanStats { entries: tree.len() as u64, ..stats };
+        ScanOutcome { tree, problems, stats }
     }
+}
+
+/// Whether the entries below folder `dir` (`dir/…`) sort before `path`, a sibling's path.
+fn subtree_sorts_before(dir: &str, path: &str) -> bool {
+    dir.bytes().chain(std::iter::once(b'/')).lt(path.bytes())
+}
+
+/// The order of two folders' entries: of `a/` and `b/`.
+fn subtree_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let slash = || std::iter::once(b'/');
+    a.bytes().chain(slash()).cmp(b.bytes().chain(slash()))
 }
 
 /// See [`walk_with`].
@@ -311,7 +373,8 @@ fn walk_below(
         Ok(fd) => fd,
         Err(e) => {
             let problem = Problem { path: start.to_owned(), message: io::Error::from(e).to_string() };
-            return Found { runs: Vec::new(), problems: vec![problem], stats: ScanStats::default() };
+            let stats = ScanStats::default();
+            return Found { start: start.to_owned(), runs: Vec::new(), problems: vec![problem], stats };
         }
     };
     std::thread::scope(|scope| {
@@ -321,13 +384,18 @@ fn walk_below(
                     run: Run::default(),
                     rel: String::new(),
                     listing: vec![std::mem::MaybeUninit::uninit(); LISTING_BYTES],
+                    names: Vec::new(),
+                    name_bytes: Vec::new(),
                     problems: Vec::new(),
                     stats: ScanStats::default(),
                     sink: (&found, &problems, &stats),
                 };
                 while let Some(dir) = queue.pop() {
                     before_read(&dir);
+                    let first = batch.run.rows.len();
                     let subdirs = batch.read_dir(filter, &root, &dir, previous);
+                    let rows = row_number(first)..row_number(batch.run.rows.len());
+                    batch.run.folders.push(Folder { dir, rows });
                     queue.finish(subdirs);
                 }
             });
@@ -337,7 +405,11 @@ fn walk_below(
     let mut problems = problems.into_inner().expect("scan problems poisoned");
     problems.sort_by(|a, b| a.path.cmp(&b.path));
     let stats = stats.into_inner().expect("scan stats poisoned");
-    Found { runs, problems, stats }
+    Found { start: start.to_owned(), runs, problems, stats }
+}
+
+fn row_number(row: usize) -> u32 {
+    u32::try_from(row).expect("a walk's rows fit in 4 G")
 }
 
 /// The folders waiting to be read, and how many are being read (the walk ends when both are
@@ -507,6 +579,10 @@ struct Batch<'a> {
     rel: String,
     /// What `getdents` fills, reused for every folder.
     listing: Vec<std::mem::MaybeUninit<u8>>,
+    /// The names of the folder being read, sorted before they are looked at; their bytes (each
+    /// with its NUL) in `name_bytes`. Both reused for every folder.
+    names: Vec<Listed>,
+    name_bytes: Vec<u8>,
     problems: Vec<Problem>,
     stats: ScanStats,
     sink: Sink<'a>,
@@ -534,40 +610,26 @@ impl Batch<'_> {
                 return Vec::new();
             }
         };
+        self.list(&fd, dir);
+        // Read in name order: the entries go into the tree in the order they come, and the stat
+        // source is looked up forward from the last path found.
+        let bytes = &self.name_bytes;
+        self.names.sort_unstable_by(|a, b| a.name(bytes).cmp(b.name(bytes)));
         let mut subdirs = Vec::new();
         let scope = previous.scope(dir);
+        let mut cursor = 0;
         let rules = filter.in_folder(dir);
-        // The entries are read in place from the batch's buffer: no allocation per name.
-        let mut listing = rustix::fs::RawDir::new(&fd, &mut self.listing);
-        while let Some(entry) = listing.next() {
-            let entry = match entry {
-                Ok(entry) => entry,
-                // The folder was removed while it was read: it is not part of the tree now.
-                Err(rustix::io::Errno::NOENT) => break,
-                Err(e) => {
-                    self.problems.push(problem(dir, &e.into()));
-                    break;
-                }
-            };
-            let name = entry.file_name();
-            let bytes = name.to_bytes();
-            if bytes == b"." || bytes == b".." {
-                continue;
-            }
-            let Ok(name_str) = std::str::from_utf8(bytes) else {
-                let shown = String::from_utf8_lossy(bytes);
-                let path = if dir.is_empty() { shown.into_owned() } else { format!("{dir}/{shown}") };
-                self.problems.push(Problem { path, message: "file name is not UTF-8; skipped".into() });
-                continue;
-            };
+        for listed in &self.names {
+            let name = listed.c_name(&self.name_bytes);
             self.rel.clear();
             if !dir.is_empty() {
                 self.rel.push_str(dir);
                 self.rel.push('/');
             }
-            self.rel.push_str(name_str);
+            // UTF-8: checked when it was listed.
+            self.rel.push_str(std::str::from_utf8(listed.name(&self.name_bytes)).unwrap_or_default());
             let rel = self.rel.as_str();
-            let mut kind = entry.file_type();
+            let mut kind = listed.kind;
             let mut stat = None;
             if kind == FileType::Unknown {
                 match rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -585,7 +647,8 @@ impl Batch<'_> {
             if rules.excluded(rel, kind == FileType::Directory) {
                 continue;
             }
-            match read_at(&fd, name, kind, stat, || previous.known_in(scope, rel), &mut self.stats) {
+            let known = || previous.known_in_order(scope, &mut cursor, rel);
+            match read_at(&fd, name, kind, stat, known, &mut self.stats) {
                 Ok(Some(scanned)) => {
                     if kind == FileType::Directory {
                         subdirs.push(rel.to_owned());
@@ -602,6 +665,59 @@ impl Batch<'_> {
             }
         }
         subdirs
+    }
+
+    /// Lists the folder open at `fd` into `names` and `name_bytes`, in the order the file system
+    /// gives (`.` and `..` left out; a name that is not UTF-8 is a problem, and skipped).
+    fn list(&mut self, fd: &OwnedFd, dir: &str) {
+        self.names.clear();
+        self.name_bytes.clear();
+        // The entries are read in place from the batch's buffer: no allocation per name.
+        let mut listing = rustix::fs::RawDir::new(fd, &mut self.listing);
+        while let Some(entry) = listing.next() {
+            let entry = match entry {
+                Ok(entry) => entry,
+                // The folder was removed while it was read: it is not part of the tree now.
+                Err(rustix::io::Errno::NOENT) => break,
+                Err(e) => {
+                    self.problems.push(problem(dir, &e.into()));
+                    break;
+                }
+            };
+            let name = entry.file_name();
+            let bytes = name.to_bytes();
+            if bytes == b"." || bytes == b".." {
+                continue;
+            }
+            if std::str::from_utf8(bytes).is_err() {
+                let shown = String::from_utf8_lossy(bytes);
+                let path = if dir.is_empty() { shown.into_owned() } else { format!("{dir}/{shown}") };
+                self.problems.push(Problem { path, message: "file name is not UTF-8; skipped".into() });
+                continue;
+            }
+            let start = self.name_bytes.len();
+            self.name_bytes.extend_from_slice(name.to_bytes_with_nul());
+            self.names.push(Listed { start, len: bytes.len(), kind: entry.file_type() });
+        }
+    }
+}
+
+/// A name listed in a folder: where its bytes lie in the batch's `name_bytes` (a NUL after
+/// them), and its type as `getdents` gave it.
+#[derive(Clone, Copy)]
+struct Listed {
+    start: usize,
+    len: usize,
+    kind: FileType,
+}
+
+impl Listed {
+    fn name<'b>(&self, bytes: &'b [u8]) -> &'b [u8] {
+        &bytes[self.start..self.start + self.len]
+    }
+
+    fn c_name<'b>(&self, bytes: &'b [u8]) -> &'b std::ffi::CStr {
+        std::ffi::CStr::from_bytes_with_nul(&bytes[self.start..=self.start + self.len]).expect("listed with its NUL")
     }
 }
 
@@ -684,13 +800,8 @@ impl Stat {
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
         let (found, problems, stats) = self.sink;
-        // Sorted here, by each walker thread at once, rather than all of it after the walk; handed
-        // over whole (not copied into one list while the stat source is still held).
-        let mut run = std::mem::take(&mut self.run);
-        let mut order: Vec<u32> = (0..run.rows.len() as u32).collect();
-        order.sort_unstable_by(|&a, &b| run.path(a as usize).cmp(run.path(b as usize)));
-        run.order = order;
-        found.lock().expect("poisoned").push(run);
+        // Handed over whole (not copied into one list while the stat source is still held).
+        found.lock().expect("poisoned").push(std::mem::take(&mut self.run));
         problems.lock().expect("poisoned").append(&mut self.problems);
         let mut s = stats.lock().expect("poisoned");
         s.hashed_files += self.stats.hashed_files;
@@ -868,24 +979,36 @@ impl StatCache {
     }
 
     /// The record of the path that is `rest` after the `prefix` bytes that every path in
-    /// `low..high` begins with.
-    fn find(&self, (mut low, mut high, prefix): (usize, usize, usize), rest: &str) -> Option<Known> {
+    /// `low..high` begins with; or where it would be. `None` for a damaged record on the way.
+    fn position(&self, (mut low, mut high, prefix): (usize, usize, usize), rest: &str) -> Option<Result<usize, usize>> {
         while low < high {
             let mid = low + (high - low) / 2;
-            let record = self.record(mid)?;
-            match self.path(record)?.get(prefix..)?.cmp(rest.as_bytes()) {
+            match self.rest_of(mid, prefix)?.cmp(rest.as_bytes()) {
                 std::cmp::Ordering::Less => low = mid + 1,
                 std::cmp::Ordering::Greater => high = mid,
-                std::cmp::Ordering::Equal => {
-                    let size = u64_at(record, 8);
-                    let fingerprint = std::num::NonZeroU64::new(u64_at(record, 16))?;
-                    let stat = StatKey { fingerprint };
-                    let hash = Digest(record[24..56].try_into().ok()?);
-                    return Some(Known { stat, hash, size });
-                }
+                std::cmp::Ordering::Equal => return Some(Ok(mid)),
             }
         }
-        None
+        Some(Err(low))
+    }
+
+    /// The path of record `i` after its first `prefix` bytes.
+    fn rest_of(&self, i: usize, prefix: usize) -> Option<&[u8]> {
+        self.path(self.record(i)?)?.get(prefix..)
+    }
+
+    fn find(&self, range: (usize, usize, usize), rest: &str) -> Option<Known> {
+        self.known_at(self.position(range, rest)?.ok()?)
+    }
+
+    /// What record `i` knows.
+    fn known_at(&self, i: usize) -> Option<Known> {
+        let record = self.record(i)?;
+        let size = u64_at(record, 8);
+        let fingerprint = std::num::NonZeroU64::new(u64_at(record, 16))?;
+        let stat = StatKey { fingerprint };
+        let hash = Digest(record[24..56].try_into().ok()?);
+        Some(Known { stat, hash, size })
     }
 }
 
@@ -901,7 +1024,7 @@ impl StatSource for StatCache {
     /// The records from `dir/` up to `dir0` (`0` follows `/`): the folder's paths and those below.
     fn scope(&self, dir: &str) -> Scope {
         if dir.is_empty() {
-            return Scope::All;
+            return Scope::Records { low: 0, high: self.count, prefix: 0 };
         }
         let low = self.lower_bound(0, self.count, format!("{dir}/").as_bytes());
         let high = self.lower_bound(low, self.count, format!("{dir}0").as_bytes());
@@ -916,6 +1039,26 @@ impl StatSource for StatCache {
                 Some(rest) => self.find((low, high, prefix), rest),
                 None => None,
             },
+        }
+    }
+
+    fn known_in_order(&self, scope: Scope, cursor: &mut usize, rel: &str) -> Option<Known> {
+        let Scope::Records { low, high, prefix } = scope else { return self.known_in(scope, rel) };
+        let rest = rel.get(prefix..)?;
+        let from = (*cursor).clamp(low, high);
+        let at = match self.rest_of(from, prefix) {
+            Some(next) if from < high && next == rest.as_bytes() => Ok(from),
+            _ => self.position((from, high, prefix), rest)?,
+        };
+        match at {
+            Ok(i) => {
+                *cursor = i + 1;
+                self.known_at(i)
+            }
+            Err(i) => {
+                *cursor = i;
+                None
+            }
         }
     }
 }
@@ -1050,6 +1193,45 @@ mod tests {
         let want: Vec<(&str, &Entry)> = expected.iter().map(|(p, e)| (p.as_str(), e)).collect();
         assert_eq!(got, want);
         assert_eq!(out.stats.entries, expected.len() as u64);
+    }
+
+    /// A walk looks each folder's files up in name order, from where the last was found: through
+    /// the saved cache (whose records of a folder interleave those of its subfolders) and through
+    /// the previous tree, every known file is found and only a new one is hashed.
+    #[test]
+    fn a_folder_s_files_are_found_in_the_stat_source_one_after_the_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        for f in ["a+", "a-b/y", "a.txt", "a/b.txt", "a/b/c/x", "a0", "b/0", "top"] {
+            write(&root, f, f);
+        }
+        for i in (0..300).step_by(2) {
+            write(&root, &format!("b/{i:03}"), "many");
+        }
+        let filter = Arc::new(Filter::new(&root, &[]).unwrap());
+        settle();
+        let first = scan(&filter, &Tree::new());
+        assert_eq!(first.stats.hashed_files, 158);
+        let cache_path = dir.path().join("cache.bin");
+        save_stat_cache(&cache_path, &first.tree);
+        // Nothing changed: nothing hashed, from any stat source.
+        let sources: [&dyn StatSource; 3] = [&first.tree, &load_stat_cache(&cache_path), &map_stat_cache(&cache_path)];
+        for (k, source) in sources.into_iter().enumerate() {
+            let again = scan(&filter, source);
+            assert_eq!(again.stats.hashed_files, 0, "stat source {k}");
+            assert_eq!(again.tree, first.tree, "stat source {k}");
+        }
+        // New files between known ones, before the first and after the last: those alone hashed.
+        for f in ["b/151", "b/!", "b/zz", "a/b/c/w", "a,"] {
+            write(&root, f, "new");
+        }
+        settle();
+        let sources: [&dyn StatSource; 3] = [&first.tree, &load_stat_cache(&cache_path), &map_stat_cache(&cache_path)];
+        for (k, source) in sources.into_iter().enumerate() {
+            let again = scan(&filter, source);
+            assert_eq!(again.stats.hashed_files, 5, "stat source {k}");
+            assert_eq!(again.tree.len(), first.tree.len() + 5, "stat source {k}");
+        }
     }
 
     /// A folder whose listing fills the walker's buffer several times over is read whole, each
