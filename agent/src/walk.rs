@@ -385,7 +385,7 @@ fn walk_below(
                     rel: String::new(),
                     listing: vec![std::mem::MaybeUninit::uninit(); LISTING_BYTES],
                     names: Vec::new(),
-                    name_bytes: Vec::new(),
+                    name_text: String::new(),
                     problems: Vec::new(),
                     stats: ScanStats::default(),
                     sink: (&found, &problems, &stats),
@@ -579,10 +579,10 @@ struct Batch<'a> {
     rel: String,
     /// What `getdents` fills, reused for every folder.
     listing: Vec<std::mem::MaybeUninit<u8>>,
-    /// The names of the folder being read, sorted before they are looked at; their bytes (each
-    /// with its NUL) in `name_bytes`. Both reused for every folder.
+    /// The names of the folder being read, sorted before they are looked at; their text (each
+    /// name followed by a NUL) in `name_text`. Both reused for every folder.
     names: Vec<Listed>,
-    name_bytes: Vec<u8>,
+    name_text: String,
     problems: Vec<Problem>,
     stats: ScanStats,
     sink: Sink<'a>,
@@ -613,21 +613,20 @@ impl Batch<'_> {
         self.list(&fd, dir);
         // Read in name order: the entries go into the tree in the order they come, and the stat
         // source is looked up forward from the last path found.
-        let bytes = &self.name_bytes;
-        self.names.sort_unstable_by(|a, b| a.name(bytes).cmp(b.name(bytes)));
+        let text = &self.name_text;
+        self.names.sort_unstable_by(|a, b| a.name(text).cmp(b.name(text)));
         let mut subdirs = Vec::new();
         let scope = previous.scope(dir);
         let mut cursor = 0;
         let rules = filter.in_folder(dir);
         for listed in &self.names {
-            let name = listed.c_name(&self.name_bytes);
+            let name = listed.c_name(&self.name_text);
             self.rel.clear();
             if !dir.is_empty() {
                 self.rel.push_str(dir);
                 self.rel.push('/');
             }
-            // UTF-8: checked when it was listed.
-            self.rel.push_str(std::str::from_utf8(listed.name(&self.name_bytes)).unwrap_or_default());
+            self.rel.push_str(listed.name(&self.name_text));
             let rel = self.rel.as_str();
             let mut kind = listed.kind;
             let mut stat = None;
@@ -667,11 +666,11 @@ impl Batch<'_> {
         subdirs
     }
 
-    /// Lists the folder open at `fd` into `names` and `name_bytes`, in the order the file system
+    /// Lists the folder open at `fd` into `names` and `name_text`, in the order the file system
     /// gives (`.` and `..` left out; a name that is not UTF-8 is a problem, and skipped).
     fn list(&mut self, fd: &OwnedFd, dir: &str) {
         self.names.clear();
-        self.name_bytes.clear();
+        self.name_text.clear();
         // The entries are read in place from the batch's buffer: no allocation per name.
         let mut listing = rustix::fs::RawDir::new(fd, &mut self.listing);
         while let Some(entry) = listing.next() {
@@ -689,21 +688,22 @@ impl Batch<'_> {
             if bytes == b"." || bytes == b".." {
                 continue;
             }
-            if std::str::from_utf8(bytes).is_err() {
+            let Ok(text) = std::str::from_utf8(bytes) else {
                 let shown = String::from_utf8_lossy(bytes);
                 let path = if dir.is_empty() { shown.into_owned() } else { format!("{dir}/{shown}") };
                 self.problems.push(Problem { path, message: "file name is not UTF-8; skipped".into() });
                 continue;
-            }
-            let start = self.name_bytes.len();
-            self.name_bytes.extend_from_slice(name.to_bytes_with_nul());
-            self.names.push(Listed { start, len: bytes.len(), kind: entry.file_type() });
+            };
+            let start = self.name_text.len();
+            self.name_text.push_str(text);
+            self.name_text.push('\0');
+            self.names.push(Listed { start, len: text.len(), kind: entry.file_type() });
         }
     }
 }
 
-/// A name listed in a folder: where its bytes lie in the batch's `name_bytes` (a NUL after
-/// them), and its type as `getdents` gave it.
+/// A name listed in a folder: where it lies in the batch's `name_text` (a NUL after it), and
+/// its type as `getdents` gave it.
 #[derive(Clone, Copy)]
 struct Listed {
     start: usize,
@@ -712,12 +712,13 @@ struct Listed {
 }
 
 impl Listed {
-    fn name<'b>(&self, bytes: &'b [u8]) -> &'b [u8] {
-        &bytes[self.start..self.start + self.len]
+    fn name<'t>(&self, text: &'t str) -> &'t str {
+        &text[self.start..self.start + self.len]
     }
 
-    fn c_name<'b>(&self, bytes: &'b [u8]) -> &'b std::ffi::CStr {
-        std::ffi::CStr::from_bytes_with_nul(&bytes[self.start..=self.start + self.len]).expect("listed with its NUL")
+    fn c_name<'t>(&self, text: &'t str) -> &'t std::ffi::CStr {
+        let bytes = &text.as_bytes()[self.start..=self.start + self.len];
+        std::ffi::CStr::from_bytes_with_nul(bytes).expect("listed with its NUL")
     }
 }
 
