@@ -615,6 +615,8 @@ impl Batch<'_> {
         // source is looked up forward from the last path found.
         let text = &self.name_text;
         self.names.sort_unstable_by(|a, b| a.name(text).cmp(b.name(text)));
+        // A name moved within the folder while it was listed may come twice.
+        self.names.dedup_by(|a, b| a.name(text) == b.name(text));
         let mut subdirs = Vec::new();
         let scope = previous.scope(dir);
         let mut cursor = 0;
