@@ -175,6 +175,27 @@ fn git_checkout_of_another_branch_converges() {
     assert_eq!(watch.stop(), Some(0));
 }
 
+/// Ctrl+C in a terminal signals every process of the foreground group. The agent child died of
+/// it at the same moment, and devloop reported that as a broken stream ("disconnected",
+/// "reconnecting in 100 ms") on its way out, two times in three. The agent has a process group
+/// of its own now: devloop alone is signalled, says goodbye, and the agent ends its side.
+#[test]
+fn ctrl_c_to_the_terminal_s_group_ends_the_session_without_a_reconnect() {
+    let fx = Fixture::new("name: shop\n");
+    for i in 0..20 {
+        fx.write(&format!("src/file{i}.txt"), "x");
+    }
+    for round in 0..8 {
+        let mut watch = fx.watch_in_own_group();
+        assert_eq!(watch.ctrl_c_to_group(), Some(0), "round {round}: {:?}", watch.seen);
+        let watching = watch.seen.iter().position(|e| e["event"] == "watching").unwrap();
+        let after = &watch.seen[watching..];
+        let broken: Vec<_> =
+            after.iter().filter(|e| e["event"] == "disconnected" || e["event"] == "reconnecting").collect();
+        assert!(broken.is_empty(), "round {round}: {after:?}");
+    }
+}
+
 #[test]
 fn rebuild_trigger_stops_the_loop_naming_the_file() {
     let fx = Fixture::new(CONFIG);

@@ -122,11 +122,17 @@ const PIPE_SIZE: usize = 1 << 20;
 impl Transport for CommandTransport {
     fn connect(&self) -> ConnectFuture<'_> {
         Box::pin(async move {
+            // In a process group of its own: Ctrl+C in a terminal signals the whole foreground
+            // group, and an agent that died of it at the same moment made devloop report a broken
+            // stream (and a reconnect) on its way out. devloop alone gets the signal, says
+            // goodbye, and the agent ends its side (stopping the app it supervises); should
+            // devloop die, the agent's stdin closes and it ends the same way.
             let mut child = Command::new(&self.argv[0])
                 .args(&self.argv[1..])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
+                .process_group(0)
                 .kill_on_drop(true)
                 .spawn()
                 .map_err(|source| TransportError::Spawn { program: self.argv[0].clone(), source })?;

@@ -78,6 +78,13 @@ impl Fixture {
         Watch::start(&self.src, &["--json", "watch", "--target", &self.target()])
     }
 
+    /// [`Fixture::watch`] in a process group of its own, as a shell starts a foreground job (see
+    /// [`Watch::ctrl_c_to_group`]).
+    pub fn watch_in_own_group(&self) -> Watch {
+        let args = ["--json", "watch", "--target", &self.target()];
+        Watch::spawn_within(&self.src, &devloop_bin(), &args, Duration::from_secs(20), true)
+    }
+
     /// A running `devloop watch --json` whose app has started once (first `restarted`).
     pub fn watch_restarts(&self) -> Watch {
         let mut watch = self.watch();
@@ -199,24 +206,27 @@ impl Watch {
 
     /// `start`, for runs that do long work before they watch (an image build).
     pub fn start_within(cwd: &Path, args: &[&str], timeout: Duration) -> Watch {
-        Watch::spawn_within(cwd, &devloop_bin(), args, timeout)
+        Watch::spawn_within(cwd, &devloop_bin(), args, timeout, false)
     }
 
     /// Any command that ends up running `devloop --json …` (e.g. inside `unshare`).
     pub fn spawn(cwd: &Path, program: &Path, args: &[&str]) -> Watch {
-        Watch::spawn_within(cwd, program, args, Duration::from_secs(20))
+        Watch::spawn_within(cwd, program, args, Duration::from_secs(20), false)
     }
 
-    fn spawn_within(cwd: &Path, program: &Path, args: &[&str], timeout: Duration) -> Watch {
-        let mut child = Command::new(program)
+    fn spawn_within(cwd: &Path, program: &Path, args: &[&str], timeout: Duration, own_group: bool) -> Watch {
+        let mut command = Command::new(program);
+        command
             .current_dir(cwd)
             .args(args)
             .env("DEVLOOP_AGENT", agent_bin())
             .env("XDG_CACHE_HOME", cwd.parent().unwrap_or(cwd).join("cache"))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::inherit());
+        if own_group {
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        }
+        let mut child = command.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -271,6 +281,29 @@ impl Watch {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Ctrl+C as a terminal sends it, to every process of the group (the watch must have been
+    /// started in its own, [`Fixture::watch_in_own_group`]); then the exit code, with every
+    /// event the process printed on its way out in `seen`.
+    pub fn ctrl_c_to_group(&mut self) -> Option<i32> {
+        unsafe { libc_kill(-(self.child.id() as i32), 2) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let code = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("devloop did not stop on SIGINT to its group");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // Up to the end of its output (the reader stops there).
+        while let Ok(event) = self.events.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(event);
+        }
+        code
     }
 
     pub fn wait_exit(mut self, timeout: Duration) -> Option<i32> {
