@@ -113,6 +113,29 @@ fn burst_of_thirty_files_is_one_restart() {
     wait_no_standins(port);
 }
 
+/// devloop started again on a folder its local target already holds: nothing to sync, and the
+/// agent (a new one each session, which starts its app at the first restart) was never asked
+/// for one, so the app did not run until the next edit. Each session now starts it, and Ctrl+C
+/// to the terminal's whole group (the agent has a group of its own, the app another) stops it.
+#[test]
+fn each_session_on_a_synced_folder_starts_the_app() {
+    let port = free_port();
+    let fx = Fixture::new(&config(port, ""));
+    fx.write("message.txt", "v1");
+    for session in 0..3 {
+        let mut watch = fx.watch_in_own_group();
+        if !watch.seen.iter().any(|e| e["event"] == "restarted") {
+            watch.wait_for("restarted", Duration::from_secs(20));
+        }
+        if session > 0 {
+            assert!(watch.seen.iter().any(|e| e["event"] == "up_to_date"), "session {session}: {:?}", watch.seen);
+        }
+        assert_eq!(get(port).map(|(body, _)| body), Some("v1".to_string()), "session {session}");
+        assert_eq!(watch.ctrl_c_to_group(), Some(0), "session {session}: {:?}", watch.seen);
+        wait_no_standins(port);
+    }
+}
+
 #[test]
 fn static_files_sync_without_a_restart() {
     let port = free_port();

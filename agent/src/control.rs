@@ -140,6 +140,15 @@ impl Link {
         }
     }
 
+    /// The app waits for the session's first restart to start (a local target's agent, `run
+    /// --stdio --wait`). The `run` of a pod starts its app at once: never waiting.
+    pub fn app_waiting(&self) -> bool {
+        match self {
+            Link::InProcess(supervisor) => supervisor.waiting(),
+            Link::Socket(_) => false,
+        }
+    }
+
     pub async fn ready(&self) -> RestartReport {
         match self {
             Link::InProcess(supervisor) => supervisor.ready().await,

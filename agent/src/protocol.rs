@@ -124,6 +124,11 @@ pub enum FromAgent {
         /// one only to have it refused.
         #[serde(default, skip_serializing_if = "is_zero")]
         max_file_size: u64,
+        /// The agent supervises an app it has not started yet (`run --stdio --wait`, a local
+        /// target): it starts at the session's first restart, which the CLI asks for even when
+        /// there is nothing to sync.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        app_waiting: bool,
     },
     /// The digest of the agent's manifest ([`crate::manifest::digest_of`]) and its size, for a
     /// client that asked first.

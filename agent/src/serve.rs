@@ -132,6 +132,7 @@ async fn session<R: AsyncRead + Unpin>(
         agent: env!("CARGO_PKG_VERSION").into(),
         root: root.display().to_string(),
         max_file_size: options.max_file_size,
+        app_waiting: options.link.app_waiting(),
     });
     // The tree held here: from the live index of the `run` beside this session, or walked now.
     let key = FilterKey { excludes: excludes.clone(), docker_context: docker_context.clone() };

@@ -10,6 +10,8 @@ use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
@@ -58,6 +60,8 @@ enum Request {
 pub struct Supervisor {
     tx: mpsc::Sender<Request>,
     events: broadcast::Sender<AppEvent>,
+    /// The app has been started once (it may have exited since).
+    started: Arc<AtomicBool>,
 }
 
 impl Supervisor {
@@ -65,9 +69,23 @@ impl Supervisor {
     pub fn start(options: SuperviseOptions, reaper: Reaper) -> Supervisor {
         let (tx, rx) = mpsc::channel(64);
         let (events, _) = broadcast::channel(1024);
-        let actor = Actor { options, reaper, app: None, events: events.clone(), rx, queued: Vec::new() };
+        let started = Arc::new(AtomicBool::new(false));
+        let actor = Actor {
+            options,
+            reaper,
+            app: None,
+            events: events.clone(),
+            rx,
+            queued: Vec::new(),
+            started: started.clone(),
+        };
         tokio::spawn(actor.run());
-        Supervisor { tx, events }
+        Supervisor { tx, events, started }
+    }
+
+    /// The app has not been started yet: it waits for the first restart (`run --wait`).
+    pub fn waiting(&self) -> bool {
+        !self.started.load(Ordering::Acquire)
     }
 
     /// Restarts the app (building first, if a build is set).
@@ -115,6 +133,7 @@ struct Actor {
     rx: mpsc::Receiver<Request>,
     /// Requests taken off the channel while coalescing restarts.
     queued: Vec<Request>,
+    started: Arc<AtomicBool>,
 }
 
 impl Actor {
@@ -266,6 +285,7 @@ impl Actor {
         }
         info!(pid, "started");
         self.app = Some(App { pid, exit });
+        self.started.store(true, Ordering::Release);
         Ok(pid)
     }
 

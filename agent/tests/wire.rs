@@ -92,8 +92,17 @@ fn agent_messages() {
         r#"{"type":"applied","id":3,"written":2,"bytes":10,"deleted":1,"refused":[{"path":"../x","message":"path climbs out with `..`"}],"refused_at":[0,4],"micros":120}"#
     );
     assert_eq!(
-        json(&FromAgent::Welcome { agent: "0.1.0".into(), root: "/app".into(), max_file_size: 1 << 30 }),
+        json(&FromAgent::Welcome {
+            agent: "0.1.0".into(),
+            root: "/app".into(),
+            max_file_size: 1 << 30,
+            app_waiting: false
+        }),
         r#"{"type":"welcome","agent":"0.1.0","root":"/app","max_file_size":1073741824}"#
+    );
+    assert_eq!(
+        json(&FromAgent::Welcome { agent: "0.1.0".into(), root: "/app".into(), max_file_size: 0, app_waiting: true }),
+        r#"{"type":"welcome","agent":"0.1.0","root":"/app","app_waiting":true}"#
     );
     assert_eq!(
         json(&FromAgent::ManifestDigest { digest: hash, entries: 4, from_memory: false }),

@@ -50,6 +50,8 @@ pub struct Greeting {
     pub max_file_size: u64,
     /// The agent answered from its live index, without walking its tree.
     pub from_memory: bool,
+    /// The agent's app waits for a restart to start (see `FromAgent::Welcome`).
+    pub app_waiting: bool,
 }
 
 impl Drop for AgentClient {
@@ -94,21 +96,22 @@ impl AgentClient {
         out.message(&hello).await?;
         out.flush().await?;
         let mut agent = String::new();
-        let mut max_file_size = 0;
+        let (mut max_file_size, mut app_waiting) = (0, false);
         let (mut deadline, mut limit) = (deadline, welcome_limit);
         let greeting = loop {
             let message = tokio::time::timeout_at(deadline, frames.message::<FromAgent>())
                 .await
                 .map_err(|_| SessionError::Timeout(limit))??;
             match message {
-                FromAgent::Welcome { agent: version, max_file_size: max, .. } => {
+                FromAgent::Welcome { agent: version, max_file_size: max, app_waiting: waiting, .. } => {
                     agent = version;
                     max_file_size = max;
+                    app_waiting = waiting;
                     // The agent is there; now it reads its tree.
                     (deadline, limit) = (tokio::time::Instant::now() + scan_limit, scan_limit);
                 }
                 FromAgent::ManifestDigest { digest, entries, from_memory } => {
-                    break Greeting { agent, digest, entries, max_file_size, from_memory }
+                    break Greeting { agent, digest, entries, max_file_size, from_memory, app_waiting }
                 }
                 FromAgent::Fatal { message } => return Err(SessionError::Agent(message)),
                 other @ (FromAgent::Output { .. } | FromAgent::Exited { .. }) => {

@@ -487,6 +487,9 @@ impl Session {
     /// Equal digests stand for equal trees: then the records do not travel.
     async fn resync(&mut self, (mut client, greeting): (AgentClient, Greeting)) -> Result<(), SessionError> {
         self.max_file_size = greeting.max_file_size;
+        // A local target's agent starts its app at the first restart: asked for even when the
+        // target is up to date already (devloop started again on a synced folder).
+        self.restart_owed |= greeting.app_waiting;
         let same = greeting.digest == walk::digest(&self.local);
         let timeout = self.config.connect_timeout;
         // Unequal digests: the records, taken one by one as they arrive (only where the target
