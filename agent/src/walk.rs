@@ -1237,6 +1237,58 @@ mod tests {
         }
     }
 
+    /// Random trees of names that sort around `/` (`a-`, `a.`, `a0` beside the folder `a`, whose
+    /// own entries come after them), walked by two threads: the tree holds every path once, in
+    /// the order a sort of every path gives (and `into_outcome` checks each append in debug
+    /// builds).
+    #[test]
+    fn trees_of_names_that_sort_around_the_slash_come_out_in_path_order() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        const NAMES: [&str; 7] = ["a", "a-", "a.", "a0", "a-b", "b", "a.b"];
+        fn read(root: &Path, rel: &str, into: &mut Vec<String>) {
+            for entry in fs::read_dir(root.join(rel)).unwrap() {
+                let entry = entry.unwrap();
+                let name = entry.file_name().into_string().unwrap();
+                let path = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+                if entry.file_type().unwrap().is_dir() {
+                    read(root, &path, into);
+                }
+                into.push(path);
+            }
+        }
+        for round in 0..25 {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path();
+            for _ in 0..60 {
+                let depth = 1 + next(4);
+                let path: Vec<&str> = (0..depth).map(|_| NAMES[next(NAMES.len())]).collect();
+                let full = root.join(path.join("/"));
+                // A file where a folder is to go, or the path taken already: another one.
+                if fs::create_dir_all(full.parent().unwrap()).is_err() || full.exists() {
+                    continue;
+                }
+                if next(3) == 0 {
+                    fs::create_dir(&full).unwrap();
+                } else {
+                    fs::write(&full, path.join("/")).unwrap();
+                }
+            }
+            let mut want = Vec::new();
+            read(root, "", &mut want);
+            want.sort();
+            let filter = Arc::new(Filter::new(root, &[]).unwrap());
+            let out = walk_below(&filter, "", &Tree::new(), 2, &|_| {}).into_outcome();
+            let got: Vec<&str> = out.tree.keys().collect();
+            assert_eq!(got, want, "round {round}");
+        }
+    }
+
     /// A folder whose listing fills the walker's buffer several times over is read whole, each
     /// entry once.
     #[test]
