@@ -77,16 +77,7 @@ impl Tree {
             Some(_) if self.path(from) == path => Ok(from),
             _ => self.row_in(from, self.rows.len(), path),
         };
-        match at {
-            Ok(i) => {
-                *cursor = i + 1;
-                Some(&self.rows[i])
-            }
-            Err(i) => {
-                *cursor = i;
-                None
-            }
-        }
+        advance(cursor, at).map(|i| &self.rows[i])
     }
 
     /// The entry of `path`, to change in place.
@@ -249,6 +240,21 @@ impl Tree {
         }
         folded.len = folded.rows.len();
         *self = folded;
+    }
+}
+
+/// Moves a cursor of lookups in order past what one lookup found (`Ok`: the row found, or `Err`:
+/// where it would be); the row found, if any.
+pub(crate) fn advance(cursor: &mut usize, at: Result<usize, usize>) -> Option<usize> {
+    match at {
+        Ok(i) => {
+            *cursor = i + 1;
+            Some(i)
+        }
+        Err(i) => {
+            *cursor = i;
+            None
+        }
     }
 }
 

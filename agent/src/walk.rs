@@ -1053,16 +1053,7 @@ impl StatSource for StatCache {
             Some(next) if from < high && next == rest.as_bytes() => Ok(from),
             _ => self.position((from, high, prefix), rest)?,
         };
-        match at {
-            Ok(i) => {
-                *cursor = i + 1;
-                self.known_at(i)
-            }
-            Err(i) => {
-                *cursor = i;
-                None
-            }
-        }
+        self.known_at(crate::tree::advance(cursor, at)?)
     }
 }
 

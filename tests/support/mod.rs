@@ -270,17 +270,7 @@ impl Watch {
     /// Ctrl+C, then the exit code.
     pub fn stop(mut self) -> Option<i32> {
         unsafe { libc_kill(self.child.id() as i32, 2) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("devloop did not stop on SIGINT");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.exit_within(Duration::from_secs(10), "stop on SIGINT")
     }
 
     /// Ctrl+C as a terminal sends it, to every process of the group (the watch must have been
@@ -288,17 +278,7 @@ impl Watch {
     /// event the process printed on its way out in `seen`.
     pub fn ctrl_c_to_group(&mut self) -> Option<i32> {
         unsafe { libc_kill(-(self.child.id() as i32), 2) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let code = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("devloop did not stop on SIGINT to its group");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let code = self.exit_within(Duration::from_secs(10), "stop on SIGINT to its group");
         // Up to the end of its output (the reader stops there).
         while let Ok(event) = self.events.recv_timeout(Duration::from_secs(5)) {
             self.seen.push(event);
@@ -307,15 +287,21 @@ impl Watch {
     }
 
     pub fn wait_exit(mut self, timeout: Duration) -> Option<i32> {
+        let code = self.exit_within(timeout, &format!("exit within {timeout:?}"));
+        self.drain();
+        code
+    }
+
+    /// The exit code once the process ends; kills it and fails the test after `timeout`.
+    fn exit_within(&mut self, timeout: Duration, what: &str) -> Option<i32> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                self.drain();
                 return status.code();
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("devloop did not exit within {timeout:?}");
+                panic!("devloop did not {what}");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
